@@ -1,0 +1,118 @@
+"""The cell table: one row per leaf group × arm with sufficient statistics.
+
+Columns (DESIGN.md, "The cell table"): one column per grouping level (keys as
+in the data, outermost first), ``arm`` (int8), ``n`` (int64), ``mean``
+(float64), ``m2`` (float64, Σ(y − mean)²) and, for each covariate ``x``:
+
+- ``x_mean__x``            mean of x in the cell
+- ``xy_m2__x``             Σ (x − x̄)(y − ȳ)
+- ``xx_m2__x__z``          Σ (x − x̄)(z − z̄), for each covariate pair in order (x ≤ z)
+
+Cells merge exactly (Chan, Golub & LeVeque 1979): the k-way form used here,
+n = Σnᵢ, mean = Σnᵢmeanᵢ/n, m2 = Σm2ᵢ + Σnᵢ(meanᵢ − mean)², is the pairwise
+update applied to all parts at once, centred on the combined mean.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+
+from engine.errors import DataError, SchemaError
+
+STAT_COLUMNS = ("arm", "n", "mean", "m2")
+
+
+def covariate_columns(covariates) -> list[str]:
+    names = [f"x_mean__{x}" for x in covariates] + [f"xy_m2__{x}" for x in covariates]
+    names += [f"xx_m2__{a}__{b}" for i, a in enumerate(covariates) for b in covariates[i:]]
+    return names
+
+
+@dataclass(frozen=True)
+class Cells:
+    """Sufficient statistics per (leaf group, arm), plus which columns are which."""
+
+    table: pl.DataFrame
+    levels: tuple[str, ...]
+    covariates: tuple[str, ...] = ()
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.table["n"].sum())
+
+    def content_hash(self) -> str:
+        """SHA-256 of the cell table in canonical order (keys, then arm).
+
+        Identical data gives the identical hash whatever the row order or the
+        number of files it came in; changing any row changes it.
+        """
+        table = self.table.sort([*self.levels, "arm"])
+        digest = hashlib.sha256()
+        for name in table.columns:
+            column = table[name]
+            digest.update(f"{name}:{column.dtype}\n".encode())
+            if column.dtype.is_numeric():
+                digest.update(np.ascontiguousarray(column.to_numpy()).tobytes())
+            else:
+                digest.update("\x1f".join(column.cast(pl.String).to_list()).encode())
+        return digest.hexdigest()
+
+    def write(self, path) -> None:
+        self.table.write_parquet(path)
+
+
+def merge(tables: list[pl.DataFrame], levels, covariates) -> pl.DataFrame:
+    """Combine cell tables; the same (group, arm) appearing twice is merged exactly."""
+    table = pl.concat(tables, how="vertical_relaxed") if len(tables) > 1 else tables[0]
+    keys = [*levels, "arm"]
+    if table.select(pl.struct(keys).is_duplicated().any()).item() is False:
+        return table.sort(keys)
+    n = pl.col("n").cast(pl.Float64)
+    total = n.sum()
+    mean = (n * pl.col("mean")).sum() / total
+    aggregates = [pl.col("n").sum().alias("n"), mean.alias("mean"),
+                  (pl.col("m2").sum() + (n * (pl.col("mean") - mean) ** 2).sum()).alias("m2")]
+    x_mean = {x: (n * pl.col(f"x_mean__{x}")).sum() / total for x in covariates}
+    for x in covariates:
+        aggregates.append(x_mean[x].alias(f"x_mean__{x}"))
+        dx = pl.col(f"x_mean__{x}") - x_mean[x]
+        aggregates.append((pl.col(f"xy_m2__{x}").sum() + (n * dx * (pl.col("mean") - mean)).sum())
+                          .alias(f"xy_m2__{x}"))
+    for i, a in enumerate(covariates):
+        for b in covariates[i:]:
+            da = pl.col(f"x_mean__{a}") - x_mean[a]
+            db = pl.col(f"x_mean__{b}") - x_mean[b]
+            aggregates.append((pl.col(f"xx_m2__{a}__{b}").sum() + (n * da * db).sum())
+                              .alias(f"xx_m2__{a}__{b}"))
+    return table.group_by(keys).agg(aggregates).sort(keys)
+
+
+def read(paths, levels=None) -> Cells:
+    """Read one or more cell tables (from ``causal-engine reduce``) and merge them."""
+    tables = []
+    for path in paths:
+        try:
+            tables.append(pl.read_parquet(path))
+        except (OSError, pl.exceptions.PolarsError) as exc:
+            raise DataError(f"cannot read cell table {str(path)!r}: {exc}") from None
+    first = tables[0]
+    missing = [c for c in ("arm", "n", "mean", "m2") if c not in first.columns]
+    if missing:
+        raise SchemaError(f"cell table {str(paths[0])!r} lacks column(s) {missing}; "
+                          "expected the output of `causal-engine reduce`")
+    stat = set(STAT_COLUMNS)
+    found_levels = [c for c in first.columns if c not in stat and "__" not in c]
+    covariates = tuple(c[len("x_mean__"):] for c in first.columns if c.startswith("x_mean__"))
+    if levels is not None and list(levels) != found_levels:
+        raise SchemaError(f"cell table levels {found_levels} differ from --group {list(levels)}")
+    for path, table in zip(paths, tables):
+        if table.columns != first.columns:
+            raise SchemaError(
+                f"cell tables {str(paths[0])!r} and {str(path)!r} have different columns "
+                f"({first.columns} vs {table.columns}); reduce both with the same options"
+            )
+    table = merge(tables, found_levels, covariates)
+    return Cells(table=table, levels=tuple(found_levels), covariates=covariates)

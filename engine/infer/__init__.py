@@ -1,0 +1,35 @@
+"""Posterior inference: the only stage that compiles and runs JAX programs."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Posterior:
+    """Draws in the outcome's own units, ready for the effects stage.
+
+    ``effect_draws[l]`` holds every node's effect at level l as
+    (chains, draws, nodes); ``ate`` and ``new_group`` are (chains, draws).
+    """
+
+    method: str
+    method_reason: str
+    hyper: dict[str, np.ndarray]             # name -> (chains, draws)
+    effect_draws: tuple[np.ndarray, ...]     # per level (chains, draws, nodes)
+    ate: np.ndarray                          # (chains, draws)
+    new_group: np.ndarray                    # (chains, draws)
+    diagnostics: dict
+    sampler: dict = field(default_factory=dict)
+    fit_seconds: float = 0.0
+
+
+def choose_method(requested: str, family: str, n_groups: int) -> tuple[str, str]:
+    """The method to run and why (recorded in summary and provenance)."""
+    if requested != "auto":
+        return requested, "requested"
+    if family == "gaussian":
+        return "exact", ("Gaussian outcome: group effects integrate out exactly, so NUTS runs over "
+                         "the hyperparameters only")
+    raise ValueError(family)

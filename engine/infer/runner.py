@@ -1,0 +1,45 @@
+"""The one compile boundary: devices, precision, seeds and the NUTS driver."""
+from __future__ import annotations
+
+import os
+import sys
+
+
+def configure_jax() -> None:
+    """float64 on CPU (DESIGN: model stage in float64 on CPU by default)."""
+    import jax
+
+    if jax.default_backend() == "cpu" and os.environ.get("CAUSAL_ENGINE_X64", "1") != "0":
+        jax.config.update("jax_enable_x64", True)
+
+
+def devices() -> list[str]:
+    import jax
+
+    return [f"{d.platform}:{d.id} {getattr(d, 'device_kind', '')}".strip() for d in jax.devices()]
+
+
+def chain_method(chains: int) -> str:
+    import jax
+
+    return "parallel" if chains > 1 and jax.local_device_count() >= chains else "sequential"
+
+
+def show_progress() -> bool:
+    return os.environ.get("CAUSAL_ENGINE_PROGRESS", "auto") == "1" or (
+        os.environ.get("CAUSAL_ENGINE_PROGRESS", "auto") == "auto" and sys.stderr.isatty())
+
+
+def run_nuts(model_fn, model_args: tuple, model_kwargs: dict, *, rng_key, warmup: int, draws: int,
+             chains: int, target_accept: float = 0.85, init_params=None):
+    """Run NUTS; data travel as ``model_args`` (traced), never as closed-over constants."""
+    from numpyro.infer import MCMC, NUTS, init_to_median
+
+    kernel = NUTS(model_fn, target_accept_prob=target_accept, init_strategy=init_to_median(num_samples=15))
+    mcmc = MCMC(kernel, num_warmup=warmup, num_samples=draws, num_chains=chains,
+                chain_method=chain_method(chains), progress_bar=show_progress())
+    mcmc.run(rng_key, *model_args, init_params=init_params, extra_fields=("diverging",), **model_kwargs)
+    samples = mcmc.get_samples(group_by_chain=True)
+    divergences = int(mcmc.get_extra_fields()["diverging"].sum())
+    return samples, divergences, {"warmup": warmup, "draws": draws, "chains": chains,
+                                  "chain_method": chain_method(chains), "target_accept": target_accept}

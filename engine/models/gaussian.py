@@ -1,0 +1,230 @@
+"""The Gaussian hierarchy over cells.
+
+Unit i in leaf g, arm t, covariates x:  y = α_g + τ_g·t + βᵀx + ε,  ε ~ N(0, σ_y²).
+Each level's (α_v, τ_v) = parent's + N(0, diag(σ_α,ℓ², σ_τ,ℓ²)); the top
+level's parent is (μ_α, μ_τ).
+
+The model works in standardised units (outcome centred on its mean and divided
+by its sd, covariates likewise) so that one sampler tuning serves every data
+scale; ``Standardisation`` maps parameters back. The likelihood uses only the
+cell statistics, which is lossless for a Gaussian outcome: for a cell with
+n rows, residual mean r̄ = ȳ − βᵀx̄ and residual sum of squares
+M2_r = M2 − 2βᵀSxy + βᵀSxxβ,
+
+    log p = −n/2·log(2πσ²) − (M2_r + n (r̄ − α − τ·t)²) / (2σ²).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from engine.cells import Cells
+from engine.encode import Encoding
+from engine.priors import Prior
+
+# Padded cell counts are rounded up to these multiples so that a new row or
+# group count rarely changes a compiled shape (the sizes grow by ~12%).
+_BUCKET_BASE = 64
+
+
+def bucket(size: int) -> int:
+    """Smallest bucket ≥ size: 64, 72, 80, ... steps of 1/8 of the power of two below."""
+    if size <= _BUCKET_BASE:
+        return _BUCKET_BASE
+    power = 1 << (size - 1).bit_length() - 1
+    step = max(power // 8, 1)
+    return -(-size // step) * step
+
+
+class CellData(NamedTuple):
+    """Cell statistics in standardised units, padded with n = 0 cells."""
+
+    n: np.ndarray      # (cells,) float  rows in the cell (0 for padding)
+    mean: np.ndarray   # (cells,) float  standardised mean outcome
+    m2: np.ndarray     # (cells,) float  standardised Σ(y−ȳ)²
+    arm: np.ndarray    # (cells,) float  0 control, 1 treated
+    leaf: np.ndarray   # (cells,) int32  leaf code
+    x_mean: np.ndarray  # (cells, k) float standardised covariate means
+    xy_m2: np.ndarray   # (cells, k) float Σ(x−x̄)(y−ȳ), standardised
+    xx_m2: np.ndarray   # (cells, k, k) float Σ(x−x̄)(x−x̄)ᵀ, standardised
+
+
+class Standardisation(NamedTuple):
+    y_shift: float
+    y_scale: float
+    x_shift: np.ndarray  # (k,)
+    x_scale: np.ndarray  # (k,)
+
+
+def standardise(cells: Cells, encoding: Encoding, y_mean: float, y_sd: float,
+                x_means: dict, x_sds: dict) -> tuple[CellData, Standardisation]:
+    table = cells.table
+    covs = list(cells.covariates)
+    k = len(covs)
+    y_scale = y_sd if y_sd > 0 else 1.0
+    x_shift = np.array([x_means[c] for c in covs], dtype=np.float64)
+    x_scale = np.array([x_sds[c] if x_sds[c] > 0 else 1.0 for c in covs], dtype=np.float64)
+    size = table.height
+    padded = bucket(size)
+
+    def pad(values, fill=0.0):
+        values = np.asarray(values)
+        out = np.full((padded,) + values.shape[1:], fill, dtype=values.dtype)
+        out[:size] = values
+        return out
+
+    x_mean = np.zeros((size, k))
+    xy_m2 = np.zeros((size, k))
+    xx_m2 = np.zeros((size, k, k))
+    for i, a in enumerate(covs):
+        x_mean[:, i] = (table[f"x_mean__{a}"].to_numpy() - x_shift[i]) / x_scale[i]
+        xy_m2[:, i] = table[f"xy_m2__{a}"].to_numpy() / (x_scale[i] * y_scale)
+        for j in range(i, k):
+            value = table[f"xx_m2__{a}__{covs[j]}"].to_numpy() / (x_scale[i] * x_scale[j])
+            xx_m2[:, i, j] = value
+            xx_m2[:, j, i] = value
+    data = CellData(
+        n=pad(table["n"].to_numpy().astype(np.float64)),
+        mean=pad((table["mean"].to_numpy() - y_mean) / y_scale),
+        m2=pad(table["m2"].to_numpy() / y_scale**2),
+        arm=pad(table["arm"].to_numpy().astype(np.float64)),
+        leaf=pad(encoding.cell_leaf.astype(np.int32), 0),
+        x_mean=pad(x_mean), xy_m2=pad(xy_m2), xx_m2=pad(xx_m2),
+    )
+    return data, Standardisation(y_mean, y_scale, x_shift, x_scale)
+
+
+def standardise_prior(prior: Prior, shift: float, scale: float) -> Prior:
+    """The prior of (value − shift) / scale, for the families of engine.priors."""
+    f, a = prior.family, prior.args
+    if f == "normal":
+        return Prior(f, ((a[0] - shift) / scale, a[1] / scale))
+    if f == "student_t":
+        return Prior(f, (a[0], (a[1] - shift) / scale, a[2] / scale))
+    if f in ("halfnormal", "halfcauchy"):
+        return Prior(f, (a[0] / scale,))
+    if f == "exponential":
+        return Prior(f, (a[0] * scale,))
+    raise ValueError(f"unknown prior family {f}")
+
+
+def standardised_priors(priors: dict[str, Prior], std: Standardisation, levels, covariates) -> dict:
+    out = {
+        "baseline_mean": standardise_prior(priors["baseline_mean"], std.y_shift, std.y_scale),
+        "effect_mean": standardise_prior(priors["effect_mean"], 0.0, std.y_scale),
+        "noise": standardise_prior(priors["noise"], 0.0, std.y_scale),
+    }
+    for lv in levels:
+        out[f"baseline_scale.{lv}"] = standardise_prior(priors[f"baseline_scale.{lv}"], 0.0, std.y_scale)
+        out[f"effect_scale.{lv}"] = standardise_prior(priors[f"effect_scale.{lv}"], 0.0, std.y_scale)
+    for i, c in enumerate(covariates):
+        # β' = β·s_x/s_y, so the prior scales by s_x/s_y.
+        out[f"slope.{c}"] = standardise_prior(priors[f"slope.{c}"], 0.0, std.y_scale / std.x_scale[i])
+    return out
+
+
+def hyper_names(levels, covariates) -> list[str]:
+    names = ["baseline_mean", "effect_mean", "noise"]
+    names += [f"baseline_scale.{lv}" for lv in levels] + [f"effect_scale.{lv}" for lv in levels]
+    names += [f"slope.{c}" for c in covariates]
+    return names
+
+
+def to_original_units(name: str, value: np.ndarray, std: Standardisation, covariates) -> np.ndarray:
+    if name == "baseline_mean":
+        # α is the mean outcome at the covariates' means; unstandardise both.
+        return value * std.y_scale + std.y_shift
+    if name.startswith("slope."):
+        i = list(covariates).index(name.split(".", 1)[1])
+        return value * std.y_scale / std.x_scale[i]
+    return value * std.y_scale
+
+
+def cell_log_likelihood(data: CellData, alpha_leaf, tau_leaf, noise, slope):
+    """Σ over cells of the Gaussian log likelihood; padding cells (n = 0) add 0."""
+    import jax.numpy as jnp
+
+    mu = alpha_leaf[data.leaf] + tau_leaf[data.leaf] * data.arm
+    resid_mean = data.mean - data.x_mean @ slope
+    resid_m2 = (data.m2 - 2.0 * data.xy_m2 @ slope
+                + jnp.einsum("ci,cij,cj->c", jnp.broadcast_to(slope, data.x_mean.shape), data.xx_m2,
+                             jnp.broadcast_to(slope, data.x_mean.shape)))
+    var = noise**2
+    return jnp.sum(-0.5 * data.n * jnp.log(2 * jnp.pi * var)
+                   - (resid_m2 + data.n * (resid_mean - mu) ** 2) / (2 * var))
+
+
+def joint_model(data: CellData, parents, *, levels, num_nodes, priors, covariates):
+    """The full joint model, non-centred: every group's (α, τ) is a sampled site.
+
+    The reference the collapsed (`exact`) model is checked against. ``data``
+    and ``parents`` are arguments (traced), the rest are static.
+    """
+    import jax.numpy as jnp
+    import numpyro
+    import numpyro.distributions as dist
+
+    from engine.models import to_numpyro
+
+    alpha = numpyro.sample("baseline_mean", to_numpyro(priors["baseline_mean"]))
+    tau = numpyro.sample("effect_mean", to_numpyro(priors["effect_mean"]))
+    noise = numpyro.sample("noise", to_numpyro(priors["noise"]))
+    if covariates:
+        slope = jnp.stack([numpyro.sample(f"slope.{c}", to_numpyro(priors[f"slope.{c}"]))
+                           for c in covariates])
+    else:
+        slope = jnp.zeros((0,), dtype=data.mean.dtype)
+    alpha, tau = jnp.reshape(alpha, (1,)), jnp.reshape(tau, (1,))
+    for depth, (level, size) in enumerate(zip(levels, num_nodes)):
+        s_alpha = numpyro.sample(f"baseline_scale.{level}", to_numpyro(priors[f"baseline_scale.{level}"]))
+        s_tau = numpyro.sample(f"effect_scale.{level}", to_numpyro(priors[f"effect_scale.{level}"]))
+        z_alpha = numpyro.sample(f"baseline_z.{level}", dist.Normal(0.0, 1.0).expand([size]).to_event(1))
+        z_tau = numpyro.sample(f"effect_z.{level}", dist.Normal(0.0, 1.0).expand([size]).to_event(1))
+        above = jnp.zeros(size, dtype=jnp.int32) if depth == 0 else parents[depth - 1]
+        alpha = alpha[above] + s_alpha * z_alpha
+        tau = tau[above] + s_tau * z_tau
+    numpyro.factor("cells", cell_log_likelihood(data, alpha, tau, noise, slope))
+
+
+def node_effects(draws: dict, parents, levels, num_nodes):
+    """(α, τ) of every node at every level from the joint model's draws.
+
+    ``draws`` hold one draw (a pytree of scalars and (nodes,) arrays); vmap it.
+    Returns per level (alpha (nodes,), tau (nodes,)), standardised units.
+    """
+    import jax.numpy as jnp
+
+    alpha = jnp.reshape(draws["baseline_mean"], (1,))
+    tau = jnp.reshape(draws["effect_mean"], (1,))
+    out = []
+    for depth, (level, size) in enumerate(zip(levels, num_nodes)):
+        above = jnp.zeros(size, dtype=jnp.int32) if depth == 0 else parents[depth - 1]
+        alpha = alpha[above] + draws[f"baseline_scale.{level}"] * draws[f"baseline_z.{level}"]
+        tau = tau[above] + draws[f"effect_scale.{level}"] * draws[f"effect_z.{level}"]
+        out.append((alpha, tau))
+    return out
+
+
+class Problem(NamedTuple):
+    """Everything inference needs, in standardised units, with static sizes explicit."""
+
+    data: CellData
+    parents: tuple            # per level 1..L-1: (nodes,) int32
+    num_nodes: tuple          # static node counts per level
+    levels: tuple
+    covariates: tuple
+    std_priors: dict          # priors in standardised units
+    standardisation: Standardisation
+    leaf_rows: np.ndarray     # (leaves,) rows per leaf, the ATE weights
+
+
+def build(cells: Cells, encoding: Encoding, priors: dict[str, Prior], y_mean: float, y_sd: float,
+          x_means: dict, x_sds: dict) -> Problem:
+    data, std = standardise(cells, encoding, y_mean, y_sd, x_means, x_sds)
+    return Problem(
+        data=data, parents=encoding.parents, num_nodes=encoding.num_nodes,
+        levels=tuple(cells.levels), covariates=tuple(cells.covariates),
+        std_priors=standardised_priors(priors, std, cells.levels, cells.covariates),
+        standardisation=std, leaf_rows=encoding.leaf_rows,
+    )

@@ -1,0 +1,111 @@
+"""What the user asked for: columns, levels, family, priors, method, sampler settings.
+
+A ``Spec`` is checked once, here, for everything that can be checked without
+reading data; ``engine.validate`` checks it against the data.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+from engine.errors import SpecError
+from engine.priors import Prior, check_prior, parse_distribution
+
+FAMILIES = ("gaussian",)
+PLANNED_FAMILIES = ("bernoulli", "binomial", "poisson")
+METHODS = ("auto", "exact", "nuts")
+PLANNED_METHODS = ("laplace", "svi")
+BACKENDS = ("polars",)
+PLANNED_BACKENDS = ("dask", "jax")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A complete, checked description of one fit.
+
+    Example
+    -------
+    >>> Spec(outcome="y", treatment="t", groups=("region",)).method
+    'auto'
+    """
+
+    outcome: str
+    treatment: str
+    groups: tuple[str, ...] = ()
+    covariates: tuple[str, ...] = ()
+    treated_value: object = None
+    family: str = "gaussian"
+    method: str = "auto"
+    interval: float = 0.9
+    priors: dict[str, Prior] = field(default_factory=dict)
+    draws: int = 1000
+    warmup: int = 1000
+    chains: int = 4
+    seed: int = 0
+    drop_missing: bool = False
+    backend: str = "polars"
+
+    def __post_init__(self):
+        if not isinstance(self.outcome, str) or not self.outcome:
+            raise SpecError("outcome: expected a column name, found " + repr(self.outcome))
+        if not isinstance(self.treatment, str) or not self.treatment:
+            raise SpecError("treatment: expected a column name, found " + repr(self.treatment))
+        columns = [self.outcome, self.treatment, *self.groups, *self.covariates]
+        duplicated = sorted({c for c in columns if columns.count(c) > 1})
+        if duplicated:
+            raise SpecError(
+                f"column(s) {duplicated} used in more than one role (outcome, treatment, group, "
+                "covariate); each column may play one role"
+            )
+        if self.family in PLANNED_FAMILIES:
+            raise SpecError(
+                f"family {self.family!r} is not implemented yet in this version; "
+                f"available: {', '.join(FAMILIES)}"
+            )
+        if self.family not in FAMILIES:
+            raise SpecError(f"family {self.family!r} unknown; expected one of {', '.join(FAMILIES)}")
+        if self.method in PLANNED_METHODS:
+            raise SpecError(
+                f"method {self.method!r} is not implemented yet in this version; "
+                f"available: {', '.join(METHODS)}"
+            )
+        if self.method not in METHODS:
+            raise SpecError(f"method {self.method!r} unknown; expected one of {', '.join(METHODS)}")
+        if self.backend in PLANNED_BACKENDS:
+            raise SpecError(f"backend {self.backend!r} is not implemented yet in this version; "
+                            f"available: {', '.join(BACKENDS)}")
+        if self.backend not in BACKENDS:
+            raise SpecError(f"backend {self.backend!r} unknown; expected one of {', '.join(BACKENDS)}")
+        if not (isinstance(self.interval, (int, float)) and 0.0 < self.interval < 1.0
+                and math.isfinite(self.interval)):
+            raise SpecError(
+                f"interval {self.interval!r} is outside (0, 1); pass a probability such as 0.9"
+            )
+        for name, value, low in (("draws", self.draws, 1), ("warmup", self.warmup, 1),
+                                 ("chains", self.chains, 1)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise SpecError(f"{name}: expected an integer ≥ {low}, found {value!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise SpecError(f"seed: expected a non-negative integer, found {self.seed!r}")
+        for name, prior in self.priors.items():
+            check_prior(name, prior, list(self.groups))
+
+    @property
+    def levels(self) -> list[str]:
+        return list(self.groups)
+
+    def with_priors(self, priors: dict[str, Prior]) -> "Spec":
+        return replace(self, priors=priors)
+
+
+def make_spec(outcome, treatment, groups=(), covariates=(), priors=None, **options) -> Spec:
+    """Build a Spec from API-style arguments; priors may be strings or ``Prior``s."""
+    if isinstance(groups, str):
+        groups = (groups,)
+    if isinstance(covariates, str):
+        covariates = (covariates,)
+    parsed: dict[str, Prior] = {}
+    for name, dist in (priors or {}).items():
+        parsed[name] = dist if isinstance(dist, Prior) else parse_distribution(str(dist), name)
+    return Spec(outcome=outcome, treatment=treatment, groups=tuple(groups),
+                covariates=tuple(covariates), priors=parsed, **options)

@@ -1,0 +1,326 @@
+"""Checks before any compute: sources, schema, types, values.
+
+Everything here raises a typed ``EngineError`` that names the column, what was
+expected, what was found, and the fix. It reads the data once, in a single
+lazy aggregate over only the columns the fit uses, to learn row counts, the
+treatment's values, missing and non-finite outcomes and the scales the default
+priors need. Nothing is written.
+"""
+from __future__ import annotations
+
+import glob as globlib
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+
+from engine.errors import DataError, SchemaError, SpecError
+from engine.spec import Spec
+
+_SCANNERS = {
+    ".parquet": "parquet", ".pq": "parquet",
+    ".csv": "csv", ".tsv": "csv",
+    ".arrow": "ipc", ".ipc": "ipc", ".feather": "ipc",
+}
+
+
+@dataclass(frozen=True)
+class InputFile:
+    path: str
+    size: int
+    mtime: float
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where the rows come from: a lazy frame plus what provenance needs."""
+
+    frame: pl.LazyFrame
+    kind: str  # "files", "polars", "pandas", "arrow"
+    files: tuple[InputFile, ...] = ()
+
+
+@dataclass(frozen=True)
+class Checked:
+    """The outcome of validation: a lazy frame ready to reduce, and facts about it."""
+
+    source: Source
+    rows: pl.LazyFrame            # filtered rows with column `arm` (int8), ready for reduce
+    n_rows_read: int
+    n_rows_used: int
+    dropped: dict[str, int]       # reason -> rows dropped
+    schema: dict[str, str]
+    treatment_values: dict[str, str]  # {"treated": repr, "control": repr}
+    outcome_mean: float
+    outcome_sd: float
+    covariate_means: dict[str, float] = field(default_factory=dict)
+    covariate_sds: dict[str, float] = field(default_factory=dict)
+
+
+def _expand_paths(items) -> list[Path]:
+    paths: list[Path] = []
+    for item in items:
+        text = str(item)
+        if any(ch in text for ch in "*?["):
+            matched = sorted(globlib.glob(text, recursive=True))
+            if not matched:
+                raise DataError(f"input {text!r}: the pattern matches no files; check the path and glob")
+            paths.extend(Path(m) for m in matched if Path(m).is_file())
+        else:
+            path = Path(text)
+            if not path.exists():
+                raise DataError(f"input {text!r}: no such file or folder")
+            if path.is_dir():
+                found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _SCANNERS)
+                if not found:
+                    raise DataError(
+                        f"input folder {text!r} holds no data files (expected .parquet, .csv or .arrow)"
+                    )
+                paths.extend(found)
+            else:
+                paths.append(path)
+    return paths
+
+
+def _scan_files(items) -> Source:
+    items = [items] if isinstance(items, (str, os.PathLike)) else list(items)
+    if not items:
+        raise DataError("no input given; pass one or more files, globs or a folder")
+    hive_dirs = [Path(str(i)) for i in items if Path(str(i)).is_dir()]
+    paths = _expand_paths(items)
+    kinds = set()
+    for p in paths:
+        kind = _SCANNERS.get(p.suffix.lower())
+        if kind is None:
+            raise DataError(
+                f"input {str(p)!r}: unknown file type {p.suffix!r}; expected .parquet, .csv or .arrow"
+            )
+        kinds.add(kind)
+    if len(kinds) > 1:
+        raise DataError(f"inputs mix file types {sorted(kinds)}; convert them to one type")
+    kind = kinds.pop()
+    for p in paths:
+        if p.stat().st_size == 0:
+            raise DataError(f"input {str(p)!r} is empty (0 bytes); remove it or pass a file with rows")
+        if not os.access(p, os.R_OK):
+            raise DataError(f"input {str(p)!r} cannot be read (permission denied)")
+    files = tuple(InputFile(str(p), p.stat().st_size, p.stat().st_mtime) for p in paths)
+    str_paths = [str(p) for p in paths]
+    try:
+        if kind == "parquet":
+            frame = pl.scan_parquet(str_paths, hive_partitioning=bool(hive_dirs))
+        elif kind == "csv":
+            sep = "\t" if paths[0].suffix.lower() == ".tsv" else ","
+            frame = pl.concat([pl.scan_csv(p, separator=sep) for p in str_paths], how="vertical")
+        else:
+            frame = pl.scan_ipc(str_paths)
+        frame.collect_schema()
+    except pl.exceptions.PolarsError as exc:
+        raise DataError(f"cannot read input {str_paths[:3]}: {type(exc).__name__}: {exc}".strip()) from None
+    except OSError as exc:
+        raise DataError(f"cannot read input {str_paths[:3]}: {exc}") from None
+    return Source(frame=frame, kind="files", files=files)
+
+
+def resolve_source(data) -> Source:
+    """Turn any accepted input into a lazy frame (no rows are read here)."""
+    if isinstance(data, pl.LazyFrame):
+        return Source(frame=data, kind="polars")
+    if isinstance(data, pl.DataFrame):
+        return Source(frame=data.lazy(), kind="polars")
+    module = type(data).__module__.split(".")[0]
+    if module == "pandas":
+        return Source(frame=pl.from_pandas(data).lazy(), kind="pandas")
+    if module == "pyarrow":
+        return Source(frame=pl.from_arrow(data).lazy(), kind="arrow")
+    if module.startswith("dask"):
+        raise DataError(
+            "Dask DataFrame input is not supported yet (the Dask reduce backend is planned); "
+            "pass the Parquet files it reads instead, or compute it to pandas"
+        )
+    if isinstance(data, (str, os.PathLike, list, tuple)):
+        return _scan_files(data)
+    raise DataError(
+        f"data of type {type(data).__name__} is not supported; pass a path or glob, a Polars "
+        "DataFrame or LazyFrame, a pandas DataFrame, a pyarrow Table or a Dask DataFrame"
+    )
+
+
+def _is_numeric(dtype) -> bool:
+    return dtype.is_numeric() or dtype == pl.Boolean
+
+
+def check(source: Source, spec: Spec) -> Checked:
+    """Validate the source against the spec; return the rows to reduce."""
+    schema = source.frame.collect_schema()
+    needed = [spec.outcome, spec.treatment, *spec.groups, *spec.covariates]
+    for role, col in [("outcome", spec.outcome), ("treatment", spec.treatment),
+                      *[("group", g) for g in spec.groups],
+                      *[("covariate", c) for c in spec.covariates]]:
+        if col not in schema:
+            available = ", ".join(list(schema.names())[:20])
+            raise SchemaError(
+                f"{role} column {col!r} not found; the data has columns: {available}"
+                " — check the spelling or pass the right column"
+            )
+    for role, col in [("outcome", spec.outcome), *[("covariate", c) for c in spec.covariates]]:
+        if not _is_numeric(schema[col]):
+            raise SchemaError(
+                f"{role} column {col!r} has type {schema[col]}; expected a number — "
+                "convert it or pick another column"
+            )
+    for col in spec.groups:
+        if schema[col].is_float():
+            raise SchemaError(
+                f"group column {col!r} has type {schema[col]}; expected strings or integers "
+                "(floats make poor group keys) — cast it"
+            )
+    treat_dtype = schema[spec.treatment]
+    if treat_dtype == pl.Null or treat_dtype.is_nested():
+        raise SchemaError(f"treatment column {spec.treatment!r} has type {treat_dtype}; expected 0/1, bool or two values")
+
+    frame = source.frame.select(needed)
+    y = pl.col(spec.outcome).cast(pl.Float64)
+    bad_y = y.is_null() | y.is_nan() | y.is_infinite()
+    aggregates = [
+        pl.len().alias("n"),
+        bad_y.sum().alias("bad_outcome"),
+        pl.col(spec.treatment).is_null().sum().alias("null_treatment"),
+        pl.col(spec.treatment).drop_nulls().unique().sort().head(3).implode().alias("treat_values"),
+        pl.col(spec.treatment).drop_nulls().n_unique().alias("treat_n_unique"),
+    ]
+    for g in spec.groups:
+        aggregates.append(pl.col(g).is_null().sum().alias(f"null_group:{g}"))
+    for c in spec.covariates:
+        x = pl.col(c).cast(pl.Float64)
+        aggregates.append((x.is_null() | x.is_nan() | x.is_infinite()).sum().alias(f"bad_cov:{c}"))
+    try:
+        facts = frame.select(aggregates).collect().row(0, named=True)
+    except pl.exceptions.PolarsError as exc:
+        raise DataError(f"cannot read the data: {type(exc).__name__}: {exc}") from None
+
+    n_read = int(facts["n"])
+    if n_read == 0:
+        raise DataError("the input has no rows; pass data with at least one treated and one control row")
+
+    drop_masks: dict[str, pl.Expr] = {}
+    problems = []
+    if facts["bad_outcome"]:
+        drop_masks[f"outcome {spec.outcome!r} missing, NaN or infinite"] = bad_y
+        problems.append(f"outcome column {spec.outcome!r} has {facts['bad_outcome']} missing, NaN or infinite value(s)")
+    if facts["null_treatment"]:
+        drop_masks[f"treatment {spec.treatment!r} missing"] = pl.col(spec.treatment).is_null()
+        problems.append(f"treatment column {spec.treatment!r} has {facts['null_treatment']} missing value(s)")
+    for g in spec.groups:
+        if facts[f"null_group:{g}"]:
+            drop_masks[f"group {g!r} missing"] = pl.col(g).is_null()
+            problems.append(f"group column {g!r} has {facts[f'null_group:{g}']} missing key(s)")
+    for c in spec.covariates:
+        if facts[f"bad_cov:{c}"]:
+            x = pl.col(c).cast(pl.Float64)
+            drop_masks[f"covariate {c!r} missing, NaN or infinite"] = x.is_null() | x.is_nan() | x.is_infinite()
+            problems.append(f"covariate column {c!r} has {facts[f'bad_cov:{c}']} missing, NaN or infinite value(s)")
+    if problems and not spec.drop_missing:
+        raise DataError("; ".join(problems) + " — clean them, or pass --drop-missing (drop_missing=True) "
+                        "to drop those rows (provenance counts them)")
+
+    treated_expr, values = _encode_treatment(spec, treat_dtype, facts["treat_values"], int(facts["treat_n_unique"]))
+    rows = frame
+    dropped: dict[str, int] = {}
+    if drop_masks:
+        # Count each reason on the rows not already dropped by an earlier reason.
+        any_bad = pl.lit(False)
+        counts = []
+        for reason, mask in drop_masks.items():
+            counts.append((mask & ~any_bad).sum().alias(reason))
+            any_bad = any_bad | mask
+        dropped = {k: int(v) for k, v in frame.select(counts).collect().row(0, named=True).items()}
+        rows = frame.filter(~any_bad)
+    n_used = n_read - sum(dropped.values())
+
+    rows = rows.with_columns(treated_expr.cast(pl.Int8).alias("arm"), y.alias(spec.outcome))
+    moments = [y.mean().alias("y_mean"), y.std(ddof=0).alias("y_sd"),
+               pl.col("arm").sum().alias("n_treated")]
+    for c in spec.covariates:
+        x = pl.col(c).cast(pl.Float64)
+        moments += [x.mean().alias(f"mean:{c}"), x.std(ddof=0).alias(f"sd:{c}")]
+    stats = rows.select(moments).collect().row(0, named=True)
+    if n_used == 0:
+        raise DataError("no rows are left after dropping missing values; check the data")
+    n_treated = int(stats["n_treated"])
+    if n_treated == 0 or n_treated == n_used:
+        arm = "treated" if n_treated == 0 else "control"
+        raise DataError(f"treatment column {spec.treatment!r}: no {arm} rows remain; "
+                        "an effect needs both arms")
+    return Checked(
+        source=source, rows=rows, n_rows_read=n_read, n_rows_used=n_used, dropped=dropped,
+        schema={k: str(v) for k, v in source.frame.collect_schema().items() if k in needed},
+        treatment_values=values,
+        outcome_mean=float(stats["y_mean"]), outcome_sd=float(stats["y_sd"] or 0.0),
+        covariate_means={c: float(stats[f"mean:{c}"]) for c in spec.covariates},
+        covariate_sds={c: float(stats[f"sd:{c}"] or 0.0) for c in spec.covariates},
+    )
+
+
+def _encode_treatment(spec: Spec, dtype, values: list, n_unique: int):
+    col = pl.col(spec.treatment)
+    shown = ", ".join(repr(v) for v in values) + (", ..." if n_unique > 3 else "")
+    if n_unique != 2:
+        raise DataError(
+            f"treatment column {spec.treatment!r} has {n_unique} distinct value(s) ({shown}); expected 2 — "
+            + ("an effect needs treated and control rows" if n_unique < 2
+               else "pass --treated-value and filter the rows to two arms")
+        )
+    if spec.treated_value is not None:
+        target = _coerce(spec.treated_value, dtype, spec.treatment)
+        if target not in values:
+            raise DataError(
+                f"--treated-value {spec.treated_value!r} is not a value of treatment column "
+                f"{spec.treatment!r} ({shown}); pass one of those"
+            )
+        control = [v for v in values if v != target][0]
+        return col == target, {"treated": repr(target), "control": repr(control)}
+    if dtype == pl.Boolean:
+        return col, {"treated": "True", "control": "False"}
+    if dtype.is_numeric() and sorted(float(v) for v in values) == [0.0, 1.0]:
+        return col == 1, {"treated": "1", "control": "0"}
+    raise DataError(
+        f"treatment column {spec.treatment!r} has values ({shown}); expected 0/1 or boolean — "
+        "pass --treated-value (treated_value=) naming the treated one"
+    )
+
+
+def _coerce(value, dtype, column):
+    if dtype == pl.Boolean:
+        text = str(value).strip().lower()
+        if text in {"true", "1"}:
+            return True
+        if text in {"false", "0"}:
+            return False
+    elif dtype.is_integer():
+        try:
+            as_float = float(value)
+            if as_float.is_integer():
+                return int(as_float)
+        except (TypeError, ValueError):
+            pass
+    elif dtype.is_float():
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    else:
+        return str(value)
+    raise SpecError(f"--treated-value {value!r} cannot be read as a value of {column!r} (type {dtype})")
+
+
+def check_finite_number(name: str, value) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise SpecError(f"{name}: expected a finite number, found {value!r}") from None
+    if not math.isfinite(number):
+        raise SpecError(f"{name}: expected a finite number, found {value!r}")
+    return number
