@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
 
 from engine import effects as effects_stage
+from engine import cells as cells_mod
 from engine import provenance, record, validate
 from engine.cells import Cells
+from engine.errors import ConvergenceWarning, DataError, SpecError
 from engine.encode import Encoding, encode
 from engine.infer import Posterior, choose_method
 from engine.priors import default_priors, resolve_priors
@@ -45,7 +48,6 @@ class Result:
         if level is None:
             return self.effects_table
         if level not in self.summary["levels"]:
-            from engine.errors import SpecError
             raise SpecError(f"level {level!r} is not a grouping level; levels are {self.summary['levels']}")
         return self.effects_table.filter(pl.col("level") == level)
 
@@ -87,21 +89,33 @@ def fit(data, outcome: str, treatment: str, groups=(), covariates=(), *, family=
     return fit_spec(data, spec)
 
 
-def fit_spec(data, spec: Spec) -> Result:
+def fit_spec(data, spec: Spec, cell_paths=None) -> Result:
+    """Run the pipeline for a checked spec, from rows (``data``) or from cell tables."""
     started = time.perf_counter()
-    source = validate.resolve_source(data)
-    checked = validate.check(source, spec)
-    priors = resolve_priors(
-        default_priors(checked.outcome_mean, checked.outcome_sd, spec.levels, checked.covariate_sds),
-        spec.priors, spec.levels, list(spec.covariates))
-
     reduce_start = time.perf_counter()
-    cells = reduce(checked, spec)
+    if cell_paths is not None:
+        cells, checked, source = _from_cells(cell_paths, spec)
+    else:
+        source = validate.resolve_source(data)
+        checked = validate.check(source, spec)
+        reduce_start = time.perf_counter()
+        cells = reduce(checked, spec)
     reduce_seconds = time.perf_counter() - reduce_start
+    _check_arms(cells, spec)
     encoding = encode(cells)
 
+    moments = cells.pooled_moments()
+    y_mean, y_sd = moments["y"]
+    x_means = {x: moments[x][0] for x in cells.covariates}
+    x_sds = {x: moments[x][1] for x in cells.covariates}
+    priors = resolve_priors(default_priors(y_mean, y_sd, spec.levels, x_sds),
+                            spec.priors, spec.levels, list(spec.covariates))
+
     method, reason = choose_method(spec.method, spec.family, cells.table.height)
-    posterior = _infer(method, reason, cells, encoding, priors, checked, spec)
+    from engine.models import gaussian
+
+    problem = gaussian.build(cells, encoding, priors, y_mean, y_sd, x_means, x_sds)
+    posterior = _infer(method, reason, problem, spec)
 
     group_table = effects_stage.group_effects(posterior, encoding, spec.interval)
     population = effects_stage.population(posterior, spec.interval)
@@ -110,7 +124,7 @@ def fit_spec(data, spec: Spec) -> Result:
                "total_s": round(total_seconds, 3)}
     summary = {
         "family": spec.family, "method": posterior.method, "interval": spec.interval,
-        "n_rows": checked.n_rows_used, "levels": list(spec.levels),
+        "n_rows": cells.n_rows, "levels": list(spec.levels),
         "n_groups": {level: n for level, n in zip(spec.levels, encoding.num_nodes)},
         "ate": population["ate"], "new_group": population["new_group"], "hyper": population["hyper"],
         "diagnostics": posterior.diagnostics, "timings": timings,
@@ -121,19 +135,37 @@ def fit_spec(data, spec: Spec) -> Result:
         sampler=posterior.sampler, timings=timings, diagnostics=posterior.diagnostics,
         source_kind=source.kind, files=source.files)
     if not posterior.diagnostics["ok"]:
-        import warnings
-
-        from engine.errors import ConvergenceWarning
-        warnings.warn("; ".join(posterior.diagnostics["messages"]), ConvergenceWarning, stacklevel=2)
+        warnings.warn("; ".join(posterior.diagnostics["messages"]), ConvergenceWarning, stacklevel=3)
     return Result(summary=summary, effects_table=group_table, provenance=record_, posterior=posterior,
                   cells=cells, encoding=encoding)
 
 
-def _infer(method, reason, cells, encoding, priors, checked, spec) -> Posterior:
-    from engine.models import gaussian
+def _check_arms(cells: Cells, spec: Spec) -> None:
+    control, treated = cells.arm_rows()
+    if control == 0 or treated == 0:
+        arm = "treated" if treated == 0 else "control"
+        raise DataError(f"treatment column {spec.treatment!r}: no {arm} rows remain; an effect needs both arms")
 
-    problem = gaussian.build(cells, encoding, priors, checked.outcome_mean, checked.outcome_sd,
-                             checked.covariate_means, checked.covariate_sds)
+
+def _from_cells(paths, spec: Spec):
+    """Cell tables from `causal-engine reduce` (one or many sites), merged exactly."""
+    paths = [str(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
+    for p in paths:
+        if not Path(p).is_file():
+            raise DataError(f"cell table {p!r}: no such file")
+    cells = cells_mod.read(paths, levels=spec.groups)
+    if tuple(cells.covariates) != tuple(spec.covariates):
+        raise SpecError(f"cell tables carry covariates {list(cells.covariates)} but the fit asks for "
+                        f"{list(spec.covariates)}; pass the same --covariate options as to reduce")
+    files = tuple(validate.InputFile(p, Path(p).stat().st_size, Path(p).stat().st_mtime) for p in paths)
+    source = validate.Source(frame=None, kind="cells", files=files)
+    checked = validate.Checked(source=source, rows=None, n_rows_read=cells.n_rows, n_rows_used=cells.n_rows,
+                               dropped={}, schema={k: str(v) for k, v in cells.table.schema.items()},
+                               treatment_values={"treated": "arm 1", "control": "arm 0"})
+    return cells, checked, source
+
+
+def _infer(method, reason, problem, spec) -> Posterior:
     if method == "nuts":
         from engine.infer.nuts import fit_nuts
         return fit_nuts(problem, spec, reason)

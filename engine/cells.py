@@ -43,11 +43,31 @@ class Cells:
     def n_rows(self) -> int:
         return int(self.table["n"].sum())
 
+    def pooled_moments(self) -> dict:
+        """Mean and sd (ddof 0) of the outcome and each covariate over all rows, exactly."""
+        n = self.table["n"].cast(pl.Float64).to_numpy()
+        total = n.sum()
+
+        def pooled(mean, m2):
+            grand = float(np.dot(n, mean) / total)
+            return grand, float(np.sqrt(max((m2.sum() + np.dot(n, (mean - grand) ** 2)) / total, 0.0)))
+
+        out = {"y": pooled(self.table["mean"].to_numpy(), self.table["m2"].to_numpy())}
+        for x in self.covariates:
+            out[x] = pooled(self.table[f"x_mean__{x}"].to_numpy(), self.table[f"xx_m2__{x}__{x}"].to_numpy())
+        return out
+
+    def arm_rows(self) -> tuple[int, int]:
+        """(control rows, treated rows)."""
+        treated = int(self.table.filter(pl.col("arm") == 1)["n"].sum())
+        return self.n_rows - treated, treated
+
     def content_hash(self) -> str:
         """SHA-256 of the cell table in canonical order (keys, then arm).
 
-        Identical data gives the identical hash whatever the row order or the
-        number of files it came in; changing any row changes it.
+        The same data gives the same hash; changing any row changes it. Row
+        order can move a float sum's last bit, so reordered rows may hash
+        differently.
         """
         table = self.table.sort([*self.levels, "arm"])
         digest = hashlib.sha256()
@@ -72,10 +92,17 @@ def merge(tables: list[pl.DataFrame], levels, covariates) -> pl.DataFrame:
         return table.sort(keys)
     n = pl.col("n").cast(pl.Float64)
     total = n.sum()
-    mean = (n * pl.col("mean")).sum() / total
+
+    def combined_mean(col):
+        # Centre on the group's first part so that a large common offset (1e9) cancels
+        # before the weighted sum instead of being summed n-fold.
+        shift = pl.col(col).first()
+        return shift + (n * (pl.col(col) - shift)).sum() / total
+
+    mean = combined_mean("mean")
     aggregates = [pl.col("n").sum().alias("n"), mean.alias("mean"),
                   (pl.col("m2").sum() + (n * (pl.col("mean") - mean) ** 2).sum()).alias("m2")]
-    x_mean = {x: (n * pl.col(f"x_mean__{x}")).sum() / total for x in covariates}
+    x_mean = {x: combined_mean(f"x_mean__{x}") for x in covariates}
     for x in covariates:
         aggregates.append(x_mean[x].alias(f"x_mean__{x}"))
         dx = pl.col(f"x_mean__{x}") - x_mean[x]
@@ -116,3 +143,33 @@ def read(paths, levels=None) -> Cells:
             )
     table = merge(tables, found_levels, covariates)
     return Cells(table=table, levels=tuple(found_levels), covariates=covariates)
+
+
+def write_cells(cells: Cells, path, metadata: dict) -> None:
+    """Write a cell table atomically, with what it was reduced from as Parquet metadata."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    os.close(fd)
+    try:
+        meta = {f"causal_engine.{k}": str(v) for k, v in metadata.items()}
+        meta["causal_engine.levels"] = ",".join(cells.levels)
+        cells.table.write_parquet(tmp, metadata=meta)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_metadata(path) -> dict:
+    """What `write_cells` recorded (empty for cell tables from elsewhere)."""
+    try:
+        meta = pl.read_parquet_metadata(path)
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        raise DataError(f"cannot read cell table {str(path)!r}: {exc}") from None
+    prefix = "causal_engine."
+    return {k[len(prefix):]: v for k, v in meta.items() if k.startswith(prefix)}

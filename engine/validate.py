@@ -11,7 +11,7 @@ from __future__ import annotations
 import glob as globlib
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
@@ -53,10 +53,6 @@ class Checked:
     dropped: dict[str, int]       # reason -> rows dropped
     schema: dict[str, str]
     treatment_values: dict[str, str]  # {"treated": repr, "control": repr}
-    outcome_mean: float
-    outcome_sd: float
-    covariate_means: dict[str, float] = field(default_factory=dict)
-    covariate_sds: dict[str, float] = field(default_factory=dict)
 
 
 def _expand_paths(items) -> list[Path]:
@@ -153,7 +149,11 @@ def _is_numeric(dtype) -> bool:
 
 
 def check(source: Source, spec: Spec) -> Checked:
-    """Validate the source against the spec; return the rows to reduce."""
+    """Validate the source against the spec; return the rows to reduce.
+
+    One aggregate pass reads only the used columns; the scales for default
+    priors come later from the cells, so the rows are not read a third time.
+    """
     schema = source.frame.collect_schema()
     needed = [spec.outcome, spec.treatment, *spec.groups, *spec.covariates]
     for role, col in [("outcome", spec.outcome), ("treatment", spec.treatment),
@@ -165,6 +165,13 @@ def check(source: Source, spec: Spec) -> Checked:
                 f"{role} column {col!r} not found; the data has columns: {available}"
                 " — check the spelling or pass the right column"
             )
+    try:
+        # Cheap for Parquet and Arrow (metadata); an empty CSV types every column as text,
+        # so "no rows" must be said before any type check.
+        if source.frame.select(pl.len()).collect().item() == 0:
+            raise DataError("the input has no rows; pass data with treated and control rows")
+    except pl.exceptions.PolarsError as exc:
+        raise DataError(f"cannot read the data: {type(exc).__name__}: {exc}") from None
     for role, col in [("outcome", spec.outcome), *[("covariate", c) for c in spec.covariates]]:
         if not _is_numeric(schema[col]):
             raise SchemaError(
@@ -241,26 +248,12 @@ def check(source: Source, spec: Spec) -> Checked:
     n_used = n_read - sum(dropped.values())
 
     rows = rows.with_columns(treated_expr.cast(pl.Int8).alias("arm"), y.alias(spec.outcome))
-    moments = [y.mean().alias("y_mean"), y.std(ddof=0).alias("y_sd"),
-               pl.col("arm").sum().alias("n_treated")]
-    for c in spec.covariates:
-        x = pl.col(c).cast(pl.Float64)
-        moments += [x.mean().alias(f"mean:{c}"), x.std(ddof=0).alias(f"sd:{c}")]
-    stats = rows.select(moments).collect().row(0, named=True)
     if n_used == 0:
         raise DataError("no rows are left after dropping missing values; check the data")
-    n_treated = int(stats["n_treated"])
-    if n_treated == 0 or n_treated == n_used:
-        arm = "treated" if n_treated == 0 else "control"
-        raise DataError(f"treatment column {spec.treatment!r}: no {arm} rows remain; "
-                        "an effect needs both arms")
     return Checked(
         source=source, rows=rows, n_rows_read=n_read, n_rows_used=n_used, dropped=dropped,
         schema={k: str(v) for k, v in source.frame.collect_schema().items() if k in needed},
         treatment_values=values,
-        outcome_mean=float(stats["y_mean"]), outcome_sd=float(stats["y_sd"] or 0.0),
-        covariate_means={c: float(stats[f"mean:{c}"]) for c in spec.covariates},
-        covariate_sds={c: float(stats[f"sd:{c}"] or 0.0) for c in spec.covariates},
     )
 
 

@@ -1,0 +1,177 @@
+"""The ``causal-engine`` command, thin over the API.
+
+Each sub-command imports only what it uses: ``reduce`` and ``simulate`` never
+load JAX or NumPyro. Exit codes: 0 success, 2 bad usage or bad input (one
+message on stderr, nothing written), 1 internal error.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+
+def _add_columns(p: argparse.ArgumentParser, outcome_required=True) -> None:
+    p.add_argument("--outcome", required=outcome_required, help="outcome column")
+    p.add_argument("--treatment", required=outcome_required, help="treatment column (0/1, bool or two values)")
+    p.add_argument("--treated-value", default=None, help="the treated value when the treatment is not 0/1")
+    p.add_argument("--group", action="append", default=[], metavar="COL",
+                   help="grouping column; repeat, outermost level first")
+    p.add_argument("--covariate", action="append", default=[], metavar="COL",
+                   help="pre-treatment covariate with a shared slope; repeatable")
+    p.add_argument("--drop-missing", action="store_true",
+                   help="drop rows with missing/NaN/infinite values instead of refusing them")
+    p.add_argument("--backend", default="polars", help="reduce backend (polars)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="causal-engine",
+                                     description="Hierarchical Bayesian treatment effects, from rows to decisions.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    fit = sub.add_parser("fit", help="fit a hierarchical effects model and write DIR")
+    fit.add_argument("data", nargs="*", help="Parquet/CSV/Arrow files, globs or a hive folder")
+    _add_columns(fit, outcome_required=False)
+    fit.add_argument("--cells", nargs="+", default=None, metavar="CELLS.parquet",
+                     help="fit from cell tables written by `causal-engine reduce` instead of rows")
+    fit.add_argument("--family", default="gaussian")
+    fit.add_argument("--method", default="auto")
+    fit.add_argument("--interval", type=float, default=0.9)
+    fit.add_argument("--prior", action="append", default=[], metavar="NAME=DIST",
+                     help="e.g. effect_scale=halfnormal(1); repeatable")
+    fit.add_argument("--draws", type=int, default=1000, help="draws per chain after warm-up")
+    fit.add_argument("--warmup", type=int, default=1000, help="warm-up iterations per chain")
+    fit.add_argument("--chains", type=int, default=4)
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--out", required=True, metavar="DIR")
+
+    red = sub.add_parser("reduce", help="rows → cell table (share cells, not rows)")
+    red.add_argument("data", nargs="+")
+    _add_columns(red)
+    red.add_argument("--out", required=True, metavar="CELLS.parquet")
+
+    sim = sub.add_parser("simulate", help="a randomised experiment with known truth")
+    sim.add_argument("--rows", type=int, default=20_000)
+    sim.add_argument("--groups", type=int, default=1_000)
+    sim.add_argument("--levels", default="group", help="comma-separated level names, outermost first")
+    sim.add_argument("--covariate", action="store_true", help="add a pre-period covariate column 'pre'")
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--out", required=True, metavar="DIR")
+
+    exp = sub.add_parser("explain", help="print the provenance trail of a result folder")
+    exp.add_argument("dir")
+    return parser
+
+
+def _spec(args, outcome=None, treatment=None):
+    from engine.priors import parse_prior_assignment
+    from engine.spec import Spec
+
+    priors = dict(parse_prior_assignment(p, args.group) for p in getattr(args, "prior", []))
+    options = {k: getattr(args, k) for k in ("family", "method", "interval", "draws", "warmup", "chains",
+                                              "seed") if hasattr(args, k)}
+    return Spec(outcome=outcome or args.outcome, treatment=treatment or args.treatment,
+                groups=tuple(args.group), covariates=tuple(args.covariate), treated_value=args.treated_value,
+                priors=priors, drop_missing=args.drop_missing, backend=args.backend, **options)
+
+
+def _cmd_fit(args) -> int:
+    from engine.errors import SpecError
+
+    if args.cells:
+        if args.data:
+            raise SpecError("pass either DATA or --cells, not both")
+        from engine.cells import read_metadata
+        meta = read_metadata(args.cells[0])
+        spec = _spec(args, outcome=args.outcome or meta.get("outcome", "outcome"),
+                     treatment=args.treatment or meta.get("treatment", "treatment"))
+    else:
+        if not args.data:
+            raise SpecError("no input: pass DATA files (or --cells CELLS.parquet)")
+        if not args.outcome or not args.treatment:
+            raise SpecError("--outcome and --treatment are required when fitting rows")
+        spec = _spec(args)
+    from engine.api import fit_spec
+
+    result = fit_spec(args.data, spec, cell_paths=args.cells)
+    out = result.save(args.out)
+    s = result.summary
+    ate, d = s["ate"], s["diagnostics"]
+    print(f"ATE {ate['mean']:.4g} (sd {ate['sd']:.3g}), {s['interval']:.0%} interval "
+          f"[{ate['lower']:.4g}, {ate['upper']:.4g}]  method {s['method']}, {s['n_rows']} rows, "
+          f"groups {s['n_groups'] or 'none'}")
+    print(f"diagnostics: {'ok' if d['ok'] else 'NOT OK'}; " + ("; ".join(d["messages"]) or
+          f"max R-hat {d['max_rhat']:.3f}, min bulk ESS {d['min_ess_bulk']:.0f}"))
+    print(f"wrote {out}/effects.parquet, summary.json, provenance.json")
+    return 0
+
+
+def _cmd_reduce(args) -> int:
+    from engine import validate
+    from engine.cells import write_cells
+    from engine.reduce import reduce
+
+    spec = _spec(args)
+    checked = validate.check(validate.resolve_source(args.data), spec)
+    cells = reduce(checked, spec)
+    write_cells(cells, args.out, {"outcome": spec.outcome, "treatment": spec.treatment,
+                                  "rows_read": str(checked.n_rows_read),
+                                  "rows_dropped": json.dumps(checked.dropped)})
+    print(f"{checked.n_rows_used} rows → {cells.table.height} cells, wrote {args.out}")
+    return 0
+
+
+def _cmd_simulate(args) -> int:
+    from engine import record
+    from engine.simulate import simulate
+
+    levels = [lv.strip() for lv in args.levels.split(",") if lv.strip()]
+    sim = simulate(rows=args.rows, groups=args.groups, levels=levels, seed=args.seed, covariate=args.covariate)
+    record.write_folder(args.out, {
+        "rows.parquet": sim.rows.write_parquet,
+        "truth.parquet": sim.truth.write_parquet,
+        "truth.json": record.json_writer({"ate": sim.ate, "params": sim.params}),
+    })
+    print(f"wrote {args.out}/rows.parquet ({sim.rows.height} rows, {args.groups} leaf groups), "
+          f"truth.parquet, truth.json (true ATE {sim.ate:.4g})")
+    return 0
+
+
+def _cmd_explain(args) -> int:
+    from engine.errors import DataError
+    from engine.provenance import explain
+
+    folder = Path(args.dir)
+    path = folder / "provenance.json"
+    if not path.is_file():
+        raise DataError(f"{args.dir!r} holds no provenance.json; pass a folder written by `causal-engine fit`")
+    record = json.loads(path.read_text())
+    summary_path = folder / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+    print(explain(record, summary))
+    return 0
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    from engine.errors import ConvergenceWarning, EngineError
+
+    handler = {"fit": _cmd_fit, "reduce": _cmd_reduce, "simulate": _cmd_simulate, "explain": _cmd_explain}
+    try:
+        with warnings.catch_warnings():
+            # The CLI prints diagnostics itself; the API's warning would repeat them.
+            warnings.simplefilter("ignore", category=ConvergenceWarning)
+            return handler[args.command](args)
+    except EngineError as exc:
+        print(f"causal-engine {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

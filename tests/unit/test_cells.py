@@ -1,0 +1,111 @@
+"""Cells: exact statistics, exact merges, a stable content hash."""
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+
+from engine import validate
+from engine.cells import Cells, merge
+from engine.encode import encode
+from engine.reduce import reduce
+from engine.spec import Spec
+
+
+def numpy_cells(frame: pl.DataFrame, groups, covariates):
+    """Float64 two-pass reference, one (group, arm) at a time."""
+    out = {}
+    keys = frame.select([*groups, "treated"]).unique().rows()
+    for key in keys:
+        mask = np.ones(frame.height, bool)
+        for col, value in zip([*groups, "treated"], key):
+            mask &= (frame[col] == value).to_numpy()
+        y = frame["y"].to_numpy()[mask]
+        stats = {"n": mask.sum(), "mean": y.mean(), "m2": ((y - y.mean()) ** 2).sum()}
+        for c in covariates:
+            x = frame[c].to_numpy()[mask]
+            stats[f"x_mean__{c}"] = x.mean()
+            stats[f"xy_m2__{c}"] = ((x - x.mean()) * (y - y.mean())).sum()
+            stats[f"xx_m2__{c}__{c}"] = ((x - x.mean()) ** 2).sum()
+        out[key] = stats
+    return out
+
+
+def make_frame(seed, offset):
+    rng = np.random.default_rng(seed)
+    n = 5000
+    group = rng.integers(0, 40, n)
+    x = offset + rng.standard_normal(n)
+    return pl.DataFrame({
+        "group": [f"g{g}" for g in group],
+        "treated": rng.integers(0, 2, n),
+        "pre": x,
+        "y": offset + 0.7 * (x - offset) + rng.standard_normal(n),
+    })
+
+
+def reduce_frame(frame, covariates=("pre",)):
+    spec = Spec(outcome="y", treatment="treated", groups=("group",), covariates=tuple(covariates))
+    return reduce(validate.check(validate.resolve_source(frame), spec), spec)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e9])
+def test_reduce_matches_float64_reference(offset):
+    frame = make_frame(1, offset)
+    cells = reduce_frame(frame)
+    reference = numpy_cells(frame, ["group"], ["pre"])
+    assert cells.table.height == len(reference)
+    for row in cells.table.iter_rows(named=True):
+        ref = reference[(row["group"], row["arm"])]
+        assert row["n"] == ref["n"]
+        # Relative to the data's spread (sd 1), not the offset.
+        for name in ("mean", "m2", "x_mean__pre", "xy_m2__pre", "xx_m2__pre__pre"):
+            scale = 1.0 if name.endswith("mean") or name.startswith("x_mean") else ref["n"]
+            assert abs(row[name] - ref[name]) <= 1e-6 * scale + 1e-12 * abs(ref[name]), name
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e9])
+def test_merge_of_parts_equals_whole(offset):
+    frame = make_frame(2, offset)
+    whole = reduce_frame(frame).table
+    parts = [reduce_frame(frame[i::3]).table for i in range(3)]
+    merged = merge(parts, ["group"], ["pre"])
+    assert merged.select(["group", "arm", "n"]).equals(whole.select(["group", "arm", "n"]))
+    reference = numpy_cells(frame, ["group"], ["pre"])
+    for name in ("mean", "m2", "x_mean__pre", "xy_m2__pre", "xx_m2__pre__pre"):
+        expected = np.array([reference[(g, a)][name] for g, a in merged.select("group", "arm").rows()])
+        # Float64 at offset 1e9 resolves means to ~1e-7; sums of squares are O(n) with sd 1.
+        atol = (1e-6 if offset else 1e-12) * (1 if "mean" in name else merged["n"].to_numpy())
+        np.testing.assert_array_less(np.abs(merged[name].to_numpy() - expected), atol + 1e-12 * np.abs(expected),
+                                     err_msg=name)
+
+
+def test_content_hash_is_stable_and_row_sensitive():
+    frame = make_frame(3, 0.0)
+    a = reduce_frame(frame)
+    b = reduce_frame(frame.clone())
+    assert a.content_hash() == b.content_hash()
+    changed = frame.with_row_index().with_columns(
+        y=pl.when(pl.col("index") == 17).then(pl.col("y") + 1e-6).otherwise(pl.col("y"))).drop("index")
+    assert reduce_frame(changed).content_hash() != a.content_hash()
+
+
+def test_pooled_moments_are_exact():
+    frame = make_frame(4, 1e9)
+    moments = reduce_frame(frame).pooled_moments()
+    y = frame["y"].to_numpy()
+    assert moments["y"][0] == pytest.approx(y.mean(), rel=1e-15)
+    assert moments["y"][1] == pytest.approx(y.std(), rel=1e-6)
+    assert moments["pre"][1] == pytest.approx(frame["pre"].to_numpy().std(), rel=1e-6)
+
+
+def test_encode_tree_and_one_arm_groups():
+    table = pl.DataFrame({"c": ["A", "A", "B", "B", "B"], "r": ["a1", "a1", "b1", "b2", "b2"],
+                          "arm": [0, 1, 0, 0, 1], "n": [3, 4, 5, 6, 7], "mean": [1.0] * 5, "m2": [0.0] * 5})
+    encoding = encode(Cells(table, ("c", "r")))
+    assert encoding.num_nodes == (2, 3)
+    assert encoding.parents[0].tolist() == [0, 1, 1]
+    assert encoding.cell_leaf.tolist() == [0, 0, 1, 2, 2]
+    assert encoding.leaf_rows.tolist() == [7, 5, 13]
+    # b1 has only control rows: valid data, n_treated 0.
+    assert encoding.nodes[1]["n_treated"].to_list() == [4, 0, 7]
