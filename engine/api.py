@@ -117,7 +117,7 @@ def fit_spec(data, spec: Spec, cell_paths=None) -> Result:
     problem = gaussian.build(cells, encoding, priors, y_mean, y_sd, x_means, x_sds)
     posterior = _infer(method, reason, problem, spec)
 
-    group_table = effects_stage.group_effects(posterior, encoding, spec.interval)
+    group_table = effects_stage.group_effects(posterior, encoding)
     population = effects_stage.population(posterior, spec.interval)
     total_seconds = time.perf_counter() - started
     timings = {"reduce_s": round(reduce_seconds, 3), "fit_s": round(posterior.fit_seconds, 3),

@@ -30,22 +30,20 @@ def scalar_summary(draws: np.ndarray, interval: float) -> dict:
     return {k: float(v) for k, v in interval_summary(draws, interval).items()}
 
 
-def group_effects(posterior: Posterior, encoding: Encoding, interval: float) -> pl.DataFrame:
+def group_effects(posterior: Posterior, encoding: Encoding) -> pl.DataFrame:
     frames = []
     for depth, level in enumerate(encoding.levels):
         nodes = encoding.nodes[depth]
-        draws = posterior.effect_draws[depth]
-        summary = interval_summary(draws, interval)
-        flat = draws.reshape(-1, draws.shape[-1])
+        summary = posterior.groups[depth]
         parent = (pl.lit(None, dtype=pl.String) if depth == 0
                   else pl.col(encoding.levels[depth - 1]).cast(pl.String))
         frames.append(nodes.select(
             pl.lit(level).alias("level"), pl.col(level).cast(pl.String).alias("group"),
             parent.alias("parent"), pl.col("n").cast(pl.Int64), pl.col("n_treated").cast(pl.Int64),
         ).with_columns(
-            pl.Series("mean", summary["mean"]), pl.Series("sd", summary["sd"]),
-            pl.Series("lower", summary["lower"]), pl.Series("upper", summary["upper"]),
-            pl.Series("prob_positive", (flat > 0).mean(axis=0)),
+            pl.Series("mean", summary.mean), pl.Series("sd", summary.sd),
+            pl.Series("lower", summary.lower), pl.Series("upper", summary.upper),
+            pl.Series("prob_positive", summary.prob_positive),
             *[pl.lit(None, dtype=pl.Float64).alias(c) for c in ("link_mean", "link_sd", "link_lower",
                                                                  "link_upper")],
         ))

@@ -10,14 +10,15 @@ import numpy as np
 class Posterior:
     """Draws in the outcome's own units, ready for the effects stage.
 
-    ``effect_draws[l]`` holds every node's effect at level l as
-    (chains, draws, nodes); ``ate`` and ``new_group`` are (chains, draws).
+    ``groups[l]`` summarises every node's effect at level l (summaries, not
+    draws, so that millions of groups fit); ``ate`` and ``new_group`` are
+    draws (chains, draws).
     """
 
     method: str
     method_reason: str
     hyper: dict[str, np.ndarray]             # name -> (chains, draws)
-    effect_draws: tuple[np.ndarray, ...]     # per level (chains, draws, nodes)
+    groups: tuple                            # per level: summaries.GroupSummary
     ate: np.ndarray                          # (chains, draws)
     new_group: np.ndarray                    # (chains, draws)
     diagnostics: dict

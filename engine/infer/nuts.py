@@ -9,6 +9,7 @@ import numpy as np
 from engine.infer import Posterior
 from engine.infer import diagnostics as diag
 from engine.infer import runner
+from engine.infer.summaries import summarise_draws
 from engine.models import gaussian
 
 
@@ -41,9 +42,15 @@ def fit_nuts(problem, spec, method_reason: str) -> Posterior:
 
 
 def _assemble(problem, spec, method, reason, hyper, effect_draws, leaf_tau, divergences, sampler, seconds):
-    """ATE, new-group effect and diagnostics from draws: shared by every method."""
     weights = problem.leaf_rows / problem.leaf_rows.sum()
     ate = np.tensordot(leaf_tau, weights, axes=([-1], [0]))
+    named = {f"effect[{level}]": draws for level, draws in zip(problem.levels, effect_draws)}
+    groups = tuple(summarise_draws(d, spec.interval) for d in effect_draws)
+    return assemble(problem, spec, method, reason, hyper, groups, ate, divergences, sampler, seconds, named)
+
+
+def assemble(problem, spec, method, reason, hyper, groups, ate, divergences, sampler, seconds, extra_named=None):
+    """New-group effect and diagnostics from draws: shared by every method."""
     rng = np.random.default_rng([spec.seed, 1])
     if problem.levels:
         top = problem.levels[0]
@@ -52,10 +59,9 @@ def _assemble(problem, spec, method, reason, hyper, effect_draws, leaf_tau, dive
         new_group = hyper["effect_mean"].copy()
     named = dict(hyper)
     named["ate"] = ate
-    for level, draws in zip(problem.levels, effect_draws):
-        named[f"effect[{level}]"] = draws
+    named.update(extra_named or {})
     diagnostics = diag.summarise(named, divergences)
     sampler = dict(sampler, devices=runner.devices())
-    return Posterior(method=method, method_reason=reason, hyper=hyper, effect_draws=effect_draws,
+    return Posterior(method=method, method_reason=reason, hyper=hyper, groups=groups,
                      ate=ate, new_group=new_group, diagnostics=diagnostics, sampler=sampler,
                      fit_seconds=seconds)

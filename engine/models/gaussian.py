@@ -141,18 +141,81 @@ def to_original_units(name: str, value: np.ndarray, std: Standardisation, covari
     return value * std.y_scale
 
 
+def residual_stats(data: CellData, slope):
+    """Cell mean and sum of squares of y − βᵀx: r̄ = ȳ − βᵀx̄, M2_r = M2 − 2βᵀSxy + βᵀSxxβ."""
+    import jax.numpy as jnp
+
+    resid_mean = data.mean - data.x_mean @ slope
+    resid_m2 = data.m2 - 2.0 * data.xy_m2 @ slope + jnp.einsum("i,cij,j->c", slope, data.xx_m2, slope)
+    return resid_mean, resid_m2
+
+
 def cell_log_likelihood(data: CellData, alpha_leaf, tau_leaf, noise, slope):
     """Σ over cells of the Gaussian log likelihood; padding cells (n = 0) add 0."""
     import jax.numpy as jnp
 
     mu = alpha_leaf[data.leaf] + tau_leaf[data.leaf] * data.arm
-    resid_mean = data.mean - data.x_mean @ slope
-    resid_m2 = (data.m2 - 2.0 * data.xy_m2 @ slope
-                + jnp.einsum("ci,cij,cj->c", jnp.broadcast_to(slope, data.x_mean.shape), data.xx_m2,
-                             jnp.broadcast_to(slope, data.x_mean.shape)))
+    resid_mean, resid_m2 = residual_stats(data, slope)
     var = noise**2
     return jnp.sum(-0.5 * data.n * jnp.log(2 * jnp.pi * var)
                    - (resid_m2 + data.n * (resid_mean - mu) ** 2) / (2 * var))
+
+
+def _sample_globals(data, priors, covariates):
+    import jax.numpy as jnp
+    import numpyro
+
+    from engine.models import to_numpyro
+
+    alpha = numpyro.sample("baseline_mean", to_numpyro(priors["baseline_mean"]))
+    tau = numpyro.sample("effect_mean", to_numpyro(priors["effect_mean"]))
+    noise = numpyro.sample("noise", to_numpyro(priors["noise"]))
+    if covariates:
+        slope = jnp.stack([numpyro.sample(f"slope.{c}", to_numpyro(priors[f"slope.{c}"]))
+                           for c in covariates])
+    else:
+        slope = jnp.zeros((0,), dtype=data.mean.dtype)
+    return alpha, tau, noise, slope
+
+
+def _sample_scales(level, priors):
+    import numpyro
+
+    from engine.models import to_numpyro
+
+    return (numpyro.sample(f"baseline_scale.{level}", to_numpyro(priors[f"baseline_scale.{level}"])),
+            numpyro.sample(f"effect_scale.{level}", to_numpyro(priors[f"effect_scale.{level}"])))
+
+
+def collapsed_model(data: CellData, parents, *, levels, num_nodes, priors, covariates):
+    """The `exact` model: every group's (α, τ) integrated out analytically (MATH.md).
+
+    Only the hyperparameters are sampled; the marginal likelihood comes from
+    the Gaussian-tree upward pass, O(cells + nodes) per evaluation.
+    """
+    import jax.numpy as jnp
+    import numpyro
+
+    from kernels.gaussian_tree import gaussian_log_marginal
+
+    if not levels:
+        return joint_model(data, parents, levels=levels, num_nodes=num_nodes, priors=priors,
+                           covariates=covariates)
+    alpha, tau, noise, slope = _sample_globals(data, priors, covariates)
+    scales = [_sample_scales(level, priors) for level in levels]
+    prior_cov = level_covariances(scales)
+    resid_mean, resid_m2 = residual_stats(data, slope)
+    log_marginal, _ = gaussian_log_marginal(
+        data.n, resid_mean, resid_m2, data.arm, data.leaf, tuple(parents), prior_cov,
+        jnp.stack([alpha, tau]), noise**2, num_leaves=num_nodes[-1], num_top=num_nodes[0])
+    numpyro.factor("marginal", log_marginal)
+
+
+def level_covariances(scales):
+    """(L, 2, 2) diagonal prior covariances from per-level (σ_α, σ_τ)."""
+    import jax.numpy as jnp
+
+    return jnp.stack([jnp.diag(jnp.stack([s_alpha**2, s_tau**2])) for s_alpha, s_tau in scales])
 
 
 def joint_model(data: CellData, parents, *, levels, num_nodes, priors, covariates):
@@ -165,20 +228,10 @@ def joint_model(data: CellData, parents, *, levels, num_nodes, priors, covariate
     import numpyro
     import numpyro.distributions as dist
 
-    from engine.models import to_numpyro
-
-    alpha = numpyro.sample("baseline_mean", to_numpyro(priors["baseline_mean"]))
-    tau = numpyro.sample("effect_mean", to_numpyro(priors["effect_mean"]))
-    noise = numpyro.sample("noise", to_numpyro(priors["noise"]))
-    if covariates:
-        slope = jnp.stack([numpyro.sample(f"slope.{c}", to_numpyro(priors[f"slope.{c}"]))
-                           for c in covariates])
-    else:
-        slope = jnp.zeros((0,), dtype=data.mean.dtype)
+    alpha, tau, noise, slope = _sample_globals(data, priors, covariates)
     alpha, tau = jnp.reshape(alpha, (1,)), jnp.reshape(tau, (1,))
     for depth, (level, size) in enumerate(zip(levels, num_nodes)):
-        s_alpha = numpyro.sample(f"baseline_scale.{level}", to_numpyro(priors[f"baseline_scale.{level}"]))
-        s_tau = numpyro.sample(f"effect_scale.{level}", to_numpyro(priors[f"effect_scale.{level}"]))
+        s_alpha, s_tau = _sample_scales(level, priors)
         z_alpha = numpyro.sample(f"baseline_z.{level}", dist.Normal(0.0, 1.0).expand([size]).to_event(1))
         z_tau = numpyro.sample(f"effect_z.{level}", dist.Normal(0.0, 1.0).expand([size]).to_event(1))
         above = jnp.zeros(size, dtype=jnp.int32) if depth == 0 else parents[depth - 1]

@@ -1,0 +1,77 @@
+"""Per-group posterior summaries accumulated over batches of draws.
+
+Storing every group's draws does not scale (10⁶ groups × 4000 draws is 32 GB
+in float64), so group summaries are running sums over batches of draws: the
+mean, second moment and P(effect > 0) use every draw (Rao-Blackwellised where
+the method supplies conditional moments), and interval end points come from a
+retained, evenly thinned subset of draws whose size is bounded by a memory
+budget (all draws when they fit). ``quantile_draws`` records how many were used.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+QUANTILE_BUDGET_BYTES = 256 * 2**20
+
+
+class GroupSummary(NamedTuple):
+    mean: np.ndarray           # (nodes,) float64
+    sd: np.ndarray             # (nodes,) float64
+    lower: np.ndarray          # (nodes,) float64
+    upper: np.ndarray          # (nodes,) float64
+    prob_positive: np.ndarray  # (nodes,) float64
+    quantile_draws: int
+
+
+def retained_stride(total_draws: int, total_nodes: int) -> int:
+    """Keep every k-th draw for quantiles so that the kept draws fit the budget."""
+    fits = max(QUANTILE_BUDGET_BYTES // (8 * max(total_nodes, 1)), 1)
+    return max(1, -(-total_draws // fits))
+
+
+class Accumulator:
+    """Running sums for one level's nodes; feed it batches of (draws, nodes)."""
+
+    def __init__(self, nodes: int, stride: int):
+        self.count = 0
+        self.sum = np.zeros(nodes)
+        self.sum_sq = np.zeros(nodes)
+        self.sum_pos = np.zeros(nodes)
+        self.stride = stride
+        self.kept: list[np.ndarray] = []
+        self._offset = 0
+
+    def add(self, draws: np.ndarray) -> None:
+        """Plain sums over draws (B, nodes)."""
+        draws = np.asarray(draws, dtype=np.float64)
+        self.add_sums(draws, draws.sum(axis=0), (draws**2).sum(axis=0), (draws > 0).sum(axis=0))
+
+    def add_sums(self, draws: np.ndarray, sum_, sum_sq, sum_pos) -> None:
+        """Sums computed elsewhere (on a device, Rao-Blackwellised: Σ E[τ|·], Σ E[τ²|·],
+        Σ P(τ>0|·)) plus the batch's draws (B, nodes) for the retained quantile subset."""
+        self.sum += np.asarray(sum_, dtype=np.float64)
+        self.sum_sq += np.asarray(sum_sq, dtype=np.float64)
+        self.sum_pos += np.asarray(sum_pos, dtype=np.float64)
+        batch = draws.shape[0]
+        first = (-self._offset) % self.stride
+        if first < batch:
+            self.kept.append(np.asarray(draws[first::self.stride], dtype=np.float64))
+        self.count += batch
+        self._offset += batch
+
+    def finish(self, interval: float) -> GroupSummary:
+        mean = self.sum / self.count
+        var = np.maximum(self.sum_sq / self.count - mean**2, 0.0) * self.count / max(self.count - 1, 1)
+        kept = np.concatenate(self.kept, axis=0)
+        lower, upper = np.quantile(kept, [(1 - interval) / 2, (1 + interval) / 2], axis=0)
+        return GroupSummary(mean, np.sqrt(var), lower, upper, self.sum_pos / self.count, kept.shape[0])
+
+
+def summarise_draws(draws: np.ndarray, interval: float) -> GroupSummary:
+    """Summary of in-memory draws (chains, draws, nodes)."""
+    flat = draws.reshape(-1, draws.shape[-1])
+    acc = Accumulator(flat.shape[1], 1)
+    acc.add(flat)
+    return acc.finish(interval)
