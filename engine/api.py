@@ -63,9 +63,10 @@ class Result:
         return provenance.explain(self.provenance, self.summary)
 
 
-def fit(data, outcome: str, treatment: str, groups=(), covariates=(), *, family="gaussian",
-        method="auto", interval=0.9, priors=None, treated_value=None, draws=1000, warmup=1000,
-        chains=4, seed=0, drop_missing=False, backend="polars") -> Result:
+def fit(data, outcome: str | None = None, treatment: str | None = None, groups=(), covariates=(), *,
+        family="gaussian", method="auto", interval=0.9, priors=None, treated_value=None, draws=1000,
+        warmup=1000, chains=4, seed=0, drop_missing=False, backend="polars", estimate=None,
+        stderr=None) -> Result:
     """Fit a hierarchical treatment-effect model to rows.
 
     Parameters
@@ -75,6 +76,8 @@ def fit(data, outcome: str, treatment: str, groups=(), covariates=(), *, family=
     groups : grouping columns, outermost level first (``["country", "region"]``); none → one population
     covariates : pre-treatment columns adjusted for with shared slopes
     priors : ``{name: "normal(0,1)"}`` by the names of DESIGN.md; unset ones default to the data's scale
+    estimate, stderr : summary-level input instead of rows: one effect estimate and its standard
+        error per (leaf) group — meta-analysis of many experiments (``outcome`` and ``treatment`` unset)
 
     Example
     -------
@@ -85,7 +88,8 @@ def fit(data, outcome: str, treatment: str, groups=(), covariates=(), *, family=
     """
     spec = make_spec(outcome, treatment, groups, covariates, priors, family=family, method=method,
                      interval=interval, treated_value=treated_value, draws=draws, warmup=warmup,
-                     chains=chains, seed=seed, drop_missing=drop_missing, backend=backend)
+                     chains=chains, seed=seed, drop_missing=drop_missing, backend=backend,
+                     estimate=estimate, stderr=stderr)
     return fit_spec(data, spec)
 
 
@@ -95,26 +99,20 @@ def fit_spec(data, spec: Spec, cell_paths=None) -> Result:
     reduce_start = time.perf_counter()
     if cell_paths is not None:
         cells, checked, source = _from_cells(cell_paths, spec)
+    elif spec.summary_level:
+        source = validate.resolve_source(data)
+        table, checked = validate.check_estimates(source, spec)
+        cells = Cells(table.with_columns(pl.lit(1, pl.Int8).alias("arm"), pl.lit(1, pl.Int64).alias("n")),
+                      tuple(spec.groups))
     else:
         source = validate.resolve_source(data)
         checked = validate.check(source, spec)
         reduce_start = time.perf_counter()
         cells = reduce(checked, spec)
     reduce_seconds = time.perf_counter() - reduce_start
-    _check_arms(cells, spec)
     encoding = encode(cells)
-
-    moments = cells.pooled_moments()
-    y_mean, y_sd = moments["y"]
-    x_means = {x: moments[x][0] for x in cells.covariates}
-    x_sds = {x: moments[x][1] for x in cells.covariates}
-    priors = resolve_priors(default_priors(y_mean, y_sd, spec.levels, x_sds),
-                            spec.priors, spec.levels, list(spec.covariates))
-
+    problem, priors = _model(cells, encoding, spec)
     method, reason = choose_method(spec.method, spec.family, cells.table.height)
-    from engine.models import gaussian
-
-    problem = gaussian.build(cells, encoding, priors, y_mean, y_sd, x_means, x_sds)
     posterior = _infer(method, reason, problem, spec)
 
     group_table = effects_stage.group_effects(posterior, encoding)
@@ -138,6 +136,26 @@ def fit_spec(data, spec: Spec, cell_paths=None) -> Result:
         warnings.warn("; ".join(posterior.diagnostics["messages"]), ConvergenceWarning, stacklevel=3)
     return Result(summary=summary, effects_table=group_table, provenance=record_, posterior=posterior,
                   cells=cells, encoding=encoding)
+
+
+def _model(cells: Cells, encoding: Encoding, spec: Spec):
+    """The model stage: default priors scaled to the data, then the problem in standardised units."""
+    from engine.models import gaussian
+
+    if spec.summary_level:
+        scale = float((cells.table["estimate"].var(ddof=0) + (cells.table["stderr"] ** 2).mean()) ** 0.5)
+        defaults = {name: prior for name, prior in default_priors(0.0, scale, spec.levels, {}).items()
+                    if name.split(".")[0] in ("effect_mean", "effect_scale")}
+        priors = resolve_priors(defaults, spec.priors, spec.levels, [])
+        return gaussian.build_estimates(cells.table, encoding, priors, spec.levels), priors
+    _check_arms(cells, spec)
+    moments = cells.pooled_moments()
+    y_mean, y_sd = moments["y"]
+    x_means = {x: moments[x][0] for x in cells.covariates}
+    x_sds = {x: moments[x][1] for x in cells.covariates}
+    priors = resolve_priors(default_priors(y_mean, y_sd, spec.levels, x_sds), spec.priors, spec.levels,
+                            list(spec.covariates))
+    return gaussian.build(cells, encoding, priors, y_mean, y_sd, x_means, x_sds), priors
 
 
 def _check_arms(cells: Cells, spec: Spec) -> None:

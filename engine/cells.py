@@ -86,10 +86,13 @@ class Cells:
 
 def merge(tables: list[pl.DataFrame], levels, covariates) -> pl.DataFrame:
     """Combine cell tables; the same (group, arm) appearing twice is merged exactly."""
-    table = pl.concat(tables, how="vertical_relaxed") if len(tables) > 1 else tables[0]
+    table = pl.concat([t.with_columns(pl.lit(i, pl.Int32).alias("_part")) for i, t in enumerate(tables)],
+                      how="vertical_relaxed")
     keys = [*levels, "arm"]
     if table.select(pl.struct(keys).is_duplicated().any()).item() is False:
-        return table.sort(keys)
+        return table.drop("_part").sort(keys)
+    # A fixed order of the parts inside each group keeps the merge deterministic.
+    table = table.sort([*keys, "_part"]).drop("_part")
     n = pl.col("n").cast(pl.Float64)
     total = n.sum()
 
@@ -114,7 +117,7 @@ def merge(tables: list[pl.DataFrame], levels, covariates) -> pl.DataFrame:
             db = pl.col(f"x_mean__{b}") - x_mean[b]
             aggregates.append((pl.col(f"xx_m2__{a}__{b}").sum() + (n * da * db).sum())
                               .alias(f"xx_m2__{a}__{b}"))
-    return table.group_by(keys).agg(aggregates).sort(keys)
+    return table.group_by(keys, maintain_order=True).agg(aggregates).sort(keys)
 
 
 def read(paths, levels=None) -> Cells:

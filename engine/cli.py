@@ -35,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     fit = sub.add_parser("fit", help="fit a hierarchical effects model and write DIR")
     fit.add_argument("data", nargs="*", help="Parquet/CSV/Arrow files, globs or a hive folder")
     _add_columns(fit, outcome_required=False)
+    fit.add_argument("--estimate", default=None, metavar="COL",
+                     help="summary-level input: one effect estimate per group (with --stderr, --group)")
+    fit.add_argument("--stderr", default=None, metavar="COL", help="standard error of --estimate")
     fit.add_argument("--cells", nargs="+", default=None, metavar="CELLS.parquet",
                      help="fit from cell tables written by `causal-engine reduce` instead of rows")
     fit.add_argument("--family", default="gaussian")
@@ -73,7 +76,8 @@ def _spec(args, outcome=None, treatment=None):
     priors = dict(parse_prior_assignment(p, args.group) for p in getattr(args, "prior", []))
     options = {k: getattr(args, k) for k in ("family", "method", "interval", "draws", "warmup", "chains",
                                               "seed") if hasattr(args, k)}
-    return Spec(outcome=outcome or args.outcome, treatment=treatment or args.treatment,
+    summary = {k: getattr(args, k) for k in ("estimate", "stderr") if getattr(args, k, None)}
+    return Spec(outcome=outcome or args.outcome, treatment=treatment or args.treatment, **summary,
                 groups=tuple(args.group), covariates=tuple(args.covariate), treated_value=args.treated_value,
                 priors=priors, drop_missing=args.drop_missing, backend=args.backend, **options)
 
@@ -91,8 +95,9 @@ def _cmd_fit(args) -> int:
     else:
         if not args.data:
             raise SpecError("no input: pass DATA files (or --cells CELLS.parquet)")
-        if not args.outcome or not args.treatment:
-            raise SpecError("--outcome and --treatment are required when fitting rows")
+        if not (args.outcome and args.treatment) and not (args.estimate or args.stderr):
+            raise SpecError("--outcome and --treatment are required when fitting rows "
+                            "(or --estimate and --stderr for summary-level input)")
         spec = _spec(args)
     from engine.api import fit_spec
 

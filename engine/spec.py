@@ -29,8 +29,8 @@ class Spec:
     'auto'
     """
 
-    outcome: str
-    treatment: str
+    outcome: str | None
+    treatment: str | None
     groups: tuple[str, ...] = ()
     covariates: tuple[str, ...] = ()
     treated_value: object = None
@@ -44,13 +44,19 @@ class Spec:
     seed: int = 0
     drop_missing: bool = False
     backend: str = "polars"
+    estimate: str | None = None   # summary-level input: one effect estimate per group ...
+    stderr: str | None = None     # ... and its standard error
 
     def __post_init__(self):
-        if not isinstance(self.outcome, str) or not self.outcome:
-            raise SpecError("outcome: expected a column name, found " + repr(self.outcome))
-        if not isinstance(self.treatment, str) or not self.treatment:
-            raise SpecError("treatment: expected a column name, found " + repr(self.treatment))
-        columns = [self.outcome, self.treatment, *self.groups, *self.covariates]
+        if self.estimate is not None or self.stderr is not None:
+            self._check_summary_level()
+        else:
+            if not isinstance(self.outcome, str) or not self.outcome:
+                raise SpecError("outcome: expected a column name, found " + repr(self.outcome))
+            if not isinstance(self.treatment, str) or not self.treatment:
+                raise SpecError("treatment: expected a column name, found " + repr(self.treatment))
+        columns = [c for c in (self.outcome, self.treatment, self.estimate, self.stderr) if c]
+        columns += [*self.groups, *self.covariates]
         duplicated = sorted({c for c in columns if columns.count(c) > 1})
         if duplicated:
             raise SpecError(
@@ -89,6 +95,25 @@ class Spec:
             raise SpecError(f"seed: expected a non-negative integer, found {self.seed!r}")
         for name, prior in self.priors.items():
             check_prior(name, prior, list(self.groups))
+            if self.summary_level and name.split(".")[0] not in ("effect_mean", "effect_scale"):
+                raise SpecError(f"prior {name!r} does not apply to summary-level input, whose model has "
+                                "only effect_mean and effect_scale; drop it")
+
+    def _check_summary_level(self):
+        if not self.estimate or not self.stderr:
+            raise SpecError("summary-level input needs both --estimate COL and --stderr COL")
+        if self.outcome or self.treatment:
+            raise SpecError("pass either rows (--outcome, --treatment) or summary-level input "
+                            "(--estimate, --stderr), not both")
+        if not self.groups:
+            raise SpecError("summary-level input needs --group COL naming what each estimate is for")
+        if self.covariates:
+            raise SpecError("--covariate does not apply to summary-level input (the estimates are "
+                            "already adjusted); drop it")
+
+    @property
+    def summary_level(self) -> bool:
+        return self.estimate is not None
 
     @property
     def levels(self) -> list[str]:
@@ -98,7 +123,7 @@ class Spec:
         return replace(self, priors=priors)
 
 
-def make_spec(outcome, treatment, groups=(), covariates=(), priors=None, **options) -> Spec:
+def make_spec(outcome=None, treatment=None, groups=(), covariates=(), priors=None, **options) -> Spec:
     """Build a Spec from API-style arguments; priors may be strings or ``Prior``s."""
     if isinstance(groups, str):
         groups = (groups,)

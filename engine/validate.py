@@ -317,3 +317,55 @@ def check_finite_number(name: str, value) -> float:
     if not math.isfinite(number):
         raise SpecError(f"{name}: expected a finite number, found {value!r}")
     return number
+
+
+def check_estimates(source: Source, spec: Spec) -> tuple[pl.DataFrame, Checked]:
+    """Validate summary-level input: one row per group with an estimate and its standard error.
+
+    Returns the table (group keys, ``estimate``, ``stderr``) and the facts provenance needs.
+    """
+    schema = source.frame.collect_schema()
+    for role, col in [("estimate", spec.estimate), ("stderr", spec.stderr),
+                      *[("group", g) for g in spec.groups]]:
+        if col not in schema:
+            raise SchemaError(f"{role} column {col!r} not found; the data has columns: "
+                              f"{', '.join(list(schema.names())[:20])} — check the spelling")
+    for role, col in [("estimate", spec.estimate), ("stderr", spec.stderr)]:
+        if not schema[col].is_numeric():
+            raise SchemaError(f"{role} column {col!r} has type {schema[col]}; expected a number")
+    for col in spec.groups:
+        if schema[col].is_float():
+            raise SchemaError(f"group column {col!r} has type {schema[col]}; expected strings or integers")
+    try:
+        table = source.frame.select(
+            *spec.groups,
+            pl.col(spec.estimate).cast(pl.Float64).alias("estimate"),
+            pl.col(spec.stderr).cast(pl.Float64).alias("stderr"),
+        ).collect()
+    except pl.exceptions.PolarsError as exc:
+        raise DataError(f"cannot read the data: {type(exc).__name__}: {exc}") from None
+    if table.height == 0:
+        raise DataError("the input has no rows; pass one row per group with an estimate and its stderr")
+    bad_estimate = table.filter(~pl.col("estimate").is_finite() | pl.col("estimate").is_null())
+    if bad_estimate.height:
+        raise DataError(f"estimate column {spec.estimate!r} has {bad_estimate.height} missing or non-finite "
+                        f"value(s) (first for group {bad_estimate[spec.groups[-1]][0]!r}); fix or remove those rows")
+    bad_se = table.filter(~(pl.col("stderr") > 0) | ~pl.col("stderr").is_finite() | pl.col("stderr").is_null())
+    if bad_se.height:
+        raise DataError(
+            f"stderr column {spec.stderr!r} has {bad_se.height} value(s) that are not positive and finite "
+            f"(first: {bad_se['stderr'][0]} for group {bad_se[spec.groups[-1]][0]!r}); a standard error must "
+            "be > 0 — fix or remove those rows")
+    for g in spec.groups:
+        if table[g].null_count():
+            raise DataError(f"group column {g!r} has {table[g].null_count()} missing key(s); fill or drop them")
+    leaf = spec.groups[-1]
+    duplicated = table.filter(pl.col(leaf).is_duplicated())
+    if duplicated.height:
+        raise DataError(f"group {duplicated[leaf][0]!r} has {duplicated.filter(pl.col(leaf) == duplicated[leaf][0]).height} "
+                        f"rows; summary-level input takes one estimate per {leaf!r} group — combine them first")
+    checked = Checked(source=source, rows=None, n_rows_read=table.height, n_rows_used=table.height, dropped={},
+                      schema={k: str(v) for k, v in schema.items()
+                              if k in (spec.estimate, spec.stderr, *spec.groups)},
+                      treatment_values={})
+    return table, checked

@@ -31,14 +31,7 @@ def _downward(rng_key, hyper: dict, data, parents, leaf_weights, *, levels, num_
 
     from kernels import gaussian_tree as tree
 
-    slope = (jnp.stack([hyper[f"slope.{c}"] for c in covariates]) if covariates
-             else jnp.zeros((0,), dtype=data.mean.dtype))
-    scales = [(hyper[f"baseline_scale.{lv}"], hyper[f"effect_scale.{lv}"]) for lv in levels]
-    prior_cov = gaussian.level_covariances(scales)
-    prior_mean = jnp.stack([hyper["baseline_mean"], hyper["effect_mean"]])
-    resid_mean, _ = gaussian.residual_stats(data, slope)
-    leaf_j, leaf_h = tree.gaussian_leaf_information(data.n, resid_mean, data.arm, data.leaf, num_nodes[-1],
-                                                    hyper["noise"] ** 2)
+    leaf_j, leaf_h, prior_cov, prior_mean = gaussian.tree_inputs(data, hyper, levels, covariates, num_nodes)
     upward = tree.integrate(leaf_j, leaf_h, parents, prior_cov, prior_mean, num_top=num_nodes[0])
     draws = tree.sample(rng_key, upward, parents, prior_cov, prior_mean)
     cond_means = tree.conditional_mean(draws, upward, parents, prior_cov, prior_mean)
@@ -91,8 +84,8 @@ def fit_exact(problem, spec, method_reason: str) -> Posterior:
     samples, divergences, sampler = runner.run_nuts(
         model, (data, parents), {}, rng_key=hyper_key, warmup=spec.warmup, draws=spec.draws,
         chains=spec.chains)
-    names = gaussian.hyper_names(levels, covs)
-    chains, draws = np.asarray(samples["noise"]).shape
+    names = gaussian.hyper_names(levels, covs, isinstance(problem.data, gaussian.EstimateData))
+    chains, draws = np.asarray(samples["effect_mean"]).shape
     flat = {name: np.asarray(samples[name]).reshape(-1) for name in names}
     total = chains * draws
 
@@ -110,7 +103,7 @@ def fit_exact(problem, spec, method_reason: str) -> Posterior:
         index = np.minimum(np.arange(first, first + batch), total - 1)  # pad the last batch by repetition
         used = min(batch, total - first)
         hyper_batch = {name: jnp.asarray(values[index]) for name, values in flat.items()}
-        mask = jnp.asarray(np.arange(batch) < used, dtype=data.mean.dtype)
+        mask = jnp.asarray(np.arange(batch) < used, dtype=weights.dtype)
         sums, batch_ate = batch_fn(keys[index], hyper_batch, mask, data, parents, weights)
         ate[first:first + used] = np.asarray(batch_ate[:used]) * scale
         for acc, (draw, mean_sum, second_sum, pos_sum) in zip(accumulators, sums):

@@ -29,13 +29,14 @@ def fit_nuts(problem, spec, method_reason: str) -> Posterior:
         model, (data, parents), {}, rng_key=rng_key, warmup=spec.warmup, draws=spec.draws,
         chains=spec.chains)
     std = problem.standardisation
+    names = gaussian.hyper_names(levels, covs, isinstance(problem.data, gaussian.EstimateData))
     hyper = {name: np.asarray(gaussian.to_original_units(name, np.asarray(samples[name]), std, covs))
-             for name in gaussian.hyper_names(levels, covs)}
+             for name in names}
 
     per_draw = jax.vmap(jax.vmap(partial(gaussian.node_effects, parents=parents, levels=levels,
                                          num_nodes=problem.num_nodes)))
     nodes = per_draw({k: v for k, v in samples.items()})
-    effect_draws = tuple(np.asarray(tau) * std.y_scale for _, tau in nodes)
+    effect_draws = tuple(np.asarray(tau) * std.y_scale for tau in nodes)
     leaf_tau = effect_draws[-1] if levels else np.asarray(samples["effect_mean"])[..., None] * std.y_scale
     return _assemble(problem, spec, "nuts", method_reason, hyper, effect_draws, leaf_tau,
                      divergences, sampler, time.perf_counter() - start)

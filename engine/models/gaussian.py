@@ -50,6 +50,13 @@ class CellData(NamedTuple):
     xx_m2: np.ndarray   # (cells, k, k) float Σ(x−x̄)(x−x̄)ᵀ, standardised
 
 
+class EstimateData(NamedTuple):
+    """Summary-level input in standardised units: one row per leaf group."""
+
+    estimate: np.ndarray   # (leaves,) float  effect estimate / y_scale
+    precision: np.ndarray  # (leaves,) float  1 / (stderr / y_scale)²
+
+
 class Standardisation(NamedTuple):
     y_shift: float
     y_scale: float
@@ -124,7 +131,9 @@ def standardised_priors(priors: dict[str, Prior], std: Standardisation, levels, 
     return out
 
 
-def hyper_names(levels, covariates) -> list[str]:
+def hyper_names(levels, covariates, summary_level: bool = False) -> list[str]:
+    if summary_level:
+        return ["effect_mean"] + [f"effect_scale.{lv}" for lv in levels]
     names = ["baseline_mean", "effect_mean", "noise"]
     names += [f"baseline_scale.{lv}" for lv in levels] + [f"effect_scale.{lv}" for lv in levels]
     names += [f"slope.{c}" for c in covariates]
@@ -187,28 +196,90 @@ def _sample_scales(level, priors):
             numpyro.sample(f"effect_scale.{level}", to_numpyro(priors[f"effect_scale.{level}"])))
 
 
-def collapsed_model(data: CellData, parents, *, levels, num_nodes, priors, covariates):
+def collapsed_model(data, parents, *, levels, num_nodes, priors, covariates):
     """The `exact` model: every group's (α, τ) integrated out analytically (MATH.md).
 
     Only the hyperparameters are sampled; the marginal likelihood comes from
-    the Gaussian-tree upward pass, O(cells + nodes) per evaluation.
+    the Gaussian-tree upward pass, O(cells + nodes) per evaluation. ``data`` is
+    a ``CellData`` (rows reduced to cells) or an ``EstimateData`` (one effect
+    estimate and standard error per leaf: summary-level input).
     """
-    import jax.numpy as jnp
     import numpyro
 
-    from kernels.gaussian_tree import gaussian_log_marginal
+    from kernels import gaussian_tree as tree
 
+    if isinstance(data, EstimateData):
+        hyper = {"effect_mean": numpyro.sample("effect_mean", to_numpyro_prior(priors, "effect_mean"))}
+        for level in levels:
+            hyper[f"effect_scale.{level}"] = numpyro.sample(
+                f"effect_scale.{level}", to_numpyro_prior(priors, f"effect_scale.{level}"))
+        leaf_j, leaf_h, prior_cov, prior_mean = tree_inputs(data, hyper, levels, covariates, num_nodes)
+        upward = tree.integrate(leaf_j, leaf_h, tuple(parents), prior_cov, prior_mean, num_top=num_nodes[0])
+        # log N(estimate | τ, se²) = −½ prec (est − τ)² + ½ log(prec / 2π); the τ-terms are in the tree.
+        constant = 0.5 * (data.precision * (-(data.estimate**2)) + _log(data.precision / (2 * _pi()))).sum()
+        numpyro.factor("marginal", upward.log_normaliser + constant)
+        return
     if not levels:
         return joint_model(data, parents, levels=levels, num_nodes=num_nodes, priors=priors,
                            covariates=covariates)
     alpha, tau, noise, slope = _sample_globals(data, priors, covariates)
     scales = [_sample_scales(level, priors) for level in levels]
-    prior_cov = level_covariances(scales)
     resid_mean, resid_m2 = residual_stats(data, slope)
-    log_marginal, _ = gaussian_log_marginal(
-        data.n, resid_mean, resid_m2, data.arm, data.leaf, tuple(parents), prior_cov,
-        jnp.stack([alpha, tau]), noise**2, num_leaves=num_nodes[-1], num_top=num_nodes[0])
+    log_marginal, _ = tree.gaussian_log_marginal(
+        data.n, resid_mean, resid_m2, data.arm, data.leaf, tuple(parents), level_covariances(scales),
+        _stack(alpha, tau), noise**2, num_leaves=num_nodes[-1], num_top=num_nodes[0])
     numpyro.factor("marginal", log_marginal)
+
+
+def tree_inputs(data, hyper: dict, levels, covariates, num_nodes):
+    """Leaf information and level priors for one hyperparameter value (standardised units).
+
+    Shared by the collapsed model (upward pass) and the downward pass that draws groups.
+    """
+    import jax.numpy as jnp
+
+    from kernels import gaussian_tree as tree
+
+    if isinstance(data, EstimateData):
+        # The estimate informs τ only; α has no data and integrates to one under any
+        # proper prior, so it is fixed at N(0, 1) and never reported.
+        zeros = jnp.zeros_like(data.precision)
+        leaf_j = jnp.stack([jnp.stack([zeros, zeros], -1), jnp.stack([zeros, data.precision], -1)], -2)
+        leaf_h = jnp.stack([zeros, data.precision * data.estimate], -1)
+        one = jnp.ones((), dtype=data.estimate.dtype)
+        scales = [(one, hyper[f"effect_scale.{lv}"]) for lv in levels]
+        return leaf_j, leaf_h, level_covariances(scales), _stack(0.0 * one, hyper["effect_mean"])
+    slope = (jnp.stack([hyper[f"slope.{c}"] for c in covariates]) if covariates
+             else jnp.zeros((0,), dtype=data.mean.dtype))
+    scales = [(hyper[f"baseline_scale.{lv}"], hyper[f"effect_scale.{lv}"]) for lv in levels]
+    resid_mean, _ = residual_stats(data, slope)
+    leaf_j, leaf_h = tree.gaussian_leaf_information(data.n, resid_mean, data.arm, data.leaf, num_nodes[-1],
+                                                    hyper["noise"] ** 2)
+    return leaf_j, leaf_h, level_covariances(scales), _stack(hyper["baseline_mean"], hyper["effect_mean"])
+
+
+def _stack(a, b):
+    import jax.numpy as jnp
+
+    return jnp.stack([jnp.asarray(a), jnp.asarray(b)])
+
+
+def _log(x):
+    import jax.numpy as jnp
+
+    return jnp.log(x)
+
+
+def _pi():
+    import math
+
+    return math.pi
+
+
+def to_numpyro_prior(priors, name):
+    from engine.models import to_numpyro
+
+    return to_numpyro(priors[name])
 
 
 def level_covariances(scales):
@@ -218,7 +289,7 @@ def level_covariances(scales):
     return jnp.stack([jnp.diag(jnp.stack([s_alpha**2, s_tau**2])) for s_alpha, s_tau in scales])
 
 
-def joint_model(data: CellData, parents, *, levels, num_nodes, priors, covariates):
+def joint_model(data, parents, *, levels, num_nodes, priors, covariates):
     """The full joint model, non-centred: every group's (α, τ) is a sampled site.
 
     The reference the collapsed (`exact`) model is checked against. ``data``
@@ -228,34 +299,42 @@ def joint_model(data: CellData, parents, *, levels, num_nodes, priors, covariate
     import numpyro
     import numpyro.distributions as dist
 
-    alpha, tau, noise, slope = _sample_globals(data, priors, covariates)
-    alpha, tau = jnp.reshape(alpha, (1,)), jnp.reshape(tau, (1,))
+    summary_level = isinstance(data, EstimateData)
+    if summary_level:
+        tau = jnp.reshape(numpyro.sample("effect_mean", to_numpyro_prior(priors, "effect_mean")), (1,))
+        alpha = jnp.zeros((1,), dtype=tau.dtype)
+    else:
+        alpha, tau, noise, slope = _sample_globals(data, priors, covariates)
+        alpha, tau = jnp.reshape(alpha, (1,)), jnp.reshape(tau, (1,))
     for depth, (level, size) in enumerate(zip(levels, num_nodes)):
-        s_alpha, s_tau = _sample_scales(level, priors)
-        z_alpha = numpyro.sample(f"baseline_z.{level}", dist.Normal(0.0, 1.0).expand([size]).to_event(1))
-        z_tau = numpyro.sample(f"effect_z.{level}", dist.Normal(0.0, 1.0).expand([size]).to_event(1))
         above = jnp.zeros(size, dtype=jnp.int32) if depth == 0 else parents[depth - 1]
-        alpha = alpha[above] + s_alpha * z_alpha
+        s_tau = numpyro.sample(f"effect_scale.{level}", to_numpyro_prior(priors, f"effect_scale.{level}"))
+        z_tau = numpyro.sample(f"effect_z.{level}", dist.Normal(0.0, 1.0).expand([size]).to_event(1))
         tau = tau[above] + s_tau * z_tau
-    numpyro.factor("cells", cell_log_likelihood(data, alpha, tau, noise, slope))
+        if not summary_level:
+            s_alpha = numpyro.sample(f"baseline_scale.{level}",
+                                     to_numpyro_prior(priors, f"baseline_scale.{level}"))
+            z_alpha = numpyro.sample(f"baseline_z.{level}", dist.Normal(0.0, 1.0).expand([size]).to_event(1))
+            alpha = alpha[above] + s_alpha * z_alpha
+    if summary_level:
+        numpyro.factor("estimates", dist.Normal(tau, 1.0 / jnp.sqrt(data.precision)).log_prob(data.estimate).sum())
+    else:
+        numpyro.factor("cells", cell_log_likelihood(data, alpha, tau, noise, slope))
 
 
 def node_effects(draws: dict, parents, levels, num_nodes):
-    """(α, τ) of every node at every level from the joint model's draws.
+    """τ of every node at every level from one draw of the joint model (vmap it).
 
-    ``draws`` hold one draw (a pytree of scalars and (nodes,) arrays); vmap it.
-    Returns per level (alpha (nodes,), tau (nodes,)), standardised units.
+    Returns per level a (nodes,) array in standardised units.
     """
     import jax.numpy as jnp
 
-    alpha = jnp.reshape(draws["baseline_mean"], (1,))
     tau = jnp.reshape(draws["effect_mean"], (1,))
     out = []
     for depth, (level, size) in enumerate(zip(levels, num_nodes)):
         above = jnp.zeros(size, dtype=jnp.int32) if depth == 0 else parents[depth - 1]
-        alpha = alpha[above] + draws[f"baseline_scale.{level}"] * draws[f"baseline_z.{level}"]
         tau = tau[above] + draws[f"effect_scale.{level}"] * draws[f"effect_z.{level}"]
-        out.append((alpha, tau))
+        out.append(tau)
     return out
 
 
@@ -281,3 +360,23 @@ def build(cells: Cells, encoding: Encoding, priors: dict[str, Prior], y_mean: fl
         std_priors=standardised_priors(priors, std, cells.levels, cells.covariates),
         standardisation=std, leaf_rows=encoding.leaf_rows,
     )
+
+
+def build_estimates(table, encoding: Encoding, priors: dict[str, Prior], levels) -> Problem:
+    """Summary-level input (an estimate and standard error per leaf) as a Problem.
+
+    Effects are scaled by s = sqrt(var(estimate) + mean(stderr²)), not shifted.
+    """
+    leaf_key = levels[-1]
+    ordered = encoding.nodes[-1].select(leaf_key).join(table, on=leaf_key, how="left", maintain_order="left")
+    estimate = ordered["estimate"].to_numpy()
+    stderr = ordered["stderr"].to_numpy()
+    scale = float(np.sqrt(estimate.var() + np.mean(stderr**2))) or 1.0
+    std = Standardisation(0.0, scale, np.zeros(0), np.zeros(0))
+    std_priors = {"effect_mean": standardise_prior(priors["effect_mean"], 0.0, scale)}
+    for lv in levels:
+        std_priors[f"effect_scale.{lv}"] = standardise_prior(priors[f"effect_scale.{lv}"], 0.0, scale)
+    data = EstimateData(estimate=estimate / scale, precision=(scale / stderr) ** 2)
+    return Problem(data=data, parents=encoding.parents, num_nodes=encoding.num_nodes, levels=tuple(levels),
+                   covariates=(), std_priors=std_priors, standardisation=std, leaf_rows=encoding.leaf_rows)
+

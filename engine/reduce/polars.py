@@ -1,9 +1,21 @@
-"""Rows → cells with Polars: one lazy, streaming group-by over the rows."""
+"""Rows → cells with Polars, streaming, in fixed-size batches merged in a fixed order.
+
+Polars' streaming group-by merges partial sums in whatever order its threads
+finish, so the last bits of a cell mean can differ between runs on the same
+file; that breaks ``--seed`` reproducibility and the cell hash. Here the rows
+stream in order (``collect_batches(maintain_order=True)``), are cut into
+batches of exactly ``batch_rows`` rows, each batch is reduced by the
+in-memory engine (deterministic), and the batch cells are merged pairwise in
+a binary-counter tree (Chan et al. 1979), so the same rows give the same
+bits. Memory holds one batch and O(log batches) cell tables.
+"""
 from __future__ import annotations
 
 import polars as pl
 
-from engine.cells import Cells
+from engine.cells import Cells, merge
+
+BATCH_ROWS = 1 << 22
 
 
 def cell_aggregates(outcome: str, covariates) -> list[pl.Expr]:
@@ -24,11 +36,59 @@ def cell_aggregates(outcome: str, covariates) -> list[pl.Expr]:
     return aggregates
 
 
-def reduce_frame(rows: pl.LazyFrame, groups, outcome: str, covariates) -> pl.LazyFrame:
+def reduce_batch(batch: pl.DataFrame, groups, outcome: str, covariates) -> pl.DataFrame:
     keys = [*groups, "arm"]
-    return rows.group_by(keys).agg(cell_aggregates(outcome, covariates)).sort(keys)
+    return (batch.lazy().group_by(keys).agg(cell_aggregates(outcome, covariates)).sort(keys)
+            .collect(engine="in-memory"))
 
 
-def reduce_polars(rows: pl.LazyFrame, groups, outcome: str, covariates) -> Cells:
-    table = reduce_frame(rows, groups, outcome, covariates).collect(engine="streaming")
+class _TreeMerger:
+    """Merges equal-sized partial results pairwise, like carries in a binary counter."""
+
+    def __init__(self, groups, covariates):
+        self.groups, self.covariates = list(groups), list(covariates)
+        self.stack: list[tuple[int, pl.DataFrame]] = []
+
+    def push(self, table: pl.DataFrame) -> None:
+        rank = 0
+        while self.stack and self.stack[-1][0] == rank:
+            _, left = self.stack.pop()
+            table = merge([left, table], self.groups, self.covariates)
+            rank += 1
+        self.stack.append((rank, table))
+
+    def result(self) -> pl.DataFrame:
+        table = self.stack.pop()[1]
+        while self.stack:
+            table = merge([self.stack.pop()[1], table], self.groups, self.covariates)
+        return table
+
+
+def _exact_batches(rows: pl.LazyFrame, batch_rows: int):
+    """Batches of exactly ``batch_rows`` rows in row order, whatever chunks Polars yields."""
+    pending: list[pl.DataFrame] = []
+    count = 0
+    for chunk in rows.collect_batches(maintain_order=True, chunk_size=batch_rows):
+        pending.append(chunk)
+        count += chunk.height
+        while count >= batch_rows:
+            joined = pl.concat(pending, rechunk=False)
+            yield joined[:batch_rows]
+            rest = joined[batch_rows:]
+            pending, count = ([rest] if rest.height else []), rest.height
+    if count:
+        yield pl.concat(pending)
+
+
+def reduce_polars(rows: pl.LazyFrame, groups, outcome: str, covariates, *,
+                  batch_rows: int = BATCH_ROWS) -> Cells:
+    merger = _TreeMerger(groups, covariates)
+    empty = True
+    for batch in _exact_batches(rows, batch_rows):
+        merger.push(reduce_batch(batch, groups, outcome, covariates))
+        empty = False
+    if empty:
+        table = reduce_batch(rows.head(0).collect(), groups, outcome, covariates)
+    else:
+        table = merger.result()
     return Cells(table=table, levels=tuple(groups), covariates=tuple(covariates))

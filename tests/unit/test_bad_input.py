@@ -169,3 +169,30 @@ def test_bad_options_are_spec_errors():
         engine.fit(frame, outcome="y", treatment="y")
     with pytest.raises(SpecError, match="not implemented yet"):
         engine.fit(frame, outcome="y", treatment="treated", family="poisson")
+
+
+@pytest.mark.parametrize("stderr,match", [
+    ([1.0, 0.0, 2.0], "not positive and finite (first: 0.0 for group 'b')"),
+    ([1.0, -3.0, 2.0], "not positive and finite (first: -3.0"),
+    ([1.0, None, 2.0], "not positive and finite"),
+    ([1.0, float("nan"), 2.0], "not positive and finite"),
+])
+def test_summary_level_bad_stderr(tmp_path, capsys, stderr, match):
+    path = tmp_path / "estimates.csv"
+    pl.DataFrame({"site": ["a", "b", "c"], "est": [1.0, 2.0, 3.0], "se": stderr}).write_csv(path)
+    out = tmp_path / "out"
+    code, err = run_cli(["fit", path, "--estimate", "est", "--stderr", "se", "--group", "site", "--out", out], capsys)
+    assert code == 2 and match in err, err
+    assert not out.exists()
+
+
+def test_summary_level_duplicate_group_and_mixed_inputs():
+    table = pl.DataFrame({"site": ["a", "a", "c"], "est": [1.0, 2.0, 3.0], "se": [1.0, 1.0, 1.0]})
+    with pytest.raises(DataError, match="group 'a' has 2 rows"):
+        engine.fit(table, estimate="est", stderr="se", groups=["site"])
+    with pytest.raises(SpecError, match="not both"):
+        engine.fit(table, outcome="est", treatment="se", estimate="est", stderr="se", groups=["site"])
+    with pytest.raises(SpecError, match="needs --group"):
+        engine.fit(table, estimate="est", stderr="se")
+    with pytest.raises(SpecError, match="does not apply to summary-level input"):
+        engine.fit(table, estimate="est", stderr="se", groups=["site"], priors={"noise": "halfnormal(1)"})
