@@ -109,7 +109,7 @@ def fit_exact(problem, spec, method_reason: str) -> Posterior:
         for acc, (draw, mean_sum, second_sum, pos_sum) in zip(accumulators, sums):
             acc.add_sums(np.asarray(draw[:used]) * scale, np.asarray(mean_sum) * scale,
                          np.asarray(second_sum) * scale**2, np.asarray(pos_sum))
-    groups = tuple(acc.finish(spec.interval) for acc in accumulators)
+    groups = tuple(acc.finish(spec.interval).first(n) for acc, n in zip(accumulators, problem.real_nodes))
     std = problem.standardisation
     hyper = {name: gaussian.to_original_units(name, np.asarray(samples[name]), std, covs) for name in names}
     sampler = dict(sampler, downward_batch=batch, quantile_draws=groups[0].quantile_draws)

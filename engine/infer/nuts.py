@@ -36,8 +36,8 @@ def fit_nuts(problem, spec, method_reason: str) -> Posterior:
     per_draw = jax.vmap(jax.vmap(partial(gaussian.node_effects, parents=parents, levels=levels,
                                          num_nodes=problem.num_nodes)))
     nodes = per_draw({k: v for k, v in samples.items()})
-    effect_draws = tuple(np.asarray(tau) * std.y_scale for tau in nodes)
-    leaf_tau = effect_draws[-1] if levels else np.asarray(samples["effect_mean"])[..., None] * std.y_scale
+    effect_draws = tuple(np.asarray(tau)[..., :n] * std.y_scale for tau, n in zip(nodes, problem.real_nodes))
+    leaf_tau = np.asarray(nodes[-1]) * std.y_scale if levels else np.asarray(samples["effect_mean"])[..., None] * std.y_scale
     return _assemble(problem, spec, "nuts", method_reason, hyper, effect_draws, leaf_tau,
                      divergences, sampler, time.perf_counter() - start)
 

@@ -24,6 +24,10 @@ class GroupSummary(NamedTuple):
     prob_positive: np.ndarray  # (nodes,) float64
     quantile_draws: int
 
+    def first(self, nodes: int) -> "GroupSummary":
+        """The summaries of the first ``nodes`` nodes (padding nodes dropped)."""
+        return GroupSummary(*(a[:nodes] for a in self[:5]), self.quantile_draws)
+
 
 def retained_stride(total_draws: int, total_nodes: int) -> int:
     """Keep every k-th draw for quantiles so that the kept draws fit the budget."""

@@ -28,12 +28,13 @@ from engine.priors import Prior
 _BUCKET_BASE = 64
 
 
-def bucket(size: int) -> int:
-    """Smallest bucket ≥ size: 64, 72, 80, ... steps of 1/8 of the power of two below."""
-    if size <= _BUCKET_BASE:
-        return _BUCKET_BASE
+def bucket(size: int, base: int = _BUCKET_BASE) -> int:
+    """Smallest bucket ≥ size: multiples of ``base``, coarsening to steps of 1/8 of the
+    power of two below (so padding wastes at most ~12%)."""
+    if size <= base:
+        return base
     power = 1 << (size - 1).bit_length() - 1
-    step = max(power // 8, 1)
+    step = max(power // 8, base)
     return -(-size // step) * step
 
 
@@ -348,17 +349,35 @@ class Problem(NamedTuple):
     covariates: tuple
     std_priors: dict          # priors in standardised units
     standardisation: Standardisation
-    leaf_rows: np.ndarray     # (leaves,) rows per leaf, the ATE weights
+    leaf_rows: np.ndarray     # (padded leaves,) rows per leaf, the ATE weights (0 for padding)
+    real_nodes: tuple         # node counts per level before padding
+
+
+def padded_tree(encoding: Encoding):
+    """Node counts bucketed like cell counts, so a new group count rarely changes a shape.
+
+    Padding nodes have no data and no children: in the collapsed model each
+    integrates to exactly one (its A equals its prior precision), so the
+    marginal likelihood is unchanged; in the joint model they are prior-only
+    draws. Their parent is node 0; they are dropped from every output.
+    """
+    num_nodes = tuple(bucket(n, 8) for n in encoding.num_nodes)
+    parents = tuple(np.concatenate([p, np.zeros(num_nodes[depth + 1] - p.shape[0], np.int32)])
+                    for depth, p in enumerate(encoding.parents))
+    leaf_rows = np.zeros(num_nodes[-1] if num_nodes else 1)
+    leaf_rows[: encoding.leaf_rows.shape[0]] = encoding.leaf_rows
+    return num_nodes, parents, leaf_rows
 
 
 def build(cells: Cells, encoding: Encoding, priors: dict[str, Prior], y_mean: float, y_sd: float,
           x_means: dict, x_sds: dict) -> Problem:
     data, std = standardise(cells, encoding, y_mean, y_sd, x_means, x_sds)
+    num_nodes, parents, leaf_rows = padded_tree(encoding)
     return Problem(
-        data=data, parents=encoding.parents, num_nodes=encoding.num_nodes,
+        data=data, parents=parents, num_nodes=num_nodes,
         levels=tuple(cells.levels), covariates=tuple(cells.covariates),
         std_priors=standardised_priors(priors, std, cells.levels, cells.covariates),
-        standardisation=std, leaf_rows=encoding.leaf_rows,
+        standardisation=std, leaf_rows=leaf_rows, real_nodes=encoding.num_nodes,
     )
 
 
@@ -376,7 +395,12 @@ def build_estimates(table, encoding: Encoding, priors: dict[str, Prior], levels)
     std_priors = {"effect_mean": standardise_prior(priors["effect_mean"], 0.0, scale)}
     for lv in levels:
         std_priors[f"effect_scale.{lv}"] = standardise_prior(priors[f"effect_scale.{lv}"], 0.0, scale)
-    data = EstimateData(estimate=estimate / scale, precision=(scale / stderr) ** 2)
-    return Problem(data=data, parents=encoding.parents, num_nodes=encoding.num_nodes, levels=tuple(levels),
-                   covariates=(), std_priors=std_priors, standardisation=std, leaf_rows=encoding.leaf_rows)
+    num_nodes, parents, leaf_rows = padded_tree(encoding)
+    pad = num_nodes[-1] - estimate.shape[0]
+    # Padding leaves carry no information: precision 0.
+    data = EstimateData(estimate=np.concatenate([estimate / scale, np.zeros(pad)]),
+                        precision=np.concatenate([(scale / stderr) ** 2, np.zeros(pad)]))
+    return Problem(data=data, parents=parents, num_nodes=num_nodes, levels=tuple(levels), covariates=(),
+                   std_priors=std_priors, standardisation=std, leaf_rows=leaf_rows,
+                   real_nodes=encoding.num_nodes)
 
