@@ -9,7 +9,7 @@ every group given its drawn parent, not only one noisy draw.
 from __future__ import annotations
 
 import time
-from functools import partial
+from functools import lru_cache, partial
 
 import numpy as np
 
@@ -64,6 +64,13 @@ def _batch_sums(rng_keys, hyper_batch, mask, data, parents, leaf_weights, *, lev
     return sums, ate
 
 
+@lru_cache(maxsize=16)
+def _compiled_batch_sums(levels, num_nodes, covariates):
+    import jax
+
+    return jax.jit(partial(_batch_sums, levels=levels, num_nodes=num_nodes, covariates=covariates))
+
+
 def fit_exact(problem, spec, method_reason: str) -> Posterior:
     import jax
     import jax.numpy as jnp
@@ -95,7 +102,7 @@ def fit_exact(problem, spec, method_reason: str) -> Posterior:
     stride = retained_stride(total, total_nodes)
     accumulators = [Accumulator(n, stride) for n in problem.num_nodes]
     weights = jnp.asarray(problem.leaf_rows / problem.leaf_rows.sum())
-    batch_fn = jax.jit(partial(_batch_sums, levels=levels, num_nodes=problem.num_nodes, covariates=covs))
+    batch_fn = _compiled_batch_sums(levels, problem.num_nodes, covs)
     keys = jax.random.split(draw_key, total)
     scale = problem.standardisation.y_scale
     ate = np.empty(total)
