@@ -6,20 +6,21 @@ import sys
 
 
 def configure_jax() -> None:
-    """float64 on CPU (DESIGN: model stage in float64 on CPU by default), and a
-    persistent compilation cache: compiling the sampler costs seconds, and a
-    second fit of the same shapes (buckets) should not pay it again.
+    """float64 on CPU (DESIGN: model stage in float64 on CPU by default), and,
+    when ``CAUSAL_ENGINE_CACHE=DIR`` is set, JAX's persistent compilation cache
+    in DIR: compiling the sampler costs seconds, and a later process fitting the
+    same shapes (buckets) skips it.
 
-    ``CAUSAL_ENGINE_CACHE`` sets the cache folder ("0" turns it off); default
-    ``~/.cache/causal-engine/jax``.
+    Opt-in because JAX (0.10) writes cache entries without a lock: processes
+    sharing one folder at the same moment (parallel batch jobs, a test run beside
+    another) can read a half-written entry; a crash was seen here that way.
     """
     import jax
 
     if jax.default_backend() == "cpu" and os.environ.get("CAUSAL_ENGINE_X64", "1") != "0":
         jax.config.update("jax_enable_x64", True)
-    cache = os.environ.get("CAUSAL_ENGINE_CACHE", os.path.join(os.path.expanduser("~"), ".cache",
-                                                               "causal-engine", "jax"))
-    if cache != "0" and not jax.config.jax_compilation_cache_dir:
+    cache = os.environ.get("CAUSAL_ENGINE_CACHE", "")
+    if cache and cache != "0" and not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 

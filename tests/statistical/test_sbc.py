@@ -40,6 +40,6 @@ def test_sbc_catches_a_wrong_prior(monkeypatch):
 
     original_priors = calibrate.SBC_PRIORS
     monkeypatch.setattr(calibrate, "FIT_PRIORS_OVERRIDE", fitted, raising=False)
-    result = real_run(groups=30, rows=150, replications=40, draws=200, warmup=300, chains=2, seed=12)
+    result = real_run(groups=30, rows=150, replications=20, draws=100, warmup=200, chains=2, seed=12)
     assert calibrate.SBC_PRIORS is original_priors
     assert result.p_values["effect_mean"] < 1e-3, result.p_values
