@@ -15,7 +15,7 @@ from engine.cells import Cells
 from engine.errors import ConvergenceWarning, DataError, SpecError
 from engine.encode import Encoding, encode
 from engine.infer import Posterior, choose_method
-from engine.priors import default_priors, resolve_priors
+from engine.priors import default_priors, resolve_priors, structural_priors
 from engine.reduce import reduce
 from engine.spec import Spec, make_spec
 
@@ -66,7 +66,7 @@ class Result:
 def fit(data, outcome: str | None = None, treatment: str | None = None, groups=(), covariates=(), *,
         family="gaussian", method="auto", interval=0.9, priors=None, treated_value=None, draws=1000,
         warmup=1000, chains=4, seed=0, drop_missing=False, backend="polars", estimate=None,
-        stderr=None) -> Result:
+        stderr=None, noise_by_arm=False, correlated=False) -> Result:
     """Fit a hierarchical treatment-effect model to rows.
 
     Parameters
@@ -76,6 +76,8 @@ def fit(data, outcome: str | None = None, treatment: str | None = None, groups=(
     groups : grouping columns, outermost level first (``["country", "region"]``); none → one population
     covariates : pre-treatment columns adjusted for with shared slopes
     priors : ``{name: "normal(0,1)"}`` by the names of DESIGN.md; unset ones default to the data's scale
+    noise_by_arm : one residual sd per arm instead of a shared one
+    correlated : baseline and effect correlated within each level (prior ``correlation ~ lkj(2)``)
     estimate, stderr : summary-level input instead of rows: one effect estimate and its standard
         error per (leaf) group — meta-analysis of many experiments (``outcome`` and ``treatment`` unset)
 
@@ -89,7 +91,7 @@ def fit(data, outcome: str | None = None, treatment: str | None = None, groups=(
     spec = make_spec(outcome, treatment, groups, covariates, priors, family=family, method=method,
                      interval=interval, treated_value=treated_value, draws=draws, warmup=warmup,
                      chains=chains, seed=seed, drop_missing=drop_missing, backend=backend,
-                     estimate=estimate, stderr=stderr)
+                     estimate=estimate, stderr=stderr, noise_by_arm=noise_by_arm, correlated=correlated)
     return fit_spec(data, spec)
 
 
@@ -153,8 +155,9 @@ def _model(cells: Cells, encoding: Encoding, spec: Spec):
     y_mean, y_sd = moments["y"]
     x_means = {x: moments[x][0] for x in cells.covariates}
     x_sds = {x: moments[x][1] for x in cells.covariates}
-    priors = resolve_priors(default_priors(y_mean, y_sd, spec.levels, x_sds), spec.priors, spec.levels,
-                            list(spec.covariates))
+    defaults = structural_priors(default_priors(y_mean, y_sd, spec.levels, x_sds), spec.levels,
+                                 spec.noise_by_arm, spec.correlated)
+    priors = resolve_priors(defaults, spec.priors, spec.levels, list(spec.covariates))
     return gaussian.build(cells, encoding, priors, y_mean, y_sd, x_means, x_sds), priors
 
 

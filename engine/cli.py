@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--stderr", default=None, metavar="COL", help="standard error of --estimate")
     fit.add_argument("--cells", nargs="+", default=None, metavar="CELLS.parquet",
                      help="fit from cell tables written by `causal-engine reduce` instead of rows")
+    fit.add_argument("--noise-by-arm", action="store_true", help="one residual sd per arm")
+    fit.add_argument("--correlated", action="store_true",
+                     help="baseline and effect correlated within each level (correlation ~ lkj(2))")
     fit.add_argument("--family", default="gaussian")
     fit.add_argument("--method", default="auto")
     fit.add_argument("--interval", type=float, default=0.9)
@@ -91,7 +94,7 @@ def _spec(args, outcome=None, treatment=None):
 
     priors = dict(parse_prior_assignment(p, args.group) for p in getattr(args, "prior", []))
     options = {k: getattr(args, k) for k in ("family", "method", "interval", "draws", "warmup", "chains",
-                                              "seed") if hasattr(args, k)}
+                                              "seed", "noise_by_arm", "correlated") if hasattr(args, k)}
     summary = {k: getattr(args, k) for k in ("estimate", "stderr") if getattr(args, k, None)}
     return Spec(outcome=outcome or args.outcome, treatment=treatment or args.treatment, **summary,
                 groups=tuple(args.group), covariates=tuple(args.covariate), treated_value=args.treated_value,

@@ -5,7 +5,10 @@ level; ``effect_scale.LEVEL`` for one), ``baseline_mean`` (μ_α),
 ``baseline_scale`` (σ_α; ``.LEVEL`` likewise), ``noise`` (σ_y), ``slope`` (β).
 
 Distributions: ``normal(m,s)``, ``halfnormal(s)``, ``halfcauchy(s)``,
-``student_t(nu,m,s)``, ``exponential(r)``.
+``student_t(nu,m,s)``, ``exponential(r)``; and ``lkj(eta)`` for ``correlation``
+(ρ of baseline and effect within a level, with ``--correlated``; default lkj(2)).
+With ``--noise-by-arm`` the noise has one sd per arm, ``noise.control`` and
+``noise.treated`` (``noise`` sets both).
 
 Defaults are weakly informative and scaled to the data, with ``s_y`` the
 standard deviation of the outcome over all rows and ``m_y`` its mean:
@@ -32,12 +35,15 @@ from typing import NamedTuple
 
 from engine.errors import SpecError
 
-_ARITY = {"normal": 2, "halfnormal": 1, "halfcauchy": 1, "student_t": 3, "exponential": 1}
+_ARITY = {"normal": 2, "halfnormal": 1, "halfcauchy": 1, "student_t": 3, "exponential": 1, "lkj": 1}
 _POSITIVE_ONLY = {"halfnormal", "halfcauchy", "exponential"}
 # Which families make sense for which parameter: scales must have positive support.
 _SCALE_NAMES = {"effect_scale", "baseline_scale", "noise"}
 _LOCATION_NAMES = {"effect_mean", "baseline_mean", "slope"}
-PRIOR_NAMES = sorted(_SCALE_NAMES | _LOCATION_NAMES)
+# correlation.LEVEL: the baseline–effect correlation ρ of a level, lkj(η): (ρ+1)/2 ~ Beta(η, η),
+# the 2×2 case of the LKJ distribution. Present only with correlated effects (--correlated).
+_CORRELATION_NAMES = {"correlation"}
+PRIOR_NAMES = sorted(_SCALE_NAMES | _LOCATION_NAMES | _CORRELATION_NAMES)
 
 _DIST_RE = re.compile(r"^\s*([a-z_]+)\s*\(([^()]*)\)\s*$")
 
@@ -94,17 +100,23 @@ def parse_prior_assignment(text: str, levels: list[str]) -> tuple[str, Prior]:
 
 def check_prior(name: str, prior: Prior, levels: list[str]) -> Prior:
     base, _, level = name.partition(".")
-    if base not in _SCALE_NAMES | _LOCATION_NAMES:
+    if base not in _SCALE_NAMES | _LOCATION_NAMES | _CORRELATION_NAMES:
         raise SpecError(
             f"unknown prior name {name!r}; expected one of {', '.join(PRIOR_NAMES)} "
             f"(scales may name a level: effect_scale.LEVEL)"
         )
-    if level and base not in {"effect_scale", "baseline_scale"}:
-        raise SpecError(f"prior {name!r}: only effect_scale and baseline_scale take a .LEVEL suffix")
+    if level and base == "noise" and level in ("control", "treated"):
+        level = ""
+    if level and base not in {"effect_scale", "baseline_scale", "correlation"}:
+        raise SpecError(f"prior {name!r}: only effect_scale, baseline_scale and correlation take a "
+                        ".LEVEL suffix (and noise takes .control or .treated with per-arm noise)")
     if level and level not in levels:
         raise SpecError(
             f"prior {name!r}: level {level!r} is not a grouping level; levels are {levels or 'none'}"
         )
+    if (base in _CORRELATION_NAMES) != (prior.family == "lkj"):
+        raise SpecError(f"prior {name!r}: found {prior}; lkj(eta) is the prior of a correlation, and "
+                        "correlation takes only lkj(eta)")
     if base in _SCALE_NAMES and prior.family not in _POSITIVE_ONLY:
         raise SpecError(
             f"prior {name!r} is a scale and needs positive support; found {prior}, expected "
@@ -131,6 +143,18 @@ def default_priors(outcome_mean: float, outcome_sd: float, levels: list[str],
     return priors
 
 
+def structural_priors(defaults: dict[str, Prior], levels, noise_by_arm: bool, correlated: bool) -> dict:
+    """Add the parameters that model options switch on: per-arm noise and level correlations."""
+    priors = dict(defaults)
+    if noise_by_arm:
+        shared = priors.pop("noise")
+        priors["noise.control"] = priors["noise.treated"] = shared
+    if correlated:
+        for level in levels:
+            priors[f"correlation.{level}"] = Prior("lkj", (2.0,))
+    return priors
+
+
 def resolve_priors(defaults: dict[str, Prior], user: dict[str, Prior], levels: list[str],
                    covariates: list[str]) -> dict[str, Prior]:
     """User priors override defaults; ``effect_scale`` applies to every level."""
@@ -139,9 +163,11 @@ def resolve_priors(defaults: dict[str, Prior], user: dict[str, Prior], levels: l
     for name in sorted(user, key=lambda n: "." in n):
         prior = user[name]
         base, _, level = name.partition(".")
-        if base in {"effect_scale", "baseline_scale"} and not level:
+        if base in {"effect_scale", "baseline_scale", "correlation"} and not level:
             for lv in levels:
                 resolved[f"{base}.{lv}"] = prior
+        elif base == "noise" and not level and "noise" not in resolved:
+            resolved["noise.control"] = resolved["noise.treated"] = prior
         elif base == "slope":
             for cov in covariates:
                 resolved[f"slope.{cov}"] = prior

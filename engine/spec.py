@@ -15,8 +15,8 @@ FAMILIES = ("gaussian",)
 PLANNED_FAMILIES = ("bernoulli", "binomial", "poisson")
 METHODS = ("auto", "exact", "nuts")
 PLANNED_METHODS = ("laplace", "svi")
-BACKENDS = ("polars",)
-PLANNED_BACKENDS = ("dask", "jax")
+BACKENDS = ("polars", "dask", "jax")
+PLANNED_BACKENDS = ()
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,9 @@ class Spec:
     seed: int = 0
     drop_missing: bool = False
     backend: str = "polars"
+    scheduler: str | None = None  # dask backend: scheduler address; None starts a LocalCluster
+    noise_by_arm: bool = False    # residual sd per arm instead of shared
+    correlated: bool = False      # baseline and effect correlated within each level (LKJ prior)
     estimate: str | None = None   # summary-level input: one effect estimate per group ...
     stderr: str | None = None     # ... and its standard error
 
@@ -95,6 +98,10 @@ class Spec:
             raise SpecError(f"seed: expected a non-negative integer, found {self.seed!r}")
         for name, prior in self.priors.items():
             check_prior(name, prior, list(self.groups))
+            if name.split(".")[0] == "correlation" and not self.correlated:
+                raise SpecError(f"prior {name!r} needs correlated effects; pass --correlated (correlated=True)")
+            if name.partition(".")[2] in ("control", "treated") and not self.noise_by_arm:
+                raise SpecError(f"prior {name!r} needs per-arm noise; pass --noise-by-arm (noise_by_arm=True)")
             if self.summary_level and name.split(".")[0] not in ("effect_mean", "effect_scale"):
                 raise SpecError(f"prior {name!r} does not apply to summary-level input, whose model has "
                                 "only effect_mean and effect_scale; drop it")
@@ -110,6 +117,9 @@ class Spec:
         if self.covariates:
             raise SpecError("--covariate does not apply to summary-level input (the estimates are "
                             "already adjusted); drop it")
+        if self.noise_by_arm or self.correlated:
+            raise SpecError("--noise-by-arm and --correlated do not apply to summary-level input, whose "
+                            "model has only the effect; drop them")
 
     @property
     def summary_level(self) -> bool:

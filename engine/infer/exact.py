@@ -91,7 +91,7 @@ def fit_exact(problem, spec, method_reason: str) -> Posterior:
     samples, divergences, sampler = runner.run_nuts(
         model, (data, parents), {}, rng_key=hyper_key, warmup=spec.warmup, draws=spec.draws,
         chains=spec.chains)
-    names = gaussian.hyper_names(levels, covs, isinstance(problem.data, gaussian.EstimateData))
+    names = gaussian.hyper_names(problem.std_priors)
     chains, draws = np.asarray(samples["effect_mean"]).shape
     flat = {name: np.asarray(samples[name]).reshape(-1) for name in names}
     total = chains * draws

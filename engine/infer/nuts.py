@@ -29,7 +29,7 @@ def fit_nuts(problem, spec, method_reason: str) -> Posterior:
         model, (data, parents), {}, rng_key=rng_key, warmup=spec.warmup, draws=spec.draws,
         chains=spec.chains)
     std = problem.standardisation
-    names = gaussian.hyper_names(levels, covs, isinstance(problem.data, gaussian.EstimateData))
+    names = gaussian.hyper_names(problem.std_priors)
     hyper = {name: np.asarray(gaussian.to_original_units(name, np.asarray(samples[name]), std, covs))
              for name in names}
 

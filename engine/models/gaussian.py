@@ -118,27 +118,29 @@ def standardise_prior(prior: Prior, shift: float, scale: float) -> Prior:
 
 
 def standardised_priors(priors: dict[str, Prior], std: Standardisation, levels, covariates) -> dict:
-    out = {
-        "baseline_mean": standardise_prior(priors["baseline_mean"], std.y_shift, std.y_scale),
-        "effect_mean": standardise_prior(priors["effect_mean"], 0.0, std.y_scale),
-        "noise": standardise_prior(priors["noise"], 0.0, std.y_scale),
-    }
-    for lv in levels:
-        out[f"baseline_scale.{lv}"] = standardise_prior(priors[f"baseline_scale.{lv}"], 0.0, std.y_scale)
-        out[f"effect_scale.{lv}"] = standardise_prior(priors[f"effect_scale.{lv}"], 0.0, std.y_scale)
-    for i, c in enumerate(covariates):
-        # β' = β·s_x/s_y, so the prior scales by s_x/s_y.
-        out[f"slope.{c}"] = standardise_prior(priors[f"slope.{c}"], 0.0, std.y_scale / std.x_scale[i])
+    """Every prior in standardised units; the set of keys also fixes the model's structure
+    (``noise.control``/``noise.treated`` for per-arm noise, ``correlation.LEVEL`` for
+    correlated baseline and effect)."""
+    out = {}
+    for name, prior in priors.items():
+        base, _, rest = name.partition(".")
+        if base == "baseline_mean":
+            out[name] = standardise_prior(prior, std.y_shift, std.y_scale)
+        elif base == "slope":
+            # β' = β·s_x/s_y, so the prior scales by s_x/s_y.
+            out[name] = standardise_prior(prior, 0.0, std.y_scale / std.x_scale[list(covariates).index(rest)])
+        elif base == "correlation":
+            out[name] = prior
+        else:
+            out[name] = standardise_prior(prior, 0.0, std.y_scale)
     return out
 
 
-def hyper_names(levels, covariates, summary_level: bool = False) -> list[str]:
-    if summary_level:
-        return ["effect_mean"] + [f"effect_scale.{lv}" for lv in levels]
-    names = ["baseline_mean", "effect_mean", "noise"]
-    names += [f"baseline_scale.{lv}" for lv in levels] + [f"effect_scale.{lv}" for lv in levels]
-    names += [f"slope.{c}" for c in covariates]
-    return names
+def hyper_names(priors: dict) -> list[str]:
+    """The sampled hyperparameters, in a fixed order, from the (resolved) prior names."""
+    order = ["baseline_mean", "effect_mean", "noise", "noise.control", "noise.treated"]
+    first = [name for name in order if name in priors]
+    return first + sorted(name for name in priors if name not in order)
 
 
 def to_original_units(name: str, value: np.ndarray, std: Standardisation, covariates) -> np.ndarray:
@@ -148,6 +150,8 @@ def to_original_units(name: str, value: np.ndarray, std: Standardisation, covari
     if name.startswith("slope."):
         i = list(covariates).index(name.split(".", 1)[1])
         return value * std.y_scale / std.x_scale[i]
+    if name.startswith("correlation."):
+        return value
     return value * std.y_scale
 
 
@@ -160,13 +164,22 @@ def residual_stats(data: CellData, slope):
     return resid_mean, resid_m2
 
 
+def cell_noise(noise, arm):
+    """σ for each cell: one shared value, or (control, treated) picked by arm."""
+    import jax.numpy as jnp
+
+    if jnp.ndim(noise) == 0:
+        return noise
+    return jnp.where(arm > 0.5, noise[1], noise[0])
+
+
 def cell_log_likelihood(data: CellData, alpha_leaf, tau_leaf, noise, slope):
     """Σ over cells of the Gaussian log likelihood; padding cells (n = 0) add 0."""
     import jax.numpy as jnp
 
     mu = alpha_leaf[data.leaf] + tau_leaf[data.leaf] * data.arm
     resid_mean, resid_m2 = residual_stats(data, slope)
-    var = noise**2
+    var = cell_noise(noise, data.arm) ** 2
     return jnp.sum(-0.5 * data.n * jnp.log(2 * jnp.pi * var)
                    - (resid_m2 + data.n * (resid_mean - mu) ** 2) / (2 * var))
 
@@ -179,7 +192,11 @@ def _sample_globals(data, priors, covariates):
 
     alpha = numpyro.sample("baseline_mean", to_numpyro(priors["baseline_mean"]))
     tau = numpyro.sample("effect_mean", to_numpyro(priors["effect_mean"]))
-    noise = numpyro.sample("noise", to_numpyro(priors["noise"]))
+    if "noise" in priors:
+        noise = numpyro.sample("noise", to_numpyro(priors["noise"]))
+    else:
+        noise = jnp.stack([numpyro.sample(f"noise.{arm}", to_numpyro(priors[f"noise.{arm}"]))
+                           for arm in ("control", "treated")])
     if covariates:
         slope = jnp.stack([numpyro.sample(f"slope.{c}", to_numpyro(priors[f"slope.{c}"]))
                            for c in covariates])
@@ -189,12 +206,16 @@ def _sample_globals(data, priors, covariates):
 
 
 def _sample_scales(level, priors):
+    """(σ_α, σ_τ, ρ) of one level; ρ = 0 unless the level's effects are correlated."""
     import numpyro
 
     from engine.models import to_numpyro
 
-    return (numpyro.sample(f"baseline_scale.{level}", to_numpyro(priors[f"baseline_scale.{level}"])),
-            numpyro.sample(f"effect_scale.{level}", to_numpyro(priors[f"effect_scale.{level}"])))
+    s_alpha = numpyro.sample(f"baseline_scale.{level}", to_numpyro(priors[f"baseline_scale.{level}"]))
+    s_tau = numpyro.sample(f"effect_scale.{level}", to_numpyro(priors[f"effect_scale.{level}"]))
+    name = f"correlation.{level}"
+    rho = numpyro.sample(name, to_numpyro(priors[name])) if name in priors else 0.0 * s_tau
+    return s_alpha, s_tau, rho
 
 
 def collapsed_model(data, parents, *, levels, num_nodes, priors, covariates):
@@ -228,7 +249,7 @@ def collapsed_model(data, parents, *, levels, num_nodes, priors, covariates):
     resid_mean, resid_m2 = residual_stats(data, slope)
     log_marginal, _ = tree.gaussian_log_marginal(
         data.n, resid_mean, resid_m2, data.arm, data.leaf, tuple(parents), level_covariances(scales),
-        _stack(alpha, tau), noise**2, num_leaves=num_nodes[-1], num_top=num_nodes[0])
+        _stack(alpha, tau), cell_noise(noise, data.arm) ** 2, num_leaves=num_nodes[-1], num_top=num_nodes[0])
     numpyro.factor("marginal", log_marginal)
 
 
@@ -248,14 +269,16 @@ def tree_inputs(data, hyper: dict, levels, covariates, num_nodes):
         leaf_j = jnp.stack([jnp.stack([zeros, zeros], -1), jnp.stack([zeros, data.precision], -1)], -2)
         leaf_h = jnp.stack([zeros, data.precision * data.estimate], -1)
         one = jnp.ones((), dtype=data.estimate.dtype)
-        scales = [(one, hyper[f"effect_scale.{lv}"]) for lv in levels]
+        scales = [(one, hyper[f"effect_scale.{lv}"], 0.0 * one) for lv in levels]
         return leaf_j, leaf_h, level_covariances(scales), _stack(0.0 * one, hyper["effect_mean"])
     slope = (jnp.stack([hyper[f"slope.{c}"] for c in covariates]) if covariates
              else jnp.zeros((0,), dtype=data.mean.dtype))
-    scales = [(hyper[f"baseline_scale.{lv}"], hyper[f"effect_scale.{lv}"]) for lv in levels]
+    scales = [(hyper[f"baseline_scale.{lv}"], hyper[f"effect_scale.{lv}"],
+               hyper.get(f"correlation.{lv}", 0.0 * hyper[f"effect_scale.{lv}"])) for lv in levels]
     resid_mean, _ = residual_stats(data, slope)
+    noise = hyper["noise"] if "noise" in hyper else jnp.stack([hyper["noise.control"], hyper["noise.treated"]])
     leaf_j, leaf_h = tree.gaussian_leaf_information(data.n, resid_mean, data.arm, data.leaf, num_nodes[-1],
-                                                    hyper["noise"] ** 2)
+                                                    cell_noise(noise, data.arm) ** 2)
     return leaf_j, leaf_h, level_covariances(scales), _stack(hyper["baseline_mean"], hyper["effect_mean"])
 
 
@@ -284,10 +307,11 @@ def to_numpyro_prior(priors, name):
 
 
 def level_covariances(scales):
-    """(L, 2, 2) diagonal prior covariances from per-level (σ_α, σ_τ)."""
+    """(L, 2, 2) prior covariances from per-level (σ_α, σ_τ, ρ)."""
     import jax.numpy as jnp
 
-    return jnp.stack([jnp.diag(jnp.stack([s_alpha**2, s_tau**2])) for s_alpha, s_tau in scales])
+    return jnp.stack([jnp.stack([jnp.stack([s_a**2, rho * s_a * s_t]), jnp.stack([rho * s_a * s_t, s_t**2])])
+                      for s_a, s_t, rho in scales])
 
 
 def joint_model(data, parents, *, levels, num_nodes, priors, covariates):
@@ -311,16 +335,33 @@ def joint_model(data, parents, *, levels, num_nodes, priors, covariates):
         above = jnp.zeros(size, dtype=jnp.int32) if depth == 0 else parents[depth - 1]
         s_tau = numpyro.sample(f"effect_scale.{level}", to_numpyro_prior(priors, f"effect_scale.{level}"))
         z_tau = numpyro.sample(f"effect_z.{level}", dist.Normal(0.0, 1.0).expand([size]).to_event(1))
-        tau = tau[above] + s_tau * z_tau
-        if not summary_level:
+        if summary_level:
+            tau = tau[above] + s_tau * z_tau
+        else:
             s_alpha = numpyro.sample(f"baseline_scale.{level}",
                                      to_numpyro_prior(priors, f"baseline_scale.{level}"))
             z_alpha = numpyro.sample(f"baseline_z.{level}", dist.Normal(0.0, 1.0).expand([size]).to_event(1))
             alpha = alpha[above] + s_alpha * z_alpha
+            tau = tau[above] + s_tau * _correlated(z_tau, z_alpha, priors, level)
     if summary_level:
         numpyro.factor("estimates", dist.Normal(tau, 1.0 / jnp.sqrt(data.precision)).log_prob(data.estimate).sum())
     else:
         numpyro.factor("cells", cell_log_likelihood(data, alpha, tau, noise, slope))
+
+
+def _correlated(z_tau, z_alpha, source, level):
+    """τ's standardised increment given α's: ρ z_α + √(1 − ρ²) z_τ (the 2×2 Cholesky factor).
+
+    ``source`` maps names to priors (inside the model: ρ is sampled) or to draws.
+    """
+    import jax.numpy as jnp
+    import numpyro
+
+    name = f"correlation.{level}"
+    if name not in source:
+        return z_tau
+    rho = source[name] if not isinstance(source[name], Prior) else numpyro.sample(name, to_numpyro_prior(source, name))
+    return rho * z_alpha + jnp.sqrt(1.0 - rho**2) * z_tau
 
 
 def node_effects(draws: dict, parents, levels, num_nodes):
@@ -334,7 +375,10 @@ def node_effects(draws: dict, parents, levels, num_nodes):
     out = []
     for depth, (level, size) in enumerate(zip(levels, num_nodes)):
         above = jnp.zeros(size, dtype=jnp.int32) if depth == 0 else parents[depth - 1]
-        tau = tau[above] + draws[f"effect_scale.{level}"] * draws[f"effect_z.{level}"]
+        z_tau = draws[f"effect_z.{level}"]
+        if f"baseline_z.{level}" in draws:
+            z_tau = _correlated(z_tau, draws[f"baseline_z.{level}"], draws, level)
+        tau = tau[above] + draws[f"effect_scale.{level}"] * z_tau
         out.append(tau)
     return out
 

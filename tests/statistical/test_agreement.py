@@ -48,3 +48,21 @@ def test_group_effects_agree(both):
     z = (e["mean"] - e["mean_nuts"]) / (e["sd_nuts"] * np.sqrt(2 / 200))
     assert (z.abs() < 4.5).all(), e.with_columns(z=z).sort(pl.col("z").abs(), descending=True).head(3)
     assert np.allclose(e["sd"], e["sd_nuts"], rtol=0.2)
+
+
+@pytest.fixture(scope="module")
+def with_options():
+    sim = engine.simulate(rows=1_500, groups=40, levels=["country", "region"], seed=3)
+    kwargs = dict(outcome="y", treatment="treated", groups=["country", "region"], noise_by_arm=True,
+                  correlated=True, draws=1000, warmup=1000, chains=2)
+    return (engine.fit(sim.rows, method="exact", seed=5, **kwargs),
+            engine.fit(sim.rows, method="nuts", seed=6, **kwargs))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["noise.control", "noise.treated", "correlation.region", "effect_scale.region",
+                                  "effect_mean"])
+def test_per_arm_noise_and_correlation_agree(with_options, name):
+    exact, nuts = with_options
+    a, b = exact.posterior.hyper[name], nuts.posterior.hyper[name]
+    assert abs(a.mean() - b.mean()) < 4 * np.hypot(mcse(a), mcse(b)), (name, a.mean(), b.mean())

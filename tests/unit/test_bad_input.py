@@ -140,6 +140,9 @@ def test_interval_outside_unit(tmp_path, capsys, rows_file, interval):
     ("effect_mean=normal(0,-1)", "must be > 0"),
     ("effect_scale.region=halfnormal(1)", "level 'region' is not a grouping level"),
     ("effect_mean", "expected NAME=DIST"),
+    ("correlation=lkj(2)", "needs correlated effects; pass --correlated"),
+    ("effect_mean=lkj(2)", "correlation takes only lkj(eta)"),
+    ("noise.treated=halfnormal(1)", "needs per-arm noise; pass --noise-by-arm"),
 ])
 def test_bad_prior(tmp_path, capsys, rows_file, prior, match):
     assert_refused(tmp_path, capsys, rows_file, "--prior", prior, match=match)
