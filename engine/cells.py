@@ -8,6 +8,9 @@ in the data, outermost first), ``arm`` (int8), ``n`` (int64), ``mean``
 - ``xy_m2__x``             Σ (x − x̄)(y − ȳ)
 - ``xx_m2__x__z``          Σ (x − x̄)(z − z̄), for each covariate pair in order (x ≤ z)
 
+Cell tables from elsewhere may give the sample standard deviation ``sd``
+(ddof 1) instead of ``m2``; it is converted on reading (m2 = sd²·(n − 1)).
+
 Cells merge exactly (Chan, Golub & LeVeque 1979): the k-way form used here,
 n = Σnᵢ, mean = Σnᵢmeanᵢ/n, m2 = Σm2ᵢ + Σnᵢ(meanᵢ − mean)², is the pairwise
 update applied to all parts at once, centred on the combined mean.
@@ -128,11 +131,21 @@ def read(paths, levels=None) -> Cells:
             tables.append(pl.read_parquet(path))
         except (OSError, pl.exceptions.PolarsError) as exc:
             raise DataError(f"cannot read cell table {str(path)!r}: {exc}") from None
+    # Another site's per-cell summaries may carry the sample sd (ddof 1) instead of M2.
+    tables = [t.with_columns((pl.col("sd").fill_null(0.0) ** 2 * (pl.col("n") - 1)).alias("m2")).drop("sd")
+              if "m2" not in t.columns and "sd" in t.columns else t for t in tables]
+    for path, table in zip(paths, tables):
+        if {"n", "mean"} <= set(table.columns):
+            bad = table.filter((pl.col("n") < 1) | ~pl.col("mean").is_finite() | ~pl.col("m2").is_finite()
+                               | (pl.col("m2") < 0)) if "m2" in table.columns else table.head(0)
+            if bad.height:
+                raise DataError(f"cell table {str(path)!r} has {bad.height} cell(s) with n < 1, a non-finite "
+                                "mean or a negative/non-finite m2 (or sd); fix those cells")
     first = tables[0]
     missing = [c for c in ("arm", "n", "mean", "m2") if c not in first.columns]
     if missing:
-        raise SchemaError(f"cell table {str(paths[0])!r} lacks column(s) {missing}; "
-                          "expected the output of `causal-engine reduce`")
+        raise SchemaError(f"cell table {str(paths[0])!r} lacks column(s) {missing}; expected the output of "
+                          "`causal-engine reduce` (or per-cell n, mean and sd with the group keys and arm)")
     stat = set(STAT_COLUMNS)
     found_levels = [c for c in first.columns if c not in stat and "__" not in c]
     covariates = tuple(c[len("x_mean__"):] for c in first.columns if c.startswith("x_mean__"))

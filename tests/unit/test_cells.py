@@ -125,3 +125,19 @@ def test_batched_reduction_matches_one_batch(batch_rows):
         atol = 1e-6 * (1 if "mean" in name else batched["n"].to_numpy())
         np.testing.assert_array_less(np.abs(batched[name].to_numpy() - expected), atol + 1e-12 * np.abs(expected),
                                      err_msg=name)
+
+
+def test_cells_with_sd_instead_of_m2(tmp_path):
+    from engine import cells as cells_mod
+
+    frame = make_frame(6, 0.0)
+    reduced = reduce_frame(frame, covariates=()).table
+    as_sd = reduced.with_columns((pl.col("m2") / (pl.col("n") - 1)).sqrt().alias("sd")).drop("m2")
+    as_sd = as_sd.with_columns(pl.when(pl.col("n") > 1).then(pl.col("sd")).otherwise(None).alias("sd"))
+    as_sd.write_parquet(tmp_path / "site.parquet")
+    read = cells_mod.read([tmp_path / "site.parquet"], levels=["group"])
+    np.testing.assert_allclose(read.table["m2"].to_numpy(), reduced["m2"].to_numpy(), rtol=1e-12, atol=1e-12)
+    as_sd.with_columns(n=pl.lit(0, pl.Int64)).write_parquet(tmp_path / "bad.parquet")
+    from engine.errors import DataError
+    with pytest.raises(DataError, match="n < 1"):
+        cells_mod.read([tmp_path / "bad.parquet"], levels=["group"])
