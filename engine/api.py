@@ -51,13 +51,40 @@ class Result:
             raise SpecError(f"level {level!r} is not a grouping level; levels are {self.summary['levels']}")
         return self.effects_table.filter(pl.col("level") == level)
 
+    def group_draws(self, level: str):
+        """Retained joint posterior draws of every group's effect at ``level``.
+
+        Returns (draws (kept, groups) float32, keys in the order of ``effects(level)``).
+        All draws when they fit the memory budget, else an evenly thinned subset.
+        """
+        keys = self.effects(level)["group"]  # also checks that the level exists
+        return self.posterior.groups[self.summary["levels"].index(level)].draws, keys
+
     def save(self, out_dir) -> Path:
-        """Write effects.parquet, summary.json and provenance.json, atomically."""
+        """Write effects.parquet, summary.json, provenance.json and draws.npz, atomically."""
         return record.write_folder(out_dir, {
             "effects.parquet": self.effects_table.write_parquet,
             "summary.json": record.json_writer(self.summary),
             "provenance.json": record.json_writer(self.provenance),
+            "draws.npz": self._write_draws,
         })
+
+    def _write_draws(self, path) -> None:
+        """The retained joint draws, aligned: row k of every array is the same posterior draw."""
+        import numpy as np
+
+        ate = self.posterior.ate.reshape(-1)
+        new_group = self.posterior.new_group.reshape(-1)
+        if self.posterior.groups:
+            index = self.posterior.groups[0].draw_index
+        else:
+            index = np.arange(ate.shape[0])
+        arrays = {"draw_index": index, "ate": ate[index].astype(np.float32),
+                  "new_group": new_group[index].astype(np.float32)}
+        for level, summary in zip(self.summary["levels"], self.posterior.groups):
+            arrays[f"effect.{level}"] = summary.draws
+        with open(path, "wb") as handle:
+            np.savez(handle, **arrays)
 
     def explain(self) -> str:
         return provenance.explain(self.provenance, self.summary)

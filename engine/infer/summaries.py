@@ -6,6 +6,8 @@ mean, second moment and P(effect > 0) use every draw (Rao-Blackwellised where
 the method supplies conditional moments), and interval end points come from a
 retained, evenly thinned subset of draws whose size is bounded by a memory
 budget (all draws when they fit). ``quantile_draws`` records how many were used.
+The retained draws are joint (one row = one posterior draw of every group),
+so decisions and transport can use them; they are saved as ``draws.npz``.
 """
 from __future__ import annotations
 
@@ -23,10 +25,14 @@ class GroupSummary(NamedTuple):
     upper: np.ndarray          # (nodes,) float64
     prob_positive: np.ndarray  # (nodes,) float64
     quantile_draws: int
+    draws: np.ndarray          # (kept, nodes) float32  the retained joint draws (every stride-th)
+    draw_index: np.ndarray     # (kept,) int64 their positions in the flattened (chain, draw) axis
 
     def first(self, nodes: int) -> "GroupSummary":
         """The summaries of the first ``nodes`` nodes (padding nodes dropped)."""
-        return GroupSummary(*(a[:nodes] for a in self[:5]), self.quantile_draws)
+        return self._replace(mean=self.mean[:nodes], sd=self.sd[:nodes], lower=self.lower[:nodes],
+                             upper=self.upper[:nodes], prob_positive=self.prob_positive[:nodes],
+                             draws=self.draws[:, :nodes])
 
 
 def retained_stride(total_draws: int, total_nodes: int) -> int:
@@ -70,7 +76,9 @@ class Accumulator:
         var = np.maximum(self.sum_sq / self.count - mean**2, 0.0) * self.count / max(self.count - 1, 1)
         kept = np.concatenate(self.kept, axis=0)
         lower, upper = np.quantile(kept, [(1 - interval) / 2, (1 + interval) / 2], axis=0)
-        return GroupSummary(mean, np.sqrt(var), lower, upper, self.sum_pos / self.count, kept.shape[0])
+        index = np.arange(0, self.count, self.stride)[: kept.shape[0]]
+        return GroupSummary(mean, np.sqrt(var), lower, upper, self.sum_pos / self.count, kept.shape[0],
+                            kept.astype(np.float32), index)
 
 
 def summarise_draws(draws: np.ndarray, interval: float) -> GroupSummary:
