@@ -88,39 +88,59 @@ class Cells:
 
 
 def merge(tables: list[pl.DataFrame], levels, covariates) -> pl.DataFrame:
-    """Combine cell tables; the same (group, arm) appearing twice is merged exactly."""
-    table = pl.concat([t.with_columns(pl.lit(i, pl.Int32).alias("_part")) for i, t in enumerate(tables)],
-                      how="vertical_relaxed")
+    """Combine cell tables; the same (group, arm) appearing twice is merged exactly.
+
+    Tables are folded in order with the pairwise update, so the result is
+    deterministic; each fold is one join and column arithmetic (no group-by).
+    """
     keys = [*levels, "arm"]
-    if table.select(pl.struct(keys).is_duplicated().any()).item() is False:
-        return table.drop("_part").sort(keys)
-    # A fixed order of the parts inside each group keeps the merge deterministic.
-    table = table.sort([*keys, "_part"]).drop("_part")
-    n = pl.col("n").cast(pl.Float64)
-    total = n.sum()
+    columns = [*keys, "n", "mean", "m2", *covariate_columns(covariates)]
+    table = tables[0].select(columns)
+    for other in tables[1:]:
+        table = merge_pair(table, other.select(columns), levels, covariates)
+    if len(tables) == 1 and table.select(pl.struct(keys).is_duplicated().any()).item():
+        # Duplicates inside one table (cells appended by hand): split them and fold.
+        ranked = table.with_columns(pl.int_range(pl.len()).over(keys).alias("_copy"))
+        parts = ranked.partition_by("_copy", maintain_order=True, include_key=False)
+        return merge(parts, levels, covariates)
+    return table.sort(keys)
 
-    def combined_mean(col):
-        # Centre on the group's first part so that a large common offset (1e9) cancels
-        # before the weighted sum instead of being summed n-fold.
-        shift = pl.col(col).first()
-        return shift + (n * (pl.col(col) - shift)).sum() / total
 
-    mean = combined_mean("mean")
-    aggregates = [pl.col("n").sum().alias("n"), mean.alias("mean"),
-                  (pl.col("m2").sum() + (n * (pl.col("mean") - mean) ** 2).sum()).alias("m2")]
-    x_mean = {x: combined_mean(f"x_mean__{x}") for x in covariates}
+def merge_pair(a: pl.DataFrame, b: pl.DataFrame, levels, covariates) -> pl.DataFrame:
+    """Chan, Golub & LeVeque's pairwise update of two cell tables, matched on (keys, arm)."""
+    keys = [*levels, "arm"]
+    stats = ["n", "mean", "m2", *covariate_columns(covariates)]
+    joined = a.join(b, on=keys, how="full", coalesce=True, suffix="_b", nulls_equal=True)
+    na = pl.col("n").fill_null(0).cast(pl.Float64)
+    nb = pl.col("n_b").fill_null(0).cast(pl.Float64)
+    total = na + nb
+    wb = nb / total  # the share of b; 0 where b has no such cell, 1 where a has none
+
+    def mean_of(col):
+        # a's mean shifted toward b's by b's share: exact when either side is absent.
+        ma, mb = pl.col(col), pl.col(f"{col}_b")
+        return pl.when(ma.is_null()).then(mb).when(mb.is_null()).then(ma).otherwise(ma + (mb - ma) * wb)
+
+    def delta(col):
+        return (pl.col(f"{col}_b") - pl.col(col)).fill_null(0.0)
+
+    cross = na * nb / total
+    out = [pl.col(k) for k in keys]
+    out.append((pl.col("n").fill_null(0) + pl.col("n_b").fill_null(0)).alias("n"))
+    out.append(mean_of("mean").alias("mean"))
+    out.append((pl.col("m2").fill_null(0.0) + pl.col("m2_b").fill_null(0.0) + delta("mean") ** 2 * cross).alias("m2"))
     for x in covariates:
-        aggregates.append(x_mean[x].alias(f"x_mean__{x}"))
-        dx = pl.col(f"x_mean__{x}") - x_mean[x]
-        aggregates.append((pl.col(f"xy_m2__{x}").sum() + (n * dx * (pl.col("mean") - mean)).sum())
-                          .alias(f"xy_m2__{x}"))
-    for i, a in enumerate(covariates):
-        for b in covariates[i:]:
-            da = pl.col(f"x_mean__{a}") - x_mean[a]
-            db = pl.col(f"x_mean__{b}") - x_mean[b]
-            aggregates.append((pl.col(f"xx_m2__{a}__{b}").sum() + (n * da * db).sum())
-                              .alias(f"xx_m2__{a}__{b}"))
-    return table.group_by(keys, maintain_order=True).agg(aggregates).sort(keys)
+        out.append(mean_of(f"x_mean__{x}").alias(f"x_mean__{x}"))
+    for x in covariates:
+        out.append((pl.col(f"xy_m2__{x}").fill_null(0.0) + pl.col(f"xy_m2__{x}_b").fill_null(0.0)
+                    + delta(f"x_mean__{x}") * delta("mean") * cross).alias(f"xy_m2__{x}"))
+    for i, u in enumerate(covariates):
+        for v in covariates[i:]:
+            name = f"xx_m2__{u}__{v}"
+            out.append((pl.col(name).fill_null(0.0) + pl.col(f"{name}_b").fill_null(0.0)
+                        + delta(f"x_mean__{u}") * delta(f"x_mean__{v}") * cross).alias(name))
+    del stats
+    return joined.select(out)
 
 
 def read(paths, levels=None) -> Cells:

@@ -38,8 +38,9 @@ class Source:
     """Where the rows come from: a lazy frame plus what provenance needs."""
 
     frame: pl.LazyFrame
-    kind: str  # "files", "polars", "pandas", "arrow"
+    kind: str  # "files", "polars", "pandas", "arrow", "dask"
     files: tuple[InputFile, ...] = ()
+    dask_frame: object = None  # kind "dask": the Dask DataFrame itself, whose partitions the dask backend reduces
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,7 @@ def _scan_files(items) -> Source:
             raise DataError(f"input {str(p)!r} cannot be read (permission denied)")
     files = tuple(InputFile(str(p), p.stat().st_size, p.stat().st_mtime) for p in paths)
     str_paths = [str(p) for p in paths]
+    check_file_schemas(str_paths)
     try:
         if kind == "parquet":
             frame = pl.scan_parquet(str_paths, hive_partitioning=bool(hive_dirs))
@@ -120,6 +122,43 @@ def _scan_files(items) -> Source:
     return Source(frame=frame, kind="files", files=files)
 
 
+def _file_schema(path: str, kind: str, separator: str = ",") -> pl.Schema:
+    try:
+        if kind == "parquet":
+            return pl.read_parquet_schema(path)
+        if kind == "csv":
+            return pl.scan_csv(path, separator=separator).collect_schema()
+        return pl.scan_ipc(path).collect_schema()
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        raise DataError(f"cannot read input {path!r}: {type(exc).__name__}: {exc}") from None
+
+
+def check_file_schemas(paths, columns=None) -> None:
+    """Refuse files that disagree on a column's presence or type, naming both files.
+
+    Reads only schemas (Parquet and Arrow footers, a CSV's header and first
+    rows). ``columns`` limits the check to the columns used.
+    """
+    paths = [str(p) for p in paths]
+    if len(paths) < 2:
+        return
+    first = paths[0]
+    kind = _SCANNERS.get(os.path.splitext(first)[1].lower(), "parquet")
+    separator = "\t" if first.lower().endswith(".tsv") else ","
+    reference = _file_schema(first, kind, separator)
+    wanted = list(reference.names()) if columns is None else [c for c in columns if c in reference]
+    for path in paths[1:]:
+        schema = _file_schema(path, kind, separator)
+        for column in wanted:
+            if column not in schema:
+                raise SchemaError(f"column {column!r} is in {first!r} but not in {path!r}; input files "
+                                  "must share one schema — add the column or leave the file out")
+            if schema[column] != reference[column]:
+                raise SchemaError(f"column {column!r} has type {reference[column]} in {first!r} but "
+                                  f"{schema[column]} in {path!r}; input files must share one schema — "
+                                  "convert them to one type")
+
+
 def resolve_source(data) -> Source:
     """Turn any accepted input into a lazy frame (no rows are read here)."""
     if isinstance(data, pl.LazyFrame):
@@ -132,10 +171,38 @@ def resolve_source(data) -> Source:
     if module == "pyarrow":
         return Source(frame=pl.from_arrow(data).lazy(), kind="arrow")
     if module.startswith("dask"):
-        raise DataError(
-            "Dask DataFrame input is not supported yet (the Dask reduce backend is planned); "
-            "pass the Parquet files it reads instead, or compute it to pandas"
-        )
+        if not (hasattr(data, "to_delayed") and hasattr(data, "columns") and hasattr(data, "partitions")):
+            raise DataError(f"Dask input of type {type(data).__name__} is not supported; pass a Dask DataFrame")
+        # Validation needs a LazyFrame: the schema comes from Dask's metadata (no compute), and
+        # rows, when a plan asks for them, from computing one partition at a time through Dask
+        # (only the projected columns). The dask backend reduces the partitions on the cluster
+        # instead; the polars and jax backends read through this frame.
+        from polars.io.plugins import register_io_source
+
+        try:
+            schema = pl.from_pandas(data._meta_nonempty).schema
+        except Exception as exc:  # noqa: BLE001 - any conversion failure means an unsupported column type
+            raise SchemaError(f"Dask DataFrame columns cannot be read as Polars types: {exc}") from None
+
+        def dask_partitions(with_columns, predicate, n_rows, batch_size):
+            columns = list(schema.names()) if with_columns is None else list(with_columns)
+            wanted = columns or list(schema.names())[:1]  # a row count still needs one column
+            seen = 0
+            for i in range(data.npartitions):
+                part = pl.from_pandas(data[wanted].partitions[i].compute()).cast(
+                    {c: schema[c] for c in wanted}).select(columns)
+                if predicate is not None:
+                    part = part.filter(predicate)
+                if n_rows is not None:
+                    part = part.head(n_rows - seen)
+                seen += part.height
+                yield part
+                if n_rows is not None and seen >= n_rows:
+                    return
+
+        frame = register_io_source(dask_partitions, schema=schema, explain_name="dask",
+                                   explain_detail=f"{data.npartitions} partition(s)")
+        return Source(frame=frame, kind="dask", dask_frame=data)
     if isinstance(data, (str, os.PathLike, list, tuple)):
         return _scan_files(data)
     raise DataError(

@@ -1,0 +1,413 @@
+"""The polars, jax and dask reduce backends give the same cells, from every kind of input.
+
+The dask tests run a real ``LocalCluster`` of two worker processes on
+loopback; one of them kills a worker mid-run and still gets the same bits.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import polars as pl
+import pytest
+
+from engine import validate
+from engine.cells import Cells, covariate_columns
+from engine.cli import main
+from engine.errors import DataError, EngineError, SchemaError, SpecError
+from engine.reduce import reduce
+from engine.reduce import jax as jax_backend
+from engine.reduce.dask import check_file_schemas, reduce_dask, row_transform
+from engine.spec import Spec
+
+BACKENDS = ("polars", "jax", "dask")
+EPS = np.finfo(np.float64).eps
+
+
+# --- shared helpers (also used by tests/property) ------------------------------------------
+
+
+def make_rows(seed=0, rows=3000, regions=60, offset=1e9, covariates=True) -> pl.DataFrame:
+    """Two levels (country ▸ region), a long tail of one-row regions, values at ``offset``."""
+    rng = np.random.default_rng(seed)
+    busy = regions // 2
+    region = np.concatenate([rng.integers(0, busy, rows - (regions - busy)), np.arange(busy, regions)])
+    treated = rng.integers(0, 2, rows)
+    pre = offset + rng.standard_normal(rows)
+    age = 40.0 + 10.0 * rng.standard_normal(rows)
+    y = offset + 0.5 * (pre - offset) + 0.05 * (age - 40) + 0.3 * treated + 0.2 * (region % 5) \
+        + rng.standard_normal(rows)
+    frame = pl.DataFrame({"country": region // 7, "region": [f"r{r:03d}" for r in region],
+                          "treated": treated, "y": y})
+    return frame.with_columns(pre=pl.Series(pre), age=pl.Series(age)) if covariates else frame
+
+
+def reference_cells(frame: pl.DataFrame, levels, covariates, outcome="y", arm="treated") -> pl.DataFrame:
+    """Float64 two-pass statistics per (levels, arm), one cell at a time (NumPy)."""
+    keys = frame.select([*levels, arm]).unique().sort([*levels, arm])
+    rows = []
+    for key in keys.iter_rows():
+        mask = np.ones(frame.height, bool)
+        for col, value in zip([*levels, arm], key):
+            mask &= (frame[col] == value).to_numpy()
+        y = frame[outcome].to_numpy()[mask]
+        xs = {c: frame[c].cast(pl.Float64).to_numpy()[mask] for c in covariates}
+        centred = {c: v - (v[0] + (v - v[0]).mean()) for c, v in {outcome: y, **xs}.items()}
+        row = {"n": int(mask.sum()), "mean": y[0] + (y - y[0]).mean(), "m2": (centred[outcome] ** 2).sum()}
+        for c in covariates:
+            row[f"x_mean__{c}"] = xs[c][0] + (xs[c] - xs[c][0]).mean()
+        for c in covariates:
+            row[f"xy_m2__{c}"] = (centred[c] * centred[outcome]).sum()
+        for i, a in enumerate(covariates):
+            for b in covariates[i:]:
+                row[f"xx_m2__{a}__{b}"] = (centred[a] * centred[b]).sum()
+        rows.append(row)
+    return pl.concat([keys.rename({arm: "arm"}).with_columns(pl.col("arm").cast(pl.Int8)),
+                      pl.DataFrame(rows)], how="horizontal")
+
+
+def assert_cells_agree(got: Cells | pl.DataFrame, want: Cells | pl.DataFrame, levels, covariates, *, rel=1e-9):
+    """Same keys, arms and counts exactly; every float to ``rel`` relative, with floors.
+
+    Floors: a cell's sums of squares are compared on the scale n·sd² (sd of the
+    whole column), means on sd, so near-zero values are not held to a relative
+    test. At a large offset μ, a mean is only resolved to ~ε·μ, and methods that
+    merge absolute means (Polars' variance, ``engine.cells.merge``) carry an
+    error of ~n·ε·μ·sd in sums of squares; 16·ε·μ terms allow for that.
+    """
+    got = got.table if isinstance(got, Cells) else got
+    want = want.table if isinstance(want, Cells) else want
+    keys = [*levels, "arm", "n"]
+    assert got.select(keys).equals(want.select(keys)), "keys, arms or counts differ"
+    n = want["n"].cast(pl.Float64).to_numpy()
+    moments = Cells(want, tuple(levels), tuple(covariates)).pooled_moments()
+    centre = {name: abs(mean) for name, (mean, _) in moments.items()}
+    spread = {name: sd for name, (_, sd) in moments.items()}
+
+    def check(column, tolerance):
+        error = np.abs(got[column].to_numpy() - want[column].to_numpy())
+        bound = rel * np.abs(want[column].to_numpy()) + tolerance
+        worst = int(np.argmax(error - bound))
+        assert np.all(error <= bound), (f"{column}: |Δ| {error[worst]:.3g} > {bound[worst]:.3g} "
+                                        f"(value {want[column][worst]!r}, n {n[worst]:.0f})")
+
+    def second_moment(a, b):
+        return n * (rel * spread[a] * spread[b] + 16 * EPS * (centre[a] * spread[b] + centre[b] * spread[a]))
+
+    check("mean", rel * spread["y"] + 16 * EPS * centre["y"])
+    check("m2", second_moment("y", "y"))
+    for c in covariates:
+        check(f"x_mean__{c}", rel * spread[c] + 16 * EPS * centre[c])
+        check(f"xy_m2__{c}", second_moment(c, "y"))
+    for i, a in enumerate(covariates):
+        for b in covariates[i:]:
+            check(f"xx_m2__{a}__{b}", second_moment(a, b))
+
+
+def assert_same_layout(cells: Cells, other: Cells):
+    assert cells.table.schema == other.table.schema, (cells.table.schema, other.table.schema)
+    assert cells.levels == other.levels and cells.covariates == other.covariates
+
+
+# --- fixtures ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=":0") as local:
+        yield local
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    from distributed import Client
+
+    with Client(cluster, set_as_default=False) as c:
+        yield c
+
+
+def spec_for(backend, cluster=None, levels=("country", "region"), covariates=("pre", "age"), **options):
+    return Spec(outcome="y", treatment="treated", groups=tuple(levels), covariates=tuple(covariates),
+                backend=backend, scheduler=cluster.scheduler_address if cluster is not None else None, **options)
+
+
+def write_sources(frame: pl.DataFrame, folder) -> dict:
+    """The same rows as several inputs: a frame, Parquet files with row groups, CSV, a Dask DataFrame."""
+    import dask.dataframe as dd
+
+    folder.mkdir(exist_ok=True)
+    thirds = [frame[i::3] for i in range(3)]
+    for i, part in enumerate(thirds):
+        part.write_parquet(folder / f"part{i}.parquet", row_group_size=256)
+        part.write_csv(folder / f"part{i}.csv")
+    ordered = pl.concat(thirds)
+    return {"frame": (ordered, ordered),
+            "parquet": (str(folder / "part*.parquet"), ordered),
+            "csv": (str(folder / "part*.csv"), ordered),
+            "dask": (dd.from_pandas(ordered.to_pandas(), npartitions=4), ordered)}
+
+
+# --- agreement -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["frame", "parquet", "csv", "dask"])
+def test_backends_agree_on_every_input(kind, cluster, tmp_path):
+    data, rows = write_sources(make_rows(seed=1), tmp_path)[kind]
+    reference = reference_cells(rows, ["country", "region"], ["pre", "age"])
+    results = {}
+    for backend in BACKENDS:
+        spec = spec_for(backend, cluster)
+        results[backend] = reduce(validate.check(validate.resolve_source(data), spec), spec)
+    for backend, cells in results.items():
+        assert_same_layout(cells, results["polars"])
+        assert cells.table.columns == ["country", "region", "arm", "n", "mean", "m2",
+                                       *covariate_columns(["pre", "age"])]
+        assert_cells_agree(cells, reference, ["country", "region"], ["pre", "age"])
+        assert_cells_agree(cells, results["polars"], ["country", "region"], ["pre", "age"])
+    assert (results["polars"].table["n"] == 1).sum() >= 20, "the data should have one-row cells"
+
+
+def test_dask_splits_row_groups_and_merges_in_a_fixed_tree(client, tmp_path):
+    data, rows = write_sources(make_rows(seed=2, offset=0.0), tmp_path)["parquet"]
+    spec = spec_for("dask")
+    checked = validate.check(validate.resolve_source(data), spec)
+    split = reduce_dask(checked, spec, client=client, partition_rows=300, batch_rows=100)
+    whole = reduce_dask(checked, spec, client=client)
+    assert_cells_agree(split, whole, ["country", "region"], ["pre", "age"])
+    assert_cells_agree(split, reference_cells(rows, ["country", "region"], ["pre", "age"]),
+                       ["country", "region"], ["pre", "age"])
+    again = reduce_dask(checked, spec, client=client, partition_rows=300, batch_rows=100)
+    assert again.content_hash() == split.content_hash(), "same input, same bits"
+
+
+def test_dask_survives_a_killed_worker_with_the_same_bits(client, tmp_path):
+    """A partition task kills its own worker process on its first attempt; the scheduler
+    re-runs it on a live worker and the fixed merge tree gives the same bits."""
+    import dask.dataframe as dd
+
+    marker = str(tmp_path / "killed-once")
+    open(marker, "w").close()  # validation computes partitions on this process: no kill there
+
+    def kill_first_attempt(part, marker):
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(1)  # the worker process dies mid-task
+        return part
+
+    rows = make_rows(seed=3, offset=1e9)
+    ddf = dd.from_pandas(rows.to_pandas(), npartitions=6)
+    ddf = ddf.map_partitions(kill_first_attempt, marker, meta=ddf._meta)
+    spec = spec_for("dask")
+    checked = validate.check(validate.resolve_source(ddf), spec)
+    calm = reduce_dask(checked, spec, client=client)
+    os.remove(marker)
+    survived = reduce_dask(checked, spec, client=client)
+    assert os.path.exists(marker), "the kill branch should have run"
+    assert survived.content_hash() == calm.content_hash()
+    assert_cells_agree(calm, reference_cells(rows, ["country", "region"], ["pre", "age"]),
+                       ["country", "region"], ["pre", "age"])
+
+
+def test_hive_folder_on_every_backend(cluster, tmp_path):
+    rows = make_rows(seed=4, offset=0.0)
+    for country, part in rows.partition_by("country", as_dict=True).items():
+        folder = tmp_path / "hive" / f"country={country[0]}"
+        folder.mkdir(parents=True)
+        part.drop("country").write_parquet(folder / "data.parquet")
+    results = {}
+    for backend in BACKENDS:
+        spec = spec_for(backend, cluster)
+        results[backend] = reduce(validate.check(validate.resolve_source(tmp_path / "hive"), spec), spec)
+    for cells in results.values():
+        assert_same_layout(cells, results["polars"])
+        assert_cells_agree(cells, results["polars"], ["country", "region"], ["pre", "age"])
+    assert results["polars"].n_rows == rows.height
+
+
+@pytest.mark.parametrize("case", ["drop_missing", "treated_value", "boolean", "no_groups"])
+def test_row_transform_is_the_validated_one(case, client):
+    rows = make_rows(seed=5, rows=800, offset=0.0)
+    options, levels, covariates = {}, ("country", "region"), ("pre", "age")
+    if case == "drop_missing":
+        rows = rows.with_row_index().with_columns(
+            y=pl.when(pl.col("index") % 50 == 0).then(float("nan")).otherwise(pl.col("y")),
+            region=pl.when(pl.col("index") % 77 == 1).then(None).otherwise(pl.col("region")),
+            age=pl.when(pl.col("index") % 91 == 2).then(None).otherwise(pl.col("age"))).drop("index")
+        options["drop_missing"] = True
+    elif case == "treated_value":
+        rows = rows.with_columns(treated=pl.when(pl.col("treated") == 1).then(pl.lit("B")).otherwise(pl.lit("A")))
+        options["treated_value"] = "B"
+    elif case == "boolean":
+        rows = rows.with_columns(pl.col("treated").cast(pl.Boolean))
+    else:
+        levels, covariates = (), ("pre",)
+    results = {}
+    for backend in BACKENDS:
+        spec = spec_for(backend, levels=levels, covariates=covariates, **options)
+        checked = validate.check(validate.resolve_source(rows), spec)
+        if backend == "dask":
+            transform = row_transform(checked, spec)
+            assert transform.apply(checked.source.frame).collect().equals(checked.rows.collect())
+            results[backend] = reduce_dask(checked, spec, client=client, partition_rows=128)
+        else:
+            results[backend] = reduce(checked, spec)
+    if case == "drop_missing":
+        assert results["polars"].n_rows == checked.n_rows_used < rows.height
+    for cells in results.values():
+        assert_same_layout(cells, results["polars"])
+        assert_cells_agree(cells, results["polars"], list(levels), list(covariates))
+
+
+def test_polars_backend_merges_three_batches_with_two_covariates():
+    """Regression: merged tables once came back with covariate columns interleaved, so a
+    merged and a fresh batch table could not be concatenated (3 batches, 2 covariates)."""
+    rows = make_rows(seed=12, rows=1000).with_columns(arm=pl.col("treated").cast(pl.Int8))
+    from engine.reduce.polars import reduce_polars
+
+    batched = reduce_polars(rows.lazy(), ["region"], "y", ["pre", "age"], batch_rows=400)
+    whole = reduce_polars(rows.lazy(), ["region"], "y", ["pre", "age"], batch_rows=1 << 20)
+    assert batched.table.columns == whole.table.columns
+    assert_cells_agree(batched, whole, ["region"], ["pre", "age"])
+
+
+# --- jax: compile once per bucket, float32 -------------------------------------------------
+
+
+def test_jax_backend_reuses_its_compiled_step():
+    spec = spec_for("jax")
+    first = make_rows(seed=6, rows=1100, regions=40)
+    checked = validate.check(validate.resolve_source(first), spec)
+    reduce(checked, spec)
+    traces = jax_backend.TRACES["accumulate"]
+    # More rows (same block bucket), more groups (same segment bucket): no new trace.
+    for rows, regions in ((1900, 40), (1500, 50)):
+        frame = make_rows(seed=rows, rows=rows, regions=regions)
+        checked = validate.check(validate.resolve_source(frame), spec)
+        cells = reduce(checked, spec)
+        assert_cells_agree(cells, reference_cells(frame, ["country", "region"], ["pre", "age"]),
+                           ["country", "region"], ["pre", "age"])
+    assert jax_backend.TRACES["accumulate"] == traces
+
+
+def test_jax_many_integer_and_string_keys():
+    rng = np.random.default_rng(7)
+    rows = 100_000
+    key = rng.integers(-(2**40), 2**40, 30_000)[rng.integers(0, 30_000, rows)]
+    frame = pl.DataFrame({"user": key, "name": pl.Series(key).cast(pl.String), "treated": rng.integers(0, 2, rows),
+                          "y": rng.standard_normal(rows)})
+    for level in ("user", "name"):
+        spec = Spec(outcome="y", treatment="treated", groups=(level,), backend="jax")
+        checked = validate.check(validate.resolve_source(frame), spec)
+        cells = reduce(checked, spec)
+        polars_cells = reduce(checked, Spec(outcome="y", treatment="treated", groups=(level,)))
+        assert_same_layout(cells, polars_cells)
+        assert_cells_agree(cells, polars_cells, [level], [])
+
+
+def test_jax_float32_against_float64_at_offset_1e9():
+    rows = make_rows(seed=8, rows=20_000, regions=40, offset=1e9)
+    spec = spec_for("jax")
+    checked = validate.check(validate.resolve_source(rows), spec)
+    exact = jax_backend.reduce_jax(checked.rows, spec.groups, "y", spec.covariates)
+    single = jax_backend.reduce_jax(checked.rows, spec.groups, "y", spec.covariates, precision="float32")
+    assert_same_layout(single, exact)
+    # kernels/segments.py: means to 2e-5·sd, sums of squares to 2e-4·n·sd² (sd ≈ 1 and 10 here).
+    assert_cells_agree(single, exact, ["country", "region"], ["pre", "age"], rel=2e-4)
+
+
+# --- bad input: typed errors before any compute, nothing written ---------------------------
+
+
+def cli_reduce(data, out, backend, *extra):
+    return main(["reduce", *map(str, data), "--outcome", "y", "--treatment", "treated", "--group", "region",
+                 "--backend", backend, "--out", str(out), *extra])
+
+
+@pytest.fixture
+def mismatched(tmp_path):
+    rows = make_rows(seed=9, rows=300, covariates=False, offset=0.0)
+    rows[:150].write_parquet(tmp_path / "a.parquet")
+    rows[150:].with_columns(pl.col("y").cast(pl.String)).write_parquet(tmp_path / "b.parquet")
+    rows[:150].write_csv(tmp_path / "a.csv")
+    rows[150:].with_columns(y=pl.col("treated")).write_csv(tmp_path / "b.csv")  # y: float, then int
+    rows[150:].rename({"y": "outcome"}).write_parquet(tmp_path / "c.parquet")
+    (tmp_path / "empty_hive" / "region=r001").mkdir(parents=True)
+    return tmp_path
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("inputs", [["a.parquet", "b.parquet"],
+                                    ["a.csv", "b.csv"],
+                                    ["a.parquet", "c.parquet"], ["empty_hive"]])
+def test_bad_inputs_are_refused_before_compute(mismatched, cluster, capsys, backend, inputs):
+    out = mismatched / "out" / "cells.parquet"
+    code = cli_reduce([mismatched / name for name in inputs], out, backend, "--scheduler",
+                      cluster.scheduler_address)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "error:" in err and err.count("\n") == 1
+    assert not out.parent.exists(), "nothing written"
+
+
+@pytest.mark.parametrize("files, message", [
+    (["a.parquet", "b.parquet"], "column 'y' has type Float64 in '{0}' but String in '{1}'"),
+    (["a.csv", "b.csv"], "column 'y' has type Float64 in '{0}' but Int64 in '{1}'"),
+    (["a.parquet", "c.parquet"], "column 'y' is in '{0}' but not in '{1}'"),
+])
+def test_file_schema_check_names_both_files(mismatched, files, message):
+    paths = [str(mismatched / f) for f in files]
+    with pytest.raises(SchemaError) as error:
+        check_file_schemas(paths, ["y", "treated", "region"])
+    assert message.format(*paths) in str(error.value)
+    check_file_schemas([paths[0], paths[0]], ["y"])  # the same schema twice is fine
+
+
+def test_validation_names_both_files_of_a_schema_mismatch(mismatched):
+    spec = Spec(outcome="y", treatment="treated", groups=("region",))
+    with pytest.raises(SchemaError, match="a.parquet.*b.parquet"):
+        validate.check(validate.resolve_source([mismatched / "a.parquet", mismatched / "b.parquet"]), spec)
+
+
+def test_unreachable_scheduler_is_a_spec_error(monkeypatch):
+    from engine.reduce import dask as dask_backend
+
+    monkeypatch.setattr(dask_backend, "CONNECT_TIMEOUT_S", 1)
+    spec = Spec(outcome="y", treatment="treated", groups=("region",), backend="dask",
+                scheduler="tcp://127.0.0.1:9")
+    checked = validate.check(validate.resolve_source(make_rows(rows=100, covariates=False)), spec)
+    with pytest.raises(SpecError, match="cannot connect"):
+        reduce(checked, spec)
+
+
+def test_cli_reduce_writes_the_same_cells_from_every_backend(cluster, tmp_path):
+    path = tmp_path / "rows.parquet"
+    make_rows(seed=10, rows=1000).write_parquet(path)
+    tables = {}
+    for backend in BACKENDS:
+        out = tmp_path / f"{backend}.parquet"
+        assert cli_reduce([path], out, backend, "--covariate", "pre", "--scheduler", cluster.scheduler_address) == 0
+        tables[backend] = pl.read_parquet(out)
+    for table in tables.values():
+        assert table.schema == tables["polars"].schema
+        assert_cells_agree(table, tables["polars"], ["region"], ["pre"])
+
+
+@pytest.mark.slow
+def test_dask_without_a_scheduler_starts_a_local_cluster():
+    rows = make_rows(seed=11, rows=500, covariates=False, offset=0.0)
+    results = {}
+    for backend in ("polars", "dask"):
+        spec = Spec(outcome="y", treatment="treated", groups=("region",), backend=backend)
+        results[backend] = reduce(validate.check(validate.resolve_source(rows), spec), spec)
+    assert_cells_agree(results["dask"], results["polars"], ["region"], [])
+
+
+def test_backend_names():
+    for backend in BACKENDS:
+        assert Spec(outcome="y", treatment="t", backend=backend).backend == backend
+    with pytest.raises(SpecError, match="unknown"):
+        Spec(outcome="y", treatment="t", backend="spark")
+    assert isinstance(SpecError("x"), EngineError) and issubclass(DataError, EngineError)
