@@ -10,6 +10,7 @@ import polars as pl
 
 from engine import effects as effects_stage
 from engine import cells as cells_mod
+from engine import checks as checks_stage
 from engine import provenance, record, validate
 from engine.cells import Cells
 from engine.errors import ConvergenceWarning, DataError, SpecError
@@ -93,7 +94,7 @@ class Result:
 def fit(data, outcome: str | None = None, treatment: str | None = None, groups=(), covariates=(), *,
         family="gaussian", method="auto", interval=0.9, priors=None, treated_value=None, draws=1000,
         warmup=1000, chains=4, seed=0, drop_missing=False, backend="polars", estimate=None,
-        stderr=None, noise_by_arm=False, correlated=False) -> Result:
+        stderr=None, noise_by_arm=False, correlated=False, design_share=0.5) -> Result:
     """Fit a hierarchical treatment-effect model to rows.
 
     Parameters
@@ -105,6 +106,8 @@ def fit(data, outcome: str | None = None, treatment: str | None = None, groups=(
     priors : ``{name: "normal(0,1)"}`` by the names of DESIGN.md; unset ones default to the data's scale
     noise_by_arm : one residual sd per arm instead of a shared one
     correlated : baseline and effect correlated within each level (prior ``correlation ~ lkj(2)``)
+    design_share : the share of rows the design assigned to treatment; the sample ratio check
+        (``summary["checks"]``) compares the observed share with it
     estimate, stderr : summary-level input instead of rows: one effect estimate and its standard
         error per (leaf) group — meta-analysis of many experiments (``outcome`` and ``treatment`` unset)
 
@@ -118,7 +121,8 @@ def fit(data, outcome: str | None = None, treatment: str | None = None, groups=(
     spec = make_spec(outcome, treatment, groups, covariates, priors, family=family, method=method,
                      interval=interval, treated_value=treated_value, draws=draws, warmup=warmup,
                      chains=chains, seed=seed, drop_missing=drop_missing, backend=backend,
-                     estimate=estimate, stderr=stderr, noise_by_arm=noise_by_arm, correlated=correlated)
+                     estimate=estimate, stderr=stderr, noise_by_arm=noise_by_arm, correlated=correlated,
+                     design_share=design_share)
     return fit_spec(data, spec)
 
 
@@ -146,6 +150,8 @@ def fit_spec(data, spec: Spec, cell_paths=None) -> Result:
 
     group_table = effects_stage.group_effects(posterior, encoding)
     population = effects_stage.population(posterior, spec.interval)
+    trust = checks_stage.trust_checks(cells, spec)
+    covariates = checks_stage.covariate_profile(cells, checked)
     total_seconds = time.perf_counter() - started
     timings = {"reduce_s": round(reduce_seconds, 3), "fit_s": round(posterior.fit_seconds, 3),
                "total_s": round(total_seconds, 3)}
@@ -154,13 +160,14 @@ def fit_spec(data, spec: Spec, cell_paths=None) -> Result:
         "n_rows": cells.n_rows, "levels": list(spec.levels),
         "n_groups": {level: n for level, n in zip(spec.levels, encoding.num_nodes)},
         "ate": population["ate"], "new_group": population["new_group"], "hyper": population["hyper"],
-        "diagnostics": posterior.diagnostics, "timings": timings,
+        "diagnostics": posterior.diagnostics, "checks": trust, "covariates": covariates, "timings": timings,
     }
     record_ = provenance.build(
         checked=checked, spec=spec, priors=priors, cells_hash=cells.content_hash(),
         n_cells=cells.table.height, method=posterior.method, method_reason=posterior.method_reason,
         sampler=posterior.sampler, timings=timings, diagnostics=posterior.diagnostics,
         source_kind=source.kind, files=source.files)
+    record_["checks"], record_["covariates"] = trust, covariates
     if not posterior.diagnostics["ok"]:
         warnings.warn("; ".join(posterior.diagnostics["messages"]), ConvergenceWarning, stacklevel=3)
     return Result(summary=summary, effects_table=group_table, provenance=record_, posterior=posterior,

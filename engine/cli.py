@@ -54,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--warmup", type=int, default=1000, help="warm-up iterations per chain")
     fit.add_argument("--chains", type=int, default=4)
     fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--design-share", type=float, default=0.5, metavar="P",
+                     help="share of rows the design assigned to treatment, for the sample ratio check (default 0.5)")
     fit.add_argument("--out", required=True, metavar="DIR")
 
     red = sub.add_parser("reduce", help="rows → cell table (share cells, not rows)")
@@ -83,8 +85,38 @@ def _parser() -> argparse.ArgumentParser:
     val.add_argument("--seed", type=int, default=0)
     val.add_argument("--out", default=None, metavar="DIR", help="write DIR/sbc.json")
 
-    exp = sub.add_parser("explain", help="print the provenance trail of a result folder")
+    exp = sub.add_parser("explain", help="print the provenance trail of a fit, transport or decision folder")
     exp.add_argument("dir")
+
+    ref = sub.add_parser("refute", help="placebo refit: permute the treatment within groups; writes DIR/refute.json")
+    ref.add_argument("dir", metavar="DIR", help="a folder written by `causal-engine fit` from files")
+    ref.add_argument("--draws", type=int, default=300, help="draws per chain of the refit (default 300)")
+    ref.add_argument("--warmup", type=int, default=300, help="warm-up iterations per chain (default 300)")
+    ref.add_argument("--chains", type=int, default=2, help="chains of the refit (default 2)")
+    ref.add_argument("--seed", type=int, default=0, help="seeds the permutation and the refit")
+
+    tra = sub.add_parser("transport", help="the effect for a target population, with a shift check")
+    tra.add_argument("dir", metavar="FIT_DIR", help="a folder written by `causal-engine fit`")
+    tra.add_argument("--target", nargs="+", required=True, metavar="DATA",
+                     help="the target population: rows (the fit's grouping columns and covariates), or group "
+                          "counts with --count")
+    tra.add_argument("--count", default=None, metavar="COL",
+                     help="the target is one row per group with its number of rows in COL")
+    tra.add_argument("--max-smd", default="0.25", metavar="X",
+                     help="warn when a covariate's standardized mean difference exceeds X (default 0.25)")
+    tra.add_argument("--max-outside", default="0.05", metavar="P",
+                     help="warn when more than P of target rows lie outside the fit's covariate range (default 0.05)")
+    tra.add_argument("--max-unseen", default="0.2", metavar="P",
+                     help="warn when more than P of target rows are in groups the fit never saw (default 0.2)")
+    tra.add_argument("--seed", type=int, default=0, help="seeds the predictive draws of unseen groups")
+    tra.add_argument("--out", required=True, metavar="DIR")
+
+    dec = sub.add_parser("decide", help="the action per group maximizing expected utility, with EVPI")
+    dec.add_argument("dir", metavar="DIR", help="a folder written by `causal-engine fit` or `causal-engine transport`")
+    dec.add_argument("--benefit", required=True, metavar="B", help="value of one unit of effect, per row")
+    dec.add_argument("--cost", required=True, metavar="C", help="cost of treating one row")
+    dec.add_argument("--level", default=None, metavar="L", help="grouping level to decide for (default the deepest)")
+    dec.add_argument("--out", required=True, metavar="DIR")
     return parser
 
 
@@ -94,7 +126,8 @@ def _spec(args, outcome=None, treatment=None):
 
     priors = dict(parse_prior_assignment(p, args.group) for p in getattr(args, "prior", []))
     options = {k: getattr(args, k) for k in ("family", "method", "interval", "draws", "warmup", "chains",
-                                              "seed", "noise_by_arm", "correlated") if hasattr(args, k)}
+                                              "seed", "noise_by_arm", "correlated", "design_share")
+               if hasattr(args, k)}
     summary = {k: getattr(args, k) for k in ("estimate", "stderr") if getattr(args, k, None)}
     return Spec(outcome=outcome or args.outcome, treatment=treatment or args.treatment, **summary,
                 groups=tuple(args.group), covariates=tuple(args.covariate), treated_value=args.treated_value,
@@ -130,7 +163,16 @@ def _cmd_fit(args) -> int:
           f"groups {s['n_groups'] or 'none'}")
     print(f"diagnostics: {'ok' if d['ok'] else 'NOT OK'}; " + ("; ".join(d["messages"]) or
           f"max R-hat {d['max_rhat']:.3f}, min bulk ESS {d['min_ess_bulk']:.0f}"))
-    print(f"wrote {out}/effects.parquet, summary.json, provenance.json")
+    checks = s.get("checks") or {}
+    if checks.get("sample_ratio"):
+        srm = checks["sample_ratio"]
+        smds = ", ".join(f"{x} {b['smd']:+.3f}" for x, b in checks["balance"]["covariates"].items())
+        print(f"checks: {'ok' if checks['ok'] else 'NOT OK'}; treated share {srm['observed_share']:.2%} vs design "
+              f"{srm['design_share']:.2%} (p = {srm['p_value']:.2g})" + (f"; balance SMD {smds}" if smds else "")
+              + "; placebo: run `causal-engine refute DIR`")
+        for message in checks.get("messages", []):
+            print(f"  ! {message}")
+    print(f"wrote {out}/effects.parquet, summary.json, provenance.json, draws.npz")
     return 0
 
 
@@ -197,16 +239,87 @@ def _cmd_validate(args) -> int:
 
 def _cmd_explain(args) -> int:
     from engine.errors import DataError
-    from engine.provenance import explain
+    from engine.provenance import KINDS, explain
 
     folder = Path(args.dir)
     path = folder / "provenance.json"
     if not path.is_file():
-        raise DataError(f"{args.dir!r} holds no provenance.json; pass a folder written by `causal-engine fit`")
-    record = json.loads(path.read_text())
-    summary_path = folder / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
-    print(explain(record, summary))
+        raise DataError(f"{args.dir!r} holds no provenance.json; pass a folder written by `causal-engine fit`, "
+                        "`transport` or `decide`")
+    try:
+        record = json.loads(path.read_text())
+    except ValueError as exc:
+        raise DataError(f"{str(path)!r} cannot be read as JSON ({exc}); "
+                        "pass a folder written by causal-engine") from None
+
+    def read(name):
+        p = folder / name
+        return json.loads(p.read_text()) if p.is_file() else None
+
+    kind = record.get("kind", "fit")
+    print(explain(record, read(KINDS.get(kind, "summary.json")), read("refute.json") if kind == "fit" else None))
+    return 0
+
+
+def _same_folder(out: str, source: str) -> bool:
+    return Path(out).resolve() == Path(source).resolve()
+
+
+def _refuse_overwrite(args, command: str) -> None:
+    from engine.errors import SpecError
+
+    if _same_folder(args.out, args.dir):
+        raise SpecError(f"--out {args.out!r} is the {command} input folder itself; writing there would replace it — "
+                        "pass another --out folder")
+
+
+def _cmd_refute(args) -> int:
+    from engine.refute import refute_folder
+
+    report = refute_folder(args.dir, draws=args.draws, warmup=args.warmup, chains=args.chains, seed=args.seed)
+    print(report["message"])
+    if not report["diagnostics"]["ok"]:
+        print("refit diagnostics: NOT OK; " + "; ".join(report["diagnostics"]["messages"]))
+    print(f"wrote {Path(args.dir) / 'refute.json'}")
+    return 0
+
+
+def _cmd_transport(args) -> int:
+    from engine.transport import transport
+
+    _refuse_overwrite(args, "transport")
+    moved = transport(args.dir, args.target, count=args.count, max_smd=args.max_smd,
+                      max_outside=args.max_outside, max_unseen=args.max_unseen, seed=args.seed)
+    r = moved.report
+    ate, src = r["ate"], r["source_ate"]
+    print(f"target ATE {ate['mean']:.4g} (sd {ate['sd']:.3g}), {r['interval']:.0%} interval "
+          f"[{ate['lower']:.4g}, {ate['upper']:.4g}]; fitted population's ATE {src['mean']:.4g}")
+    print(f"{r['unseen_share']:.1%} of target rows in groups the fit never saw; verdict {r['verdict'].upper()}")
+    for x, shift in r["shift"].items():
+        outside = "n/a" if shift["outside_share"] is None else f"{shift['outside_share']:.1%}"
+        print(f"  shift of {x!r}: SMD {shift['smd']:+.3f}, {outside} of target rows outside the fitted range")
+    for message in r["messages"]:
+        print(f"  ! {message}")
+    out = moved.save(args.out)
+    print(f"wrote {out}/transport.json, target_groups.parquet, draws.npz, provenance.json")
+    return 0
+
+
+def _cmd_decide(args) -> int:
+    from engine.decide import decide
+
+    _refuse_overwrite(args, "decide")
+    decision = decide(args.dir, args.benefit, args.cost, level=args.level)
+    s = decision.summary
+    pop, totals = s["population"], s["totals"]
+    print(f"whole population: {pop['action']} (expected utility per row {pop['expected_utility']:.4g}, "
+          f"P(best) {pop['prob_best']:.2f}, EVPI per row {pop['evpi']:.3g})")
+    print(f"per {s['level']!r} group: treat {totals['treat_groups']}, control {totals['control_groups']}; total "
+          f"expected utility {totals['expected_utility']:.4g}, total EVPI {totals['evpi']:.4g}")
+    for g in s["value_of_information"][:3]:
+        print(f"  more data worth most in {g['group']!r}: EVPI {g['evpi_total']:.3g} in total ({g['n']:.0f} rows)")
+    out = decision.save(args.out)
+    print(f"wrote {out}/decisions.parquet, decisions.json, provenance.json")
     return 0
 
 
@@ -215,7 +328,7 @@ def main(argv=None) -> int:
     from engine.errors import ConvergenceWarning, EngineError
 
     handler = {"fit": _cmd_fit, "reduce": _cmd_reduce, "simulate": _cmd_simulate, "validate": _cmd_validate,
-               "explain": _cmd_explain}
+               "explain": _cmd_explain, "refute": _cmd_refute, "transport": _cmd_transport, "decide": _cmd_decide}
     try:
         with warnings.catch_warnings():
             # The CLI prints diagnostics itself; the API's warning would repeat them.

@@ -49,6 +49,7 @@ class Spec:
     correlated: bool = False      # baseline and effect correlated within each level (LKJ prior)
     estimate: str | None = None   # summary-level input: one effect estimate per group ...
     stderr: str | None = None     # ... and its standard error
+    design_share: float = 0.5     # share of rows the design assigned to treatment (sample ratio check)
 
     def __post_init__(self):
         if self.estimate is not None or self.stderr is not None:
@@ -94,6 +95,10 @@ class Spec:
                                  ("chains", self.chains, 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise SpecError(f"{name}: expected an integer ≥ {low}, found {value!r}")
+        if (not isinstance(self.design_share, (int, float)) or isinstance(self.design_share, bool)
+                or not math.isfinite(self.design_share) or not 0.0 < self.design_share < 1.0):
+            raise SpecError(f"design_share {self.design_share!r} is outside (0, 1); pass the share of rows the "
+                            "design assigned to treatment, such as 0.5 (--design-share 0.5)")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise SpecError(f"seed: expected a non-negative integer, found {self.seed!r}")
         for name, prior in self.priors.items():

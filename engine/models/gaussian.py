@@ -238,7 +238,10 @@ def collapsed_model(data, parents, *, levels, num_nodes, priors, covariates):
         leaf_j, leaf_h, prior_cov, prior_mean = tree_inputs(data, hyper, levels, covariates, num_nodes)
         upward = tree.integrate(leaf_j, leaf_h, tuple(parents), prior_cov, prior_mean, num_top=num_nodes[0])
         # log N(estimate | τ, se²) = −½ prec (est − τ)² + ½ log(prec / 2π); the τ-terms are in the tree.
-        constant = 0.5 * (data.precision * (-(data.estimate**2)) + _log(data.precision / (2 * _pi()))).sum()
+        # Padding leaves have precision 0 and contribute nothing (log 0 would be −∞).
+        observed = data.precision > 0
+        safe = _where(observed, data.precision, 1.0)
+        constant = 0.5 * _where(observed, -data.precision * data.estimate**2 + _log(safe / (2 * _pi())), 0.0).sum()
         numpyro.factor("marginal", upward.log_normaliser + constant)
         return
     if not levels:
@@ -286,6 +289,12 @@ def _stack(a, b):
     import jax.numpy as jnp
 
     return jnp.stack([jnp.asarray(a), jnp.asarray(b)])
+
+
+def _where(condition, a, b):
+    import jax.numpy as jnp
+
+    return jnp.where(condition, a, b)
 
 
 def _log(x):

@@ -146,3 +146,18 @@ def test_saved_draws_are_aligned_with_the_summaries(tmp_path):
     np.testing.assert_allclose(saved["ate"], draws @ weights, rtol=1e-4, atol=1e-4)
     kept, keys = result.group_draws("region")
     assert kept.shape == draws.shape and keys.to_list() == regions["group"].to_list()
+
+
+def test_summary_level_input_with_padded_groups():
+    """10 groups pad to 16 leaves; padding leaves carry no information (regression: log 0)."""
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    estimates = rng.normal(1.0, 2.0, 10)
+    table = pl.DataFrame({"study": [f"s{i}" for i in range(10)], "est": estimates, "se": 0.01})
+    result = engine.fit(table, estimate="est", stderr="se", groups=["study"], **FAST)
+    effects = result.effects("study").sort("group")
+    # Standard errors of 0.01 against a spread of 2: each posterior sits on its estimate.
+    assert np.allclose(effects["mean"].to_numpy(), estimates[np.argsort([f"s{i}" for i in range(10)])],
+                       atol=5 * 0.01)
+    assert effects.height == 10
