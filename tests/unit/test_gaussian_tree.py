@@ -487,3 +487,203 @@ def test_float32_inputs_stay_float32():
     value = outputs[0]
     assert {x.dtype for x in outputs} == {jnp.dtype(jnp.float32)}
     assert np.isfinite(float(value))
+
+
+# --- tests: chunked passes, cell layouts, derivatives of every input --------------------
+
+
+def blocked_statistics(rng, cells, num_leaves, cells_per_leaf=2):
+    """Cells stored leaf by leaf, `cells_per_leaf` each: short leaves padded with junk n = 0
+    cells (NaN mean and M2, zero variance), arms shuffled within each leaf."""
+    by_leaf = {g: [] for g in range(num_leaves)}
+    for g, t, s2, y in cells:
+        by_leaf[g].append((y.size, y.mean(), np.sum((y - y.mean()) ** 2), t, g, s2))
+    stats = []
+    for g in range(num_leaves):
+        block = by_leaf[g] + [(0, np.nan, np.nan, 1, g, 0.0)] * (cells_per_leaf - len(by_leaf[g]))
+        stats += [block[i] for i in rng.permutation(cells_per_leaf)]
+    n, mean, m2, arm, leaf, noise_var = map(np.array, zip(*stats))
+    return (
+        n.astype(np.float64), mean, m2, arm.astype(np.int32), leaf.astype(np.int32), noise_var
+    )
+
+
+def _log_marginal_fn(links, num_top=SIZES[0], **kw):
+    """(n, mean, m2, arm, leaf, cov, mu, var) -> log marginal, for jit and grad."""
+
+    def log_marginal(n, mean, m2, arm, leaf, cov, mu, var):
+        return gt.gaussian_log_marginal(
+            n, mean, m2, arm, leaf, links, cov, mu, var,
+            num_leaves=SIZES[-1], num_top=num_top, **kw,
+        )[0]
+
+    return log_marginal
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5])
+def test_chunked_upward_pass_matches_dense_and_unchunked(chunk_size):
+    """Folding levels in chunks (with a shorter remainder) changes nothing but rounding."""
+    parents, prior_cov, prior_mean, leaf_precision, leaf_potential = random_problem(141)
+    links = tuple(jnp.asarray(p) for p in parents)
+
+    def run(j, h, cov, mu, **kw):
+        return gt.integrate(j, h, links, cov, mu, num_top=SIZES[0], **kw)
+
+    args = as_jax(leaf_precision, leaf_potential, prior_cov, prior_mean)
+    chunked = jax.jit(lambda *a: run(*a, chunk_size=chunk_size))(*args)
+    whole = jax.jit(run)(*args)
+    mean, cov = dense_prior(SIZES, parents, prior_cov, prior_mean)
+    expected = dense_log_normaliser(mean, cov, *dense_data(SIZES, leaf_precision, leaf_potential))
+    np.testing.assert_allclose(float(chunked.log_normaliser), expected, rtol=1e-10)
+    for got, want in zip(jax.tree.leaves(chunked), jax.tree.leaves(whole)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-12, atol=1e-12)
+
+    def grads(**kw):
+        value = lambda *a: run(*a, **kw).log_normaliser  # noqa: E731
+        return jax.jit(jax.grad(value, argnums=(0, 1, 2, 3)))(*args)
+
+    for got, want in zip(grads(chunk_size=chunk_size), grads()):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-10, atol=1e-12)
+
+
+def test_blocked_cells_match_dense_rows_and_scattered_cells():
+    """cells_per_leaf: the same value and gradients as cells in any order, padding included."""
+    rng = np.random.default_rng(151)
+    parents = random_tree(rng, SIZES)
+    prior_cov, prior_mean = random_prior(rng, 3)
+    cells, rows = simulate_rows(rng, SIZES, parents, prior_cov, prior_mean)
+    expected = dense_row_log_density(rows, SIZES, parents, prior_cov, prior_mean)
+    links = tuple(jnp.asarray(p) for p in parents)
+    blocked = as_jax(*blocked_statistics(rng, cells, SIZES[-1], cells_per_leaf=3))
+    scattered = as_jax(*cell_statistics(cells, padding=[(np.nan, np.nan, 0.0)]))
+    prior = as_jax(prior_cov, prior_mean)
+    value = jax.jit(_log_marginal_fn(links, cells_per_leaf=3))(*blocked[:5], *prior, blocked[5])
+    np.testing.assert_allclose(float(value), expected, rtol=1e-10)
+    # Shared noise variance (the fast path), against cells in any order.
+    sigma2 = jnp.asarray(1.3)
+    want_value, want_grads = jax.jit(
+        jax.value_and_grad(_log_marginal_fn(links), argnums=(5, 6, 7))
+    )(*scattered[:5], *prior, sigma2)
+    for chunk_size in (None, 4):
+        fn = _log_marginal_fn(links, cells_per_leaf=3, chunk_size=chunk_size)
+        value, grads = jax.jit(jax.value_and_grad(fn, argnums=(5, 6, 7)))(
+            *blocked[:5], *prior, sigma2
+        )
+        np.testing.assert_allclose(float(value), float(want_value), rtol=1e-12)
+        for got, want in zip(grads, want_grads):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-10)
+
+
+def test_cells_per_leaf_must_match_cell_count():
+    (n, mean, m2, arm, leaf, noise_var), links, prior_cov, prior_mean = _marginal_inputs(161)
+    fn = _log_marginal_fn(links, cells_per_leaf=2)
+    with pytest.raises(ValueError, match="cells_per_leaf=2"):
+        fn(*as_jax(n, mean, m2, arm, leaf, prior_cov, prior_mean, noise_var))
+
+
+@pytest.mark.parametrize(
+    "layout, shared_variance",
+    [
+        ({}, False),
+        ({}, True),
+        ({"chunk_size": 7}, False),
+        ({"cells_per_leaf": 2, "chunk_size": 5}, False),
+        ({"cells_per_leaf": 2, "chunk_size": 5}, True),
+    ],
+)
+def test_grad_wrt_cell_means_and_variances_matches_finite_differences(layout, shared_variance):
+    """Cell means move with covariate slopes and variances may differ per cell: the
+    gradient reaches them through the leaf sums, in every layout."""
+    rng = np.random.default_rng(171)
+    parents = random_tree(rng, SIZES)
+    prior_cov, prior_mean = random_prior(rng, 3)
+    cells, _ = simulate_rows(rng, SIZES, parents, prior_cov, prior_mean)
+    if "cells_per_leaf" in layout:
+        stats = blocked_statistics(rng, cells, SIZES[-1])
+    else:
+        stats = cell_statistics(cells, padding=[(np.nan, np.nan, 0.0)])
+    n, mean, m2, arm, leaf, noise_var = as_jax(*stats)
+    observed = np.asarray(n) > 0
+    if shared_variance:
+        noise_var = jnp.asarray(0.9)
+    links = tuple(jnp.asarray(p) for p in parents)
+    fn = _log_marginal_fn(links, **layout)
+    prior = as_jax(prior_cov, prior_mean)
+    safe = lambda x, fill: jnp.where(observed, x, fill)  # noqa: E731  (finite FD steps)
+
+    def value(mean, var):
+        return fn(n, mean, m2, arm, leaf, *prior, var)
+
+    value_and_grad = jax.jit(jax.value_and_grad(value, argnums=(0, 1)))
+    _, (grad_mean, grad_var) = value_and_grad(mean, noise_var)
+    assert np.all(np.asarray(grad_mean)[~observed] == 0)
+    assert shared_variance or np.all(np.asarray(grad_var)[~observed] == 0)
+    value_fn = jax.jit(value)
+    eps = 1e-6
+    for _ in range(3):
+        d_mean = jnp.asarray(rng.normal(size=mean.shape)) * observed
+        d_var = jnp.asarray(rng.uniform(0.1, 0.5, size=noise_var.shape)) * (
+            1.0 if shared_variance else observed
+        )
+        up = float(value_fn(safe(mean + eps * d_mean, 0.0), noise_var + eps * d_var))
+        down = float(value_fn(safe(mean - eps * d_mean, 0.0), noise_var - eps * d_var))
+        fd = (up - down) / (2 * eps)
+        ad_var = grad_var * d_var if shared_variance else jnp.sum(safe(grad_var * d_var, 0.0))
+        ad = float(jnp.sum(safe(grad_mean * d_mean, 0.0)) + ad_var)
+        np.testing.assert_allclose(ad, fd, rtol=1e-6, atol=1e-7)
+
+
+def test_forward_mode_hessian_and_vmap():
+    """The log marginal supports jvp (and so Hessians) and vmap, not only grad."""
+    (n, mean, m2, arm, leaf, noise_var), links, prior_cov, prior_mean = _marginal_inputs(181)
+    fn = _log_marginal_fn(links, chunk_size=4)
+    data = as_jax(n, mean, m2, arm, leaf)
+    cov = jnp.asarray(prior_cov)
+
+    def value(mu, var):
+        return fn(*data, cov, mu, var)
+
+    mu, var = jnp.asarray(prior_mean), jnp.asarray(1.1)
+    grads = jax.jit(jax.grad(value, argnums=(0, 1)))(mu, var)
+    direction = (jnp.asarray([0.3, -0.7]), jnp.asarray(0.2))
+    _, tangent = jax.jit(lambda *p: jax.jvp(value, p, direction))(mu, var)
+    np.testing.assert_allclose(
+        float(tangent), float(grads[0] @ direction[0] + grads[1] * direction[1]), rtol=1e-12
+    )
+    # μ enters the log marginal quadratically: its Hessian is constant, so central
+    # differences of the gradient are exact up to rounding. (Unfolded: compiles faster.)
+    unfolded = _log_marginal_fn(links)
+    value = lambda mu, var: unfolded(*data, cov, mu, var)  # noqa: E731
+    hessian = jax.jit(jax.hessian(value))(mu, var)
+    grad_fn = jax.jit(jax.grad(value))
+    eps = 1e-3
+    for i in range(2):
+        step = jnp.zeros(2).at[i].set(eps)
+        fd = (grad_fn(mu + step, var) - grad_fn(mu - step, var)) / (2 * eps)
+        np.testing.assert_allclose(np.asarray(hessian[:, i]), np.asarray(fd), rtol=1e-8, atol=1e-10)
+    value = lambda mu, var: fn(*data, cov, mu, var)  # noqa: E731
+    mus = jnp.asarray(np.random.default_rng(181).normal(size=(3, 2)))
+    batched = jax.jit(jax.vmap(jax.value_and_grad(value), in_axes=(0, None)))(mus, var)
+    value_and_grad = jax.jit(jax.value_and_grad(value))
+    for i in range(3):
+        one = value_and_grad(mus[i], var)
+        np.testing.assert_allclose(float(batched[0][i]), float(one[0]), rtol=1e-12)
+        np.testing.assert_allclose(np.asarray(batched[1][i]), np.asarray(one[1]), rtol=1e-10)
+
+
+def test_float32_blocked_cells_stay_float32():
+    rng = np.random.default_rng(191)
+    parents = random_tree(rng, SIZES)
+    prior_cov, prior_mean = random_prior(rng, 3)
+    cells, rows = simulate_rows(rng, SIZES, parents, prior_cov, prior_mean)
+    n, mean, m2, arm, leaf, noise_var = blocked_statistics(rng, cells, SIZES[-1])
+    f32 = lambda a: jnp.asarray(a, dtype=jnp.float32)  # noqa: E731
+    links = tuple(jnp.asarray(p) for p in parents)
+    fn = _log_marginal_fn(links, cells_per_leaf=2, chunk_size=5)
+    value, grads = jax.jit(jax.value_and_grad(fn, argnums=(1, 5, 6, 7)))(
+        f32(n), f32(mean), f32(m2), jnp.asarray(arm), jnp.asarray(leaf),
+        f32(prior_cov), f32(prior_mean), f32(noise_var),
+    )
+    assert {x.dtype for x in (value, *grads)} == {jnp.dtype(jnp.float32)}
+    expected = dense_row_log_density(rows, SIZES, parents, prior_cov, prior_mean)
+    np.testing.assert_allclose(float(value), expected, rtol=1e-4)

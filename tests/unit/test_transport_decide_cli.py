@@ -161,7 +161,11 @@ def test_decide_round_trip_on_a_fit_and_on_a_transport(fitted, tmp_path, capsys)
     table = pl.read_parquet(out / "decisions.parquet")
     assert dict(table.schema) == DECISION_COLUMNS
     assert table.height == 24 and set(table["action"]) <= {"treat", "control"}
-    assert (table["prob_best"] >= 0.5 - 1e-12).all() and (table["evpi"] >= 0).all()
+    # The mean-optimal action need not be the more probable one under a skewed posterior,
+    # so prob_best is only bounded, and EVPI = E[max U] − max E[U] ≥ 0 by Jensen.
+    assert table["prob_best"].is_between(0, 1).all() and (table["evpi"] >= 0).all()
+    decisive = table.filter(pl.col("expected_loss") < 1e-3)
+    assert (decisive["prob_best"] > 0.5).all()
     summary = json.loads((out / "decisions.json").read_text())
     effects = pl.read_parquet(fitted["fit"] / "effects.parquet")
     n = table.join(effects.select("group", "n"), on="group")["n"].to_numpy()
