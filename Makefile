@@ -18,8 +18,13 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python examples/quickstart.py
 
+# Tiers run in separate processes: the Dask tests start clusters and threads, and a
+# long-lived process that also compiles many XLA programs crashed once here inside
+# XLA's CPU compiler; separate processes keep each tier's state small.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests/unit --ignore=tests/unit/test_reduce_backends.py
+	$(BIN)/python -m pytest -q tests/unit/test_reduce_backends.py tests/property
+	$(BIN)/python -m pytest -q tests/reference tests/statistical
 
 clean:
 	rm -rf $(VENV) demo-out
