@@ -18,7 +18,7 @@ Usage::
     python benchmarks/kernels.py --sizes 100000 --impls baseline,current
 
 ``baseline`` is the kernel as it was before the structure-of-arrays rewrite
-(benchmarks/_baseline_gaussian_tree.py, kept only for this comparison);
+(read from git history at BASELINE_REV, not kept as a copy);
 ``current`` is kernels/gaussian_tree.py called exactly as the baseline (cells
 in any order, a scatter per leaf sum); ``blocked`` is the same kernel told
 that the cells are stored leaf by leaf (``cells_per_leaf=2``), which they are
@@ -48,13 +48,35 @@ jax.config.update("jax_enable_x64", True)
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-import _baseline_gaussian_tree  # noqa: E402
-
 from kernels import gaussian_tree  # noqa: E402
 
+# The kernel before the CPU rewrite, read from git history rather than kept as a copy.
+BASELINE_REV = "4c3e7c9"
+
+
+def _baseline_module():
+    import importlib.util
+    import subprocess
+    import tempfile
+
+    try:
+        source = subprocess.run(["git", "-C", str(ROOT), "show", f"{BASELINE_REV}:kernels/gaussian_tree.py"],
+                                check=True, capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        print(f"baseline skipped: git revision {BASELINE_REV} is not available here", file=sys.stderr)
+        return None
+    path = Path(tempfile.mkdtemp()) / "baseline_gaussian_tree.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("baseline_gaussian_tree", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_baseline = _baseline_module()
 # name: (module, extra keyword arguments of gaussian_log_marginal)
 IMPLS = {
-    "baseline": (_baseline_gaussian_tree, {}),
+    **({"baseline": (_baseline, {})} if _baseline is not None else {}),
     "current": (gaussian_tree, {}),
     "blocked": (gaussian_tree, {"cells_per_leaf": 2}),
 }

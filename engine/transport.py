@@ -116,16 +116,7 @@ def load_fit(fit, command: str = "transport") -> FitView:
     folder = Path(fit)
     prov = provenance.read_record(folder, expect=("fit",), needs=("effects.parquet", "draws.npz"),
                                   command=command)
-    import json
-
-    try:
-        summary = json.loads((folder / "summary.json").read_text())
-        effects = pl.read_parquet(folder / "effects.parquet")
-        with np.load(folder / "draws.npz") as saved:
-            draws = {name: saved[name] for name in saved.files}
-    except (OSError, ValueError, pl.exceptions.PolarsError) as exc:
-        raise DataError(f"{command}: cannot read the fit in {str(folder)!r} ({exc}); "
-                        "rerun `causal-engine fit`") from None
+    summary, effects, draws = _read_outputs(folder, "summary.json", "effects.parquet", command, "fit")
     for level in summary.get("levels", []):
         key = f"effect.{level}"
         rows = effects.filter(pl.col("level") == level).height
@@ -172,20 +163,26 @@ class Transport:
         return provenance.explain(self.provenance, self.report)
 
 
-def load_transport(folder, command: str = "decide") -> Transport:
+def _read_outputs(folder: Path, json_name: str, table_name: str, command: str, kind: str):
+    """A result folder's JSON report, its table and its draws, or a DataError saying what to rerun."""
     import json
 
-    folder = Path(folder)
-    prov = provenance.read_record(folder, expect=("transport",), needs=("target_groups.parquet", "draws.npz"),
-                                  command=command)
     try:
-        report = json.loads((folder / "transport.json").read_text())
-        groups = pl.read_parquet(folder / "target_groups.parquet")
+        report = json.loads((folder / json_name).read_text())
+        table = pl.read_parquet(folder / table_name)
         with np.load(folder / "draws.npz") as saved:
             draws = {name: saved[name] for name in saved.files}
     except (OSError, ValueError, pl.exceptions.PolarsError) as exc:
-        raise DataError(f"{command}: cannot read the transport in {str(folder)!r} ({exc}); rerun "
-                        "`causal-engine transport`") from None
+        raise DataError(f"{command}: cannot read the {kind} in {str(folder)!r} ({exc}); rerun "
+                        f"`causal-engine {kind}`") from None
+    return report, table, draws
+
+
+def load_transport(folder, command: str = "decide") -> Transport:
+    folder = Path(folder)
+    prov = provenance.read_record(folder, expect=("transport",), needs=("target_groups.parquet", "draws.npz"),
+                                  command=command)
+    report, groups, draws = _read_outputs(folder, "transport.json", "target_groups.parquet", command, "transport")
     return Transport(report, groups, draws, prov, str(folder.resolve()))
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from engine.cells import Cells, merge
-from engine.errors import DataError, SchemaError, SpecError
+from engine.errors import SpecError
 from engine.validate import check_file_schemas
 from engine.reduce.polars import BATCH_ROWS, _exact_batches, reduce_batch
 from engine.spec import Spec

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from engine.cli import main
-from engine.infer.calibrate import chi2_uniformity, run_sbc
+from engine.infer.calibrate import chi2_uniformity
 
 
 def test_chi2_uniformity_detects_non_uniform_ranks():
