@@ -14,8 +14,8 @@ and its page faults show up as time).
 
 Usage::
 
-    python benchmarks/kernels.py --sizes 1000,10000,100000,1000000
-    python benchmarks/kernels.py --sizes 100000 --impls baseline,current
+    python benchmarks/tree_kernel.py --sizes 1000,10000,100000,1000000
+    python benchmarks/tree_kernel.py --sizes 100000 --impls baseline,current
 
 ``baseline`` is the kernel as it was before the structure-of-arrays rewrite
 (read from git history at BASELINE_REV, not kept as a copy);
