@@ -48,7 +48,7 @@ def main(out_dir: str = "demo-out") -> int:
         print("Least affected regions:")
         print(regions.sort("mean").head(5).select(columns))
     print(f"\n90% intervals cover the true region effect for {covered:.1%} of {regions.height} regions.")
-    print(f"Wrote {out_dir}/effects.parquet, summary.json, provenance.json "
+    print(f"Wrote {out_dir}/effects.parquet, summary.json, provenance.json, draws.npz "
           f"(try: .venv/bin/causal-engine explain {out_dir})")
     return 0
 
