@@ -150,7 +150,7 @@ def trust_checks(cells, spec) -> dict:
 
 
 def covariate_profile(cells, checked) -> dict:
-    """Mean, sd (over all rows, exact from the cells) and min/max (from the rows) of each covariate.
+    """Mean, sd (over all rows, exact from the cells) and min/max (from validation) of each covariate.
 
     Transport needs them to say whether a target lies inside the fitted data's range.
     A fit from cell tables has no rows: min and max are null there.
@@ -159,8 +159,13 @@ def covariate_profile(cells, checked) -> dict:
         return {}
     moments = cells.pooled_moments()
     ranges = {}
+    known = getattr(checked, "covariate_ranges", None)
     rows = getattr(checked, "rows", None)
-    if rows is not None:
+    if known is not None:
+        # Taken in validation's single pass; no second read of the rows.
+        ranges = {f"{k}:{x}": v for x, pair in known.items() for k, v in zip(("min", "max"), pair)}
+    elif rows is not None:
+        # Rows were dropped after validation saw them: one pass over the kept rows.
         exprs = [e for x in cells.covariates
                  for e in (pl.col(x).cast(pl.Float64).min().alias(f"min:{x}"),
                            pl.col(x).cast(pl.Float64).max().alias(f"max:{x}"))]

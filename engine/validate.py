@@ -54,6 +54,9 @@ class Checked:
     dropped: dict[str, int]       # reason -> rows dropped
     schema: dict[str, str]
     treatment_values: dict[str, str]  # {"treated": repr, "control": repr}
+    # Covariate {name: (min, max)} over the used rows, from the validation pass; None when
+    # rows were dropped after it (the pass saw them) or there are no rows (cell input).
+    covariate_ranges: dict | None = None
 
 
 def _expand_paths(items) -> list[Path]:
@@ -232,15 +235,11 @@ def check(source: Source, spec: Spec) -> Checked:
                 f"{role} column {col!r} not found; the data has columns: {available}"
                 " — check the spelling or pass the right column"
             )
-    try:
-        # Cheap for Parquet and Arrow (metadata); an empty CSV types every column as text,
-        # so "no rows" must be said before any type check.
-        if source.frame.select(pl.len()).collect().item() == 0:
-            raise DataError("the input has no rows; pass data with treated and control rows")
-    except pl.exceptions.PolarsError as exc:
-        raise DataError(f"cannot read the data: {type(exc).__name__}: {exc}") from None
     for role, col in [("outcome", spec.outcome), *[("covariate", c) for c in spec.covariates]]:
         if not _is_numeric(schema[col]):
+            # An empty CSV types every column as text: say "no rows" rather than "not a number".
+            # Counting rows only here keeps the common case to one pass over the data.
+            _refuse_empty(source.frame)
             raise SchemaError(
                 f"{role} column {col!r} has type {schema[col]}; expected a number — "
                 "convert it or pick another column"
@@ -270,6 +269,7 @@ def check(source: Source, spec: Spec) -> Checked:
     for c in spec.covariates:
         x = pl.col(c).cast(pl.Float64)
         aggregates.append((x.is_null() | x.is_nan() | x.is_infinite()).sum().alias(f"bad_cov:{c}"))
+        aggregates += [x.min().alias(f"min:{c}"), x.max().alias(f"max:{c}")]
     try:
         facts = frame.select(aggregates).collect().row(0, named=True)
     except pl.exceptions.PolarsError as exc:
@@ -321,7 +321,17 @@ def check(source: Source, spec: Spec) -> Checked:
         source=source, rows=rows, n_rows_read=n_read, n_rows_used=n_used, dropped=dropped,
         schema={k: str(v) for k, v in source.frame.collect_schema().items() if k in needed},
         treatment_values=values,
+        covariate_ranges=None if dropped else {c: (facts[f"min:{c}"], facts[f"max:{c}"]) for c in spec.covariates},
     )
+
+
+def _refuse_empty(frame: pl.LazyFrame) -> None:
+    try:
+        empty = frame.select(pl.len()).collect().item() == 0
+    except pl.exceptions.PolarsError as exc:
+        raise DataError(f"cannot read the data: {type(exc).__name__}: {exc}") from None
+    if empty:
+        raise DataError("the input has no rows; pass data with treated and control rows")
 
 
 def _encode_treatment(spec: Spec, dtype, values: list, n_unique: int):
