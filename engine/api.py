@@ -94,7 +94,8 @@ class Result:
 def fit(data, outcome: str | None = None, treatment: str | None = None, groups=(), covariates=(), *,
         family="gaussian", method="auto", interval=0.9, priors=None, treated_value=None, draws=1000,
         warmup=1000, chains=4, seed=0, drop_missing=False, backend="polars", estimate=None,
-        stderr=None, noise_by_arm=False, correlated=False, design_share=0.5) -> Result:
+        stderr=None, noise_by_arm=False, correlated=False, design_share=0.5, trials=None,
+        exposure=None) -> Result:
     """Fit a hierarchical treatment-effect model to rows.
 
     Parameters
@@ -108,6 +109,10 @@ def fit(data, outcome: str | None = None, treatment: str | None = None, groups=(
     correlated : baseline and effect correlated within each level (prior ``correlation ~ lkj(2)``)
     design_share : the share of rows the design assigned to treatment; the sample ratio check
         (``summary["checks"]``) compares the observed share with it
+    family : ``gaussian`` (default), ``bernoulli`` (0/1 outcome), ``binomial`` (outcome counts
+        successes out of ``trials``) or ``poisson`` (counts, optionally per ``exposure``); GLM
+        effects are risk or rate differences, with the log odds or log rate ratio in ``link_*``
+    trials, exposure : the binomial trials column; the Poisson exposure column (default 1 per row)
     estimate, stderr : summary-level input instead of rows: one effect estimate and its standard
         error per (leaf) group — meta-analysis of many experiments (``outcome`` and ``treatment`` unset)
 
@@ -122,7 +127,7 @@ def fit(data, outcome: str | None = None, treatment: str | None = None, groups=(
                      interval=interval, treated_value=treated_value, draws=draws, warmup=warmup,
                      chains=chains, seed=seed, drop_missing=drop_missing, backend=backend,
                      estimate=estimate, stderr=stderr, noise_by_arm=noise_by_arm, correlated=correlated,
-                     design_share=design_share)
+                     design_share=design_share, trials=trials, exposure=exposure)
     return fit_spec(data, spec)
 
 
@@ -159,7 +164,8 @@ def fit_spec(data, spec: Spec, cell_paths=None) -> Result:
         "family": spec.family, "method": posterior.method, "interval": spec.interval,
         "n_rows": cells.n_rows, "levels": list(spec.levels),
         "n_groups": {level: n for level, n in zip(spec.levels, encoding.num_nodes)},
-        "ate": population["ate"], "new_group": population["new_group"], "hyper": population["hyper"],
+        "ate": population["ate"], **{k: population[k] for k in ("ate_link", "new_group_link") if k in population},
+        "new_group": population["new_group"], "hyper": population["hyper"],
         "diagnostics": posterior.diagnostics, "checks": trust, "covariates": covariates, "timings": timings,
     }
     record_ = provenance.build(
@@ -185,6 +191,12 @@ def _model(cells: Cells, encoding: Encoding, spec: Spec):
         priors = resolve_priors(defaults, spec.priors, spec.levels, [])
         return gaussian.build_estimates(cells.table, encoding, priors, spec.levels), priors
     _check_arms(cells, spec)
+    if spec.is_glm:
+        from engine.models import glm
+        defaults = structural_priors(glm.default_priors(cells, spec.family, spec.weight_column, spec.levels),
+                                     spec.levels, False, spec.correlated)
+        priors = resolve_priors(defaults, spec.priors, spec.levels, [])
+        return glm.build(cells, encoding, priors, spec.family, spec.weight_column), priors
     moments = cells.pooled_moments()
     y_mean, y_sd = moments["y"]
     x_means = {x: moments[x][0] for x in cells.covariates}
@@ -209,9 +221,10 @@ def _from_cells(paths, spec: Spec):
         if not Path(p).is_file():
             raise DataError(f"cell table {p!r}: no such file")
     cells = cells_mod.read(paths, levels=spec.groups)
-    if tuple(cells.covariates) != tuple(spec.covariates):
-        raise SpecError(f"cell tables carry covariates {list(cells.covariates)} but the fit asks for "
-                        f"{list(spec.covariates)}; pass the same --covariate options as to reduce")
+    if tuple(cells.covariates) != tuple(spec.reduce_covariates):
+        raise SpecError(f"cell tables carry covariate moments of {list(cells.covariates)} but the fit needs "
+                        f"{list(spec.reduce_covariates)}; pass the same --covariate (and --trials or "
+                        "--exposure) options as to reduce")
     files = tuple(validate.InputFile(p, Path(p).stat().st_size, Path(p).stat().st_mtime) for p in paths)
     source = validate.Source(frame=None, kind="cells", files=files)
     checked = validate.Checked(source=source, rows=None, n_rows_read=cells.n_rows, n_rows_used=cells.n_rows,
@@ -227,4 +240,10 @@ def _infer(method, reason, problem, spec) -> Posterior:
     if method == "exact":
         from engine.infer.exact import fit_exact
         return fit_exact(problem, spec, reason)
+    if method == "laplace":
+        from engine.infer.laplace import fit_laplace
+        return fit_laplace(problem, spec, reason)
+    if method == "svi":
+        from engine.infer.svi import fit_svi
+        return fit_svi(problem, spec, reason)
     raise AssertionError(method)

@@ -21,6 +21,9 @@ def _add_columns(p: argparse.ArgumentParser, outcome_required=True) -> None:
                    help="grouping column; repeat, outermost level first")
     p.add_argument("--covariate", action="append", default=[], metavar="COL",
                    help="pre-treatment covariate with a shared slope; repeatable")
+    p.add_argument("--family", default="gaussian", help="gaussian, bernoulli, binomial or poisson")
+    p.add_argument("--trials", default=None, metavar="COL", help="binomial: trials per row (outcome: successes)")
+    p.add_argument("--exposure", default=None, metavar="COL", help="poisson: exposure per row (default 1)")
     p.add_argument("--drop-missing", action="store_true",
                    help="drop rows with missing/NaN/infinite values instead of refusing them")
     p.add_argument("--backend", default="polars", help="reduce backend: polars, dask or jax")
@@ -44,7 +47,6 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--noise-by-arm", action="store_true", help="one residual sd per arm")
     fit.add_argument("--correlated", action="store_true",
                      help="baseline and effect correlated within each level (correlation ~ lkj(2))")
-    fit.add_argument("--family", default="gaussian")
     fit.add_argument("--method", default="auto")
     fit.add_argument("--interval", type=float, default=0.9)
     fit.add_argument("--prior", action="append", default=[], metavar="NAME=DIST",
@@ -125,7 +127,8 @@ def _spec(args, outcome=None, treatment=None):
 
     priors = dict(parse_prior_assignment(p, args.group) for p in getattr(args, "prior", []))
     options = {k: getattr(args, k) for k in ("family", "method", "interval", "draws", "warmup", "chains",
-                                              "seed", "noise_by_arm", "correlated", "design_share")
+                                              "seed", "noise_by_arm", "correlated", "design_share", "trials",
+                                              "exposure")
                if hasattr(args, k)}
     summary = {k: getattr(args, k) for k in ("estimate", "stderr") if getattr(args, k, None)}
     return Spec(outcome=outcome or args.outcome, treatment=treatment or args.treatment, **summary,

@@ -44,12 +44,19 @@ def group_effects(posterior: Posterior, encoding: Encoding) -> pl.DataFrame:
             pl.Series("mean", summary.mean), pl.Series("sd", summary.sd),
             pl.Series("lower", summary.lower), pl.Series("upper", summary.upper),
             pl.Series("prob_positive", summary.prob_positive),
-            *[pl.lit(None, dtype=pl.Float64).alias(c) for c in ("link_mean", "link_sd", "link_lower",
-                                                                 "link_upper")],
+            *_link_columns(posterior.link_groups[depth] if posterior.link_groups else None),
         ))
     if not frames:
         return pl.DataFrame(schema=EFFECT_COLUMNS)
     return pl.concat(frames).cast(EFFECT_COLUMNS).select(list(EFFECT_COLUMNS))
+
+
+def _link_columns(summary) -> list:
+    """The link-scale columns: the GLM's log odds / log rate ratio, null for the Gaussian."""
+    names = ("link_mean", "link_sd", "link_lower", "link_upper")
+    if summary is None:
+        return [pl.lit(None, dtype=pl.Float64).alias(c) for c in names]
+    return [pl.Series(c, v) for c, v in zip(names, (summary.mean, summary.sd, summary.lower, summary.upper))]
 
 
 def population(posterior: Posterior, interval: float) -> dict:
@@ -59,4 +66,7 @@ def population(posterior: Posterior, interval: float) -> dict:
         "ate": scalar_summary(posterior.ate, interval),
         "new_group": scalar_summary(posterior.new_group, interval),
         "hyper": hyper,
+        **({"ate_link": scalar_summary(posterior.ate_link, interval),
+            "new_group_link": scalar_summary(posterior.new_group_link, interval)}
+           if posterior.ate_link is not None else {}),
     }

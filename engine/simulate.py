@@ -41,12 +41,18 @@ def _level_sizes(groups: int, n_levels: int) -> list[int]:
 
 def simulate(rows: int = 20_000, groups: int = 1_000, levels=("group",), seed: int = 0, *,
              covariate: bool = False, effect_mean: float = 0.5, effect_scale: float = 0.3,
-             baseline_mean: float = 10.0, baseline_scale: float = 1.0, noise: float = 2.0,
-             slope: float = 1.5, zipf: float = 1.1, treated_share: float = 0.5) -> Simulation:
+             baseline_mean: float | None = None, baseline_scale: float | None = None, noise: float = 2.0,
+             slope: float = 1.5, zipf: float = 1.1, treated_share: float = 0.5,
+             family: str = "gaussian") -> Simulation:
     """Simulate a randomised experiment with nested, long-tailed groups.
 
     ``effect_scale`` and ``baseline_scale`` are the total between-leaf sds,
-    split evenly (in variance) across levels.
+    split evenly (in variance) across levels. ``family``: ``gaussian`` (y = α + τ·t + noise),
+    ``bernoulli`` (y ~ Bernoulli(logit⁻¹(α + τ·t))), ``binomial`` (``trials`` 1–10 per row) or
+    ``poisson`` (y ~ Poisson(exposure · exp(α + τ·t)), ``exposure`` in [0.5, 2]). For GLMs α, τ
+    are on the link scale (defaults: baseline mean −2, i.e. a 12% base rate, sd 0.8) and the
+    truth table adds ``outcome_effect`` (risk or rate difference, row-averaged for upper levels);
+    ``ate`` is then the row average of the risk or rate difference.
 
     Example
     -------
@@ -54,6 +60,15 @@ def simulate(rows: int = 20_000, groups: int = 1_000, levels=("group",), seed: i
     >>> rows.columns
     ['group', 'treated', 'y']
     """
+    glm = family != "gaussian"
+    if family not in ("gaussian", "bernoulli", "binomial", "poisson"):
+        raise SpecError(f"simulate: unknown family {family!r}; expected gaussian, bernoulli, binomial or poisson")
+    if baseline_mean is None:
+        baseline_mean = -2.0 if glm else 10.0
+    if baseline_scale is None:
+        baseline_scale = 0.8 if glm else 1.0
+    if covariate and glm:
+        raise SpecError("simulate: covariate=True is for the gaussian family")
     levels = [levels] if isinstance(levels, str) else list(levels)
     if rows < groups or groups < 1:
         raise SpecError(f"simulate: need rows ≥ groups ≥ 1, found rows={rows}, groups={groups}")
@@ -106,20 +121,38 @@ def simulate(rows: int = 20_000, groups: int = 1_000, levels=("group",), seed: i
         mu = mu + slope * pre
         columns["pre"] = pre
     columns["treated"] = treated.astype(np.int8)
-    columns["y"] = mu + noise * rng.standard_normal(rows)
+    if family == "gaussian":
+        columns["y"] = mu + noise * rng.standard_normal(rows)
+    elif family == "bernoulli":
+        columns["y"] = (rng.random(rows) < 1 / (1 + np.exp(-mu))).astype(np.int8)
+    elif family == "binomial":
+        trials = rng.integers(1, 11, rows)
+        columns["y"], columns["trials"] = rng.binomial(trials, 1 / (1 + np.exp(-mu))), trials
+    else:
+        exposure = rng.uniform(0.5, 2.0, rows)
+        columns["y"], columns["exposure"] = rng.poisson(exposure * np.exp(mu)), exposure
     frame = pl.DataFrame(columns)
 
     leaf_rows = np.bincount(leaf, minlength=groups)
     truth_frames[-1] = truth_frames[-1].with_columns(pl.Series("n", leaf_rows, dtype=pl.Int64))
+    if glm:
+        inverse = (lambda e: 1 / (1 + np.exp(-e))) if family != "poisson" else np.exp
+        leaf_effect = inverse(alpha_above + tau_above) - inverse(alpha_above)
+        truth_frames[-1] = truth_frames[-1].with_columns(
+            pl.Series("outcome_effect", leaf_effect), pl.Series("_weighted", leaf_effect * leaf_rows))
     for depth in range(len(levels) - 2, -1, -1):
         below = truth_frames[depth + 1]
-        counts = below.group_by("parent").agg(pl.col("n").sum())
+        sums = [pl.col("n").sum()] + ([pl.col("_weighted").sum()] if glm else [])
+        counts = below.group_by("parent").agg(sums)
         truth_frames[depth] = truth_frames[depth].join(counts.rename({"parent": "group"}), on="group",
                                                        how="left", maintain_order="left")
-    truth = pl.concat(truth_frames)
-    ate = float(np.sum(tau_above * leaf_rows) / rows)
+        if glm:
+            truth_frames[depth] = truth_frames[depth].with_columns(
+                (pl.col("_weighted") / pl.col("n")).alias("outcome_effect"))
+    truth = pl.concat([t.drop("_weighted") if glm else t for t in truth_frames], how="diagonal")
+    ate = float(np.sum((leaf_effect if glm else tau_above) * leaf_rows) / rows)
     params = {"rows": rows, "groups": groups, "levels": levels, "level_sizes": sizes, "seed": seed,
               "effect_mean": effect_mean, "effect_scale": effect_scale, "baseline_mean": baseline_mean,
               "baseline_scale": baseline_scale, "noise": noise, "slope": slope if covariate else None,
-              "zipf": zipf, "treated_share": treated_share}
+              "zipf": zipf, "treated_share": treated_share, "family": family}
     return Simulation(rows=frame, truth=truth, ate=ate, params=params)

@@ -11,10 +11,14 @@ from dataclasses import dataclass, field, replace
 from engine.errors import SpecError
 from engine.priors import Prior, check_prior, parse_distribution
 
-FAMILIES = ("gaussian",)
-PLANNED_FAMILIES = ("bernoulli", "binomial", "poisson")
-METHODS = ("auto", "exact", "nuts")
-PLANNED_METHODS = ("laplace", "svi")
+FAMILIES = ("gaussian", "bernoulli", "binomial", "poisson")
+GLM_FAMILIES = ("bernoulli", "binomial", "poisson")
+METHODS = ("auto", "exact", "laplace", "nuts", "svi")
+# Which methods serve which family (DESIGN.md, "Inference methods").
+FAMILY_METHODS = {"gaussian": ("auto", "exact", "nuts"),
+                  "bernoulli": ("auto", "laplace", "nuts", "svi"),
+                  "binomial": ("auto", "laplace", "nuts", "svi"),
+                  "poisson": ("auto", "laplace", "nuts", "svi")}
 BACKENDS = ("polars", "dask", "jax")
 PLANNED_BACKENDS = ()
 
@@ -50,6 +54,8 @@ class Spec:
     estimate: str | None = None   # summary-level input: one effect estimate per group ...
     stderr: str | None = None     # ... and its standard error
     design_share: float = 0.5     # share of rows the design assigned to treatment (sample ratio check)
+    trials: str | None = None     # binomial: column of trials per row (the outcome counts successes)
+    exposure: str | None = None   # poisson: column of exposure per row (rate = count / exposure)
 
     def __post_init__(self):
         if self.estimate is not None or self.stderr is not None:
@@ -59,7 +65,8 @@ class Spec:
                 raise SpecError("outcome: expected a column name, found " + repr(self.outcome))
             if not isinstance(self.treatment, str) or not self.treatment:
                 raise SpecError("treatment: expected a column name, found " + repr(self.treatment))
-        columns = [c for c in (self.outcome, self.treatment, self.estimate, self.stderr) if c]
+        columns = [c for c in (self.outcome, self.treatment, self.estimate, self.stderr, self.trials,
+                               self.exposure) if c]
         columns += [*self.groups, *self.covariates]
         duplicated = sorted({c for c in columns if columns.count(c) > 1})
         if duplicated:
@@ -67,20 +74,14 @@ class Spec:
                 f"column(s) {duplicated} used in more than one role (outcome, treatment, group, "
                 "covariate); each column may play one role"
             )
-        if self.family in PLANNED_FAMILIES:
-            raise SpecError(
-                f"family {self.family!r} is not implemented yet in this version; "
-                f"available: {', '.join(FAMILIES)}"
-            )
         if self.family not in FAMILIES:
             raise SpecError(f"family {self.family!r} unknown; expected one of {', '.join(FAMILIES)}")
-        if self.method in PLANNED_METHODS:
-            raise SpecError(
-                f"method {self.method!r} is not implemented yet in this version; "
-                f"available: {', '.join(METHODS)}"
-            )
         if self.method not in METHODS:
             raise SpecError(f"method {self.method!r} unknown; expected one of {', '.join(METHODS)}")
+        if self.method not in FAMILY_METHODS[self.family]:
+            fix = "laplace (the default), nuts or svi" if self.is_glm else "exact (the default) or nuts"
+            raise SpecError(f"method {self.method!r} does not apply to family {self.family!r}; use {fix}")
+        self._check_family_columns()
         if self.backend in PLANNED_BACKENDS:
             raise SpecError(f"backend {self.backend!r} is not implemented yet in this version; "
                             f"available: {', '.join(BACKENDS)}")
@@ -110,6 +111,47 @@ class Spec:
             if self.summary_level and name.split(".")[0] not in ("effect_mean", "effect_scale"):
                 raise SpecError(f"prior {name!r} does not apply to summary-level input, whose model has "
                                 "only effect_mean and effect_scale; drop it")
+
+    def _check_family_columns(self):
+        if self.trials is not None and self.family != "binomial":
+            raise SpecError(f"--trials applies to family binomial only (found family {self.family!r}); "
+                            "drop it or pass --family binomial")
+        if self.family == "binomial" and not self.trials:
+            raise SpecError("family binomial needs --trials COL naming the trials per row "
+                            "(the outcome column counts successes)")
+        if self.exposure is not None and self.family != "poisson":
+            raise SpecError(f"--exposure applies to family poisson only (found family {self.family!r}); "
+                            "drop it or pass --family poisson")
+        if not self.is_glm:
+            return
+        if self.summary_level:
+            raise SpecError(f"summary-level input (--estimate, --stderr) is Gaussian; drop --family {self.family}")
+        if self.covariates:
+            raise SpecError(
+                f"--covariate with family {self.family!r} is not supported in this version: a GLM's "
+                "likelihood is not exactly compressible with continuous covariates. Bin the covariate "
+                "into a grouping level (--group), or fit the Gaussian (linear probability) model")
+        if self.noise_by_arm:
+            raise SpecError(f"--noise-by-arm applies to the Gaussian family only; family {self.family!r} "
+                            "has no residual noise")
+        for name in self.priors:
+            if name.split(".")[0] in ("noise", "slope"):
+                raise SpecError(f"prior {name!r} does not apply to family {self.family!r} (no noise or "
+                                "slopes on the link scale); drop it")
+
+    @property
+    def is_glm(self) -> bool:
+        return self.family in GLM_FAMILIES
+
+    @property
+    def weight_column(self) -> str | None:
+        """The binomial trials or Poisson exposure column, reduced like a covariate (its cell mean)."""
+        return self.trials if self.family == "binomial" else self.exposure if self.family == "poisson" else None
+
+    @property
+    def reduce_covariates(self) -> tuple[str, ...]:
+        """The columns whose cell moments the reduction computes: covariates, then the weight column."""
+        return self.covariates + ((self.weight_column,) if self.weight_column else ())
 
     def _check_summary_level(self):
         if not self.estimate or not self.stderr:

@@ -225,17 +225,16 @@ def check(source: Source, spec: Spec) -> Checked:
     priors come later from the cells, so the rows are not read a third time.
     """
     schema = source.frame.collect_schema()
-    needed = [spec.outcome, spec.treatment, *spec.groups, *spec.covariates]
+    needed = [spec.outcome, spec.treatment, *spec.groups, *[c for _, c in value_columns(spec)]]
     for role, col in [("outcome", spec.outcome), ("treatment", spec.treatment),
-                      *[("group", g) for g in spec.groups],
-                      *[("covariate", c) for c in spec.covariates]]:
+                      *[("group", g) for g in spec.groups], *value_columns(spec)]:
         if col not in schema:
             available = ", ".join(list(schema.names())[:20])
             raise SchemaError(
                 f"{role} column {col!r} not found; the data has columns: {available}"
                 " — check the spelling or pass the right column"
             )
-    for role, col in [("outcome", spec.outcome), *[("covariate", c) for c in spec.covariates]]:
+    for role, col in [("outcome", spec.outcome), *value_columns(spec)]:
         if not _is_numeric(schema[col]):
             # An empty CSV types every column as text: say "no rows" rather than "not a number".
             # Counting rows only here keeps the common case to one pass over the data.
@@ -266,10 +265,13 @@ def check(source: Source, spec: Spec) -> Checked:
     ]
     for g in spec.groups:
         aggregates.append(pl.col(g).is_null().sum().alias(f"null_group:{g}"))
-    for c in spec.covariates:
+    for _, c in value_columns(spec):
         x = pl.col(c).cast(pl.Float64)
         aggregates.append((x.is_null() | x.is_nan() | x.is_infinite()).sum().alias(f"bad_cov:{c}"))
         aggregates += [x.min().alias(f"min:{c}"), x.max().alias(f"max:{c}")]
+    family_rules = _family_rules(spec)
+    for name, (bad, _, shown) in family_rules.items():
+        aggregates += [bad.sum().alias(f"rule:{name}"), pl.col(shown).filter(bad).first().alias(f"first:{name}")]
     try:
         facts = frame.select(aggregates).collect().row(0, named=True)
     except pl.exceptions.PolarsError as exc:
@@ -291,11 +293,15 @@ def check(source: Source, spec: Spec) -> Checked:
         if facts[f"null_group:{g}"]:
             drop_masks[f"group {g!r} missing"] = pl.col(g).is_null()
             problems.append(f"group column {g!r} has {facts[f'null_group:{g}']} missing key(s)")
-    for c in spec.covariates:
+    for role, c in value_columns(spec):
         if facts[f"bad_cov:{c}"]:
             x = pl.col(c).cast(pl.Float64)
-            drop_masks[f"covariate {c!r} missing, NaN or infinite"] = x.is_null() | x.is_nan() | x.is_infinite()
-            problems.append(f"covariate column {c!r} has {facts[f'bad_cov:{c}']} missing, NaN or infinite value(s)")
+            drop_masks[f"{role} {c!r} missing, NaN or infinite"] = x.is_null() | x.is_nan() | x.is_infinite()
+            problems.append(f"{role} column {c!r} has {facts[f'bad_cov:{c}']} missing, NaN or infinite value(s)")
+    for name, (_, message, _) in family_rules.items():
+        if facts[f"rule:{name}"]:
+            # Invalid values are not missing ones: --drop-missing does not drop them.
+            raise DataError(message.format(count=facts[f"rule:{name}"], first=facts[f"first:{name}"]))
     if problems and not spec.drop_missing:
         raise DataError("; ".join(problems) + " — clean them, or pass --drop-missing (drop_missing=True) "
                         "to drop those rows (provenance counts them)")
@@ -321,8 +327,60 @@ def check(source: Source, spec: Spec) -> Checked:
         source=source, rows=rows, n_rows_read=n_read, n_rows_used=n_used, dropped=dropped,
         schema={k: str(v) for k, v in source.frame.collect_schema().items() if k in needed},
         treatment_values=values,
-        covariate_ranges=None if dropped else {c: (facts[f"min:{c}"], facts[f"max:{c}"]) for c in spec.covariates},
+        covariate_ranges=None if dropped else {c: (facts[f"min:{c}"], facts[f"max:{c}"])
+                                               for _, c in value_columns(spec)},
     )
+
+
+def value_columns(spec: Spec) -> list[tuple[str, str]]:
+    """(role, column) of the numeric columns reduced beside the outcome: covariates, and the
+    binomial trials or Poisson exposure (reduced like a covariate: its cell mean × n is its sum)."""
+    columns = [("covariate", c) for c in spec.covariates]
+    if spec.weight_column:
+        columns.append(("trials" if spec.family == "binomial" else "exposure", spec.weight_column))
+    return columns
+
+
+def _family_rules(spec: Spec) -> dict[str, tuple[pl.Expr, str, str]]:
+    """Values a GLM family cannot take: name -> (mask over rows, message with {count} and {first},
+    the column whose first bad value the message shows).
+
+    Missing values are left to the missing-value checks (nulls never match a rule).
+    """
+    y = pl.col(spec.outcome).cast(pl.Float64)
+    finite = y.is_not_null() & y.is_finite()
+    col = f"outcome column {spec.outcome!r}"
+    whole = y == y.floor()
+    if spec.family == "bernoulli":
+        return {"binary": (finite & (y != 0) & (y != 1),
+                           col + " must be 0/1 (or boolean) for family bernoulli; found {first!r} "
+                           "({count} row(s) outside {{0, 1}}) — recode it, or use family binomial/poisson",
+                           spec.outcome)}
+    if spec.family == "binomial":
+        trials = pl.col(spec.trials).cast(pl.Float64)
+        known = finite & trials.is_not_null() & trials.is_finite()
+        return {
+            "successes": (finite & ((y < 0) | ~whole),
+                          col + " counts successes and must be a whole number ≥ 0; found {first!r} "
+                          "({count} row(s))", spec.outcome),
+            "trials": (trials.is_finite() & ((trials < 0) | (trials != trials.floor())),
+                       f"trials column {spec.trials!r} must be a whole number ≥ 0; found " + "{first!r} "
+                       "({count} row(s))", spec.trials),
+            "above": (known & (y > trials),
+                      col + f" has more successes than trials ({spec.trials!r}) in " + "{count} row(s) "
+                      "(first: {first!r} successes) — check which column is which", spec.outcome),
+        }
+    if spec.family == "poisson":
+        rules = {"counts": (finite & ((y < 0) | ~whole),
+                            col + " must be a whole-number count ≥ 0 for family poisson; found {first!r} "
+                            "({count} row(s)) — use family gaussian for continuous outcomes", spec.outcome)}
+        if spec.exposure:
+            e = pl.col(spec.exposure).cast(pl.Float64)
+            rules["exposure"] = (e.is_finite() & (e <= 0),
+                                 f"exposure column {spec.exposure!r} must be > 0; found " + "{first!r} "
+                                 "({count} row(s)) — drop those rows or fix the exposure", spec.exposure)
+        return rules
+    return {}
 
 
 def _refuse_empty(frame: pl.LazyFrame) -> None:

@@ -56,6 +56,7 @@ __all__ = [
     "sample",
     "conditional_mean",
     "posterior_moments",
+    "posterior_means",
     "gaussian_leaf_information",
     "gaussian_log_marginal",
 ]
@@ -799,6 +800,25 @@ def conditional_mean(draws, upward: Upward, parents, prior_cov, prior_mean) -> t
         )
         for level in range(len(upward.precision))
     )
+
+
+def posterior_means(upward: Upward, parents, prior_cov, prior_mean) -> tuple:
+    """Exact posterior mean (= mode) of every node: ``m_v = A_v⁻¹(Λ m_p + h_v)``, top down.
+
+    The means of :func:`posterior_moments` without the covariances; one
+    Newton step of the ``laplace`` method is this solve (MATH.md).
+
+    Returns
+    -------
+    tuple
+        Per level ``(nodes_ℓ, 2)`` means, top level first.
+    """
+    level_precision = _level_precision(prior_cov)
+    means = []
+    for level in range(len(upward.precision)):
+        means.append(_conditional_means(upward, level, level_precision,
+                                        _parent_values(means, level, parents, prior_mean)))
+    return tuple(means)
 
 
 def posterior_moments(upward: Upward, parents, prior_cov, prior_mean) -> tuple:

@@ -24,6 +24,11 @@ class Posterior:
     diagnostics: dict
     sampler: dict = field(default_factory=dict)
     fit_seconds: float = 0.0
+    # GLMs: the same on the link scale (log odds / log rate ratio); ``groups``, ``ate`` and
+    # ``new_group`` are then on the outcome scale (risk or rate difference).
+    link_groups: tuple = ()
+    ate_link: np.ndarray | None = None
+    new_group_link: np.ndarray | None = None
 
 
 def choose_method(requested: str, family: str, n_groups: int) -> tuple[str, str]:
@@ -33,4 +38,5 @@ def choose_method(requested: str, family: str, n_groups: int) -> tuple[str, str]
     if family == "gaussian":
         return "exact", ("Gaussian outcome: group effects integrate out exactly, so NUTS runs over "
                          "the hyperparameters only")
-    raise ValueError(family)
+    return "laplace", (f"{family} outcome: each group's (baseline, effect) integrated out by a Laplace "
+                       "approximation on the group tree, so NUTS runs over the hyperparameters only")

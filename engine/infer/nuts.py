@@ -17,6 +17,8 @@ def fit_nuts(problem, spec, method_reason: str) -> Posterior:
     import jax
     import jax.numpy as jnp
 
+    if spec.family != "gaussian":
+        return fit_glm_nuts(problem, spec, method_reason)
     runner.configure_jax()
     start = time.perf_counter()
     levels, covs = list(problem.levels), list(problem.covariates)
@@ -50,19 +52,71 @@ def _assemble(problem, spec, method, reason, hyper, effect_draws, leaf_tau, dive
     return assemble(problem, spec, method, reason, hyper, groups, ate, divergences, sampler, seconds, named)
 
 
-def assemble(problem, spec, method, reason, hyper, groups, ate, divergences, sampler, seconds, extra_named=None):
-    """New-group effect and diagnostics from draws: shared by every method."""
+def assemble(problem, spec, method, reason, hyper, groups, ate, divergences, sampler, seconds, extra_named=None,
+             **glm_fields):
+    """New-group effect and diagnostics from draws: shared by every method.
+
+    ``glm_fields``: ``link_groups``, ``ate_link`` and ``new_group_link`` of a GLM fit,
+    whose ``new_group`` (outcome scale) then comes from the hyperparameter draws here.
+    """
     rng = np.random.default_rng([spec.seed, 1])
-    if problem.levels:
+    if glm_fields:
+        from engine.models import glm
+        new_group, glm_fields["new_group_link"] = glm.new_group_effects(hyper, problem.levels,
+                                                                        glm.link_of(spec.family), rng)
+    elif problem.levels:
         top = problem.levels[0]
         new_group = hyper["effect_mean"] + hyper[f"effect_scale.{top}"] * rng.standard_normal(ate.shape)
     else:
         new_group = hyper["effect_mean"].copy()
     named = dict(hyper)
     named["ate"] = ate
+    if glm_fields.get("ate_link") is not None:
+        named["ate_link"] = glm_fields["ate_link"]
     named.update(extra_named or {})
     diagnostics = diag.summarise(named, divergences)
     sampler = dict(sampler, devices=runner.devices())
     return Posterior(method=method, method_reason=reason, hyper=hyper, groups=groups,
                      ate=ate, new_group=new_group, diagnostics=diagnostics, sampler=sampler,
-                     fit_seconds=seconds)
+                     fit_seconds=seconds, **glm_fields)
+
+
+def fit_glm_nuts(problem, spec, method_reason: str, method: str = "nuts") -> Posterior:
+    """The full joint GLM (every group's (α, τ) sampled), summarised on both scales."""
+    import jax
+    import jax.numpy as jnp
+
+    from engine.models import glm
+
+    runner.configure_jax()
+    start = time.perf_counter()
+    levels, link = tuple(problem.levels), glm.link_of(spec.family)
+    model = partial(glm.joint_model, levels=levels, num_nodes=problem.num_nodes, priors=problem.std_priors,
+                    link=link)
+    data = jax.tree.map(jnp.asarray, problem.data)
+    parents = tuple(jnp.asarray(p) for p in problem.parents)
+    samples, divergences, sampler = runner.run_nuts(
+        model, (data, parents), {}, rng_key=jax.random.PRNGKey(spec.seed), warmup=spec.warmup,
+        draws=spec.draws, chains=spec.chains)
+    hyper = {name: np.asarray(samples[name]) for name in glm.hyper_names(problem.std_priors)}
+    leaf_rows = jnp.asarray(problem.leaf_rows)
+    if levels:
+        latents = jax.vmap(jax.vmap(partial(glm.node_latents, parents=parents, levels=levels,
+                                            num_nodes=problem.num_nodes)))(samples)
+        leaf_theta = latents[-1]
+    else:
+        leaf_theta = jnp.stack([samples["baseline_mean"], samples["effect_mean"]], -1)[..., None, :]
+    effects = jax.vmap(jax.vmap(partial(glm.outcome_effects, leaf_rows=leaf_rows, parents=parents,
+                                        num_nodes=problem.num_nodes or (1,), link=link)))
+    outcome, ate = effects(leaf_theta)
+    ate_link = np.tensordot(np.asarray(leaf_theta[..., 1]), problem.leaf_rows / problem.leaf_rows.sum(),
+                            axes=([-1], [0]))
+    real = problem.real_nodes
+    link_draws = tuple(np.asarray(latents[d][..., 1])[..., :n] for d, n in enumerate(real)) if levels else ()
+    outcome_draws = tuple(np.asarray(o)[..., :n] for o, n in zip(outcome, real)) if levels else ()
+    named = {f"effect[{level}]": draws for level, draws in zip(levels, link_draws)}
+    return assemble(problem, spec, method, method_reason, hyper,
+                    tuple(summarise_draws(d, spec.interval) for d in outcome_draws), np.asarray(ate),
+                    divergences, sampler, time.perf_counter() - start, named,
+                    link_groups=tuple(summarise_draws(d, spec.interval) for d in link_draws),
+                    ate_link=ate_link)

@@ -15,9 +15,9 @@ from engine.validate import Checked
 def reduce(checked: Checked, spec: Spec) -> Cells:
     if spec.backend == "jax":
         from engine.reduce.jax import reduce_jax
-        return reduce_jax(checked.rows, spec.groups, spec.outcome, spec.covariates)
+        return reduce_jax(checked.rows, spec.groups, spec.outcome, spec.reduce_covariates)
     if spec.backend == "dask":
         from engine.reduce.dask import reduce_dask
         return reduce_dask(checked, spec)
     from engine.reduce.polars import reduce_polars
-    return reduce_polars(checked.rows, spec.groups, spec.outcome, spec.covariates)
+    return reduce_polars(checked.rows, spec.groups, spec.outcome, spec.reduce_covariates)

@@ -69,17 +69,17 @@ def row_transform(checked: Checked, spec: Spec) -> RowTransform:
     them, and the two unoptimised plans are compared: a difference is an
     internal error, never silently different rows on the cluster.
     """
-    from engine.validate import _coerce
+    from engine.validate import _coerce, value_columns
 
-    columns = (spec.outcome, spec.treatment, *spec.groups, *spec.covariates)
+    columns = (spec.outcome, spec.treatment, *spec.groups, *[c for _, c in value_columns(spec)])
     y = pl.col(spec.outcome).cast(pl.Float64)
     masks = {f"outcome {spec.outcome!r} missing, NaN or infinite": y.is_null() | y.is_nan() | y.is_infinite(),
              f"treatment {spec.treatment!r} missing": pl.col(spec.treatment).is_null()}
     for g in spec.groups:
         masks[f"group {g!r} missing"] = pl.col(g).is_null()
-    for c in spec.covariates:
+    for role, c in value_columns(spec):
         x = pl.col(c).cast(pl.Float64)
-        masks[f"covariate {c!r} missing, NaN or infinite"] = x.is_null() | x.is_nan() | x.is_infinite()
+        masks[f"{role} {c!r} missing, NaN or infinite"] = x.is_null() | x.is_nan() | x.is_infinite()
     drop = None
     if checked.dropped:
         unknown = [reason for reason in checked.dropped if reason not in masks]
@@ -243,7 +243,7 @@ def reduce_dask(checked: Checked, spec: Spec, *, client=None, partition_rows: in
     """
     import dask
 
-    groups, covariates = list(spec.groups), list(spec.covariates)
+    groups, covariates = list(spec.groups), list(spec.reduce_covariates)
     transform = row_transform(checked, spec)
     source = checked.source
     full = source.frame.collect_schema()

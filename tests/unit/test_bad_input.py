@@ -170,8 +170,55 @@ def test_bad_options_are_spec_errors():
         engine.fit(frame, outcome="y", treatment="treated", draws=0)
     with pytest.raises(SpecError, match="more than one role"):
         engine.fit(frame, outcome="y", treatment="y")
-    with pytest.raises(SpecError, match="not implemented yet"):
-        engine.fit(frame, outcome="y", treatment="treated", family="poisson")
+    with pytest.raises(SpecError, match="does not apply to family 'poisson'"):
+        engine.fit(frame, outcome="y", treatment="treated", family="poisson", method="exact")
+    with pytest.raises(SpecError, match="needs --trials"):
+        engine.fit(frame, outcome="y", treatment="treated", family="binomial")
+    with pytest.raises(SpecError, match="--exposure applies to family poisson only"):
+        engine.fit(frame, outcome="y", treatment="treated", exposure="group")
+    with pytest.raises(SpecError, match="noise' does not apply to family 'bernoulli'"):
+        engine.fit(frame, outcome="y", treatment="treated", family="bernoulli", priors={"noise": "halfnormal(1)"})
+    with pytest.raises(SpecError, match="not supported in this version"):
+        engine.fit(frame, outcome="y", treatment="treated", family="bernoulli", covariates=["group"])
+
+
+def glm_rows(family, **changes):
+    rows, _ = engine.simulate(rows=200, groups=10, seed=0, family=family)
+    return rows.with_columns(**changes) if changes else rows
+
+
+def glm_args(family):
+    extra = {"binomial": ["--trials", "trials"], "poisson": ["--exposure", "exposure"]}.get(family, [])
+    return ["--family", family, *extra]
+
+
+@pytest.mark.parametrize("family,changes,match", [
+    ("bernoulli", {"y": pl.when(pl.int_range(pl.len()) % 7 == 3).then(2).otherwise(pl.col("y"))},
+     "outcome column 'y' must be 0/1 (or boolean) for family bernoulli; found 2 (29 row(s) outside {0, 1})"),
+    ("binomial", {"y": pl.col("trials") + (pl.int_range(pl.len()) == 5)},
+     "has more successes than trials ('trials') in 1 row(s)"),
+    ("binomial", {"y": pl.when(pl.int_range(pl.len()) == 4).then(-1).otherwise(pl.col("y"))},
+     "counts successes and must be a whole number ≥ 0; found -1 (1 row(s))"),
+    ("poisson", {"y": pl.when(pl.int_range(pl.len()) == 9).then(-3).otherwise(pl.col("y"))},
+     "must be a whole-number count ≥ 0 for family poisson; found -3 (1 row(s))"),
+    ("poisson", {"y": pl.col("y") + 0.5},
+     "must be a whole-number count ≥ 0 for family poisson; found 0.5"),
+    ("poisson", {"exposure": pl.when(pl.int_range(pl.len()) < 3).then(0.0).otherwise(pl.col("exposure"))},
+     "exposure column 'exposure' must be > 0; found 0.0 (3 row(s))"),
+])
+def test_glm_bad_values_refused(tmp_path, capsys, family, changes, match):
+    path = tmp_path / "rows.parquet"
+    glm_rows(family, **changes).write_parquet(path)
+    assert_refused(tmp_path, capsys, path, *glm_args(family), match=match)
+    # Invalid values are not missing ones: --drop-missing does not drop them.
+    assert_refused(tmp_path, capsys, path, *glm_args(family), "--drop-missing", match=match)
+
+
+def test_glm_missing_trials_column(tmp_path, capsys):
+    path = tmp_path / "rows.parquet"
+    glm_rows("binomial").drop("trials").write_parquet(path)
+    assert_refused(tmp_path, capsys, path, "--family", "binomial", "--trials", "trials",
+                   match="trials column 'trials' not found")
 
 
 @pytest.mark.parametrize("stderr,match", [

@@ -1,0 +1,319 @@
+"""Binary and count outcomes over cells: bernoulli, binomial (logit link), poisson (log link).
+
+Unit i in leaf g, arm t:  η = α_g + τ_g·t;  y ~ Bernoulli/Binomial(trials, logit⁻¹ η) or
+Poisson(E·exp η). Each level's (α_v, τ_v) = parent's + N(0, Σ_ℓ) as in the Gaussian model.
+Without covariates a cell's (successes Σy, size Σtrials or ΣE) is lossless.
+
+Parameters live on the link scale (log odds, log rate), which is already unit free:
+no standardisation. Two models share the hyperparameter block:
+
+- ``laplace_model``: every group's (α, τ) integrated out by a Laplace approximation
+  computed with the Gaussian-tree solver (MATH.md, "Binary and count outcomes");
+- ``joint_model``: the full joint model, non-centred, the reference.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from engine.cells import Cells
+from engine.encode import Encoding
+from engine.models import gaussian
+from engine.priors import Prior
+
+# Newton iterations toward the mode before giving up, the convergence tolerance on the
+# largest change of any leaf's (α, τ), and the largest step any coordinate may take in one
+# iteration (a damping guard for iterates far in the tail; inactive near the mode).
+NEWTON_MAX_STEPS = 50
+NEWTON_TOL = 1e-9
+NEWTON_MAX_STEP = 4.0
+
+
+class GLMData(NamedTuple):
+    """Cell totals, padded with size-0 cells; ``init`` is where Newton starts for each leaf."""
+
+    successes: np.ndarray  # (cells,) Σy
+    size: np.ndarray       # (cells,) Σtrials (logit) or Σexposure (log); 0 for padding
+    arm: np.ndarray        # (cells,) float 0/1
+    leaf: np.ndarray       # (cells,) int32
+    init: np.ndarray       # (leaves, 2) smoothed empirical (α, τ) of each leaf
+
+
+def link_of(family: str) -> str:
+    from kernels.glm import LINKS
+
+    return LINKS[family]
+
+
+def link_value(link: str, rate: float) -> float:
+    rate = min(max(rate, 1e-12), 1 - 1e-12) if link == "logit" else max(rate, 1e-300)
+    return math.log(rate / (1 - rate)) if link == "logit" else math.log(rate)
+
+
+def cell_totals(cells: Cells, family: str, weight: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """(successes, size) per cell row: Σy, and Σtrials / Σexposure / n."""
+    table = cells.table
+    n = table["n"].to_numpy().astype(np.float64)
+    successes = n * table["mean"].to_numpy()
+    size = n * table[f"x_mean__{weight}"].to_numpy() if weight else n
+    return np.round(successes, 9), size
+
+
+def pooled_rate(cells: Cells, family: str, weight: str | None) -> float:
+    successes, size = cell_totals(cells, family, weight)
+    return float(successes.sum() / max(size.sum(), 1e-300))
+
+
+def default_priors(cells: Cells, family: str, weight: str | None, levels) -> dict[str, Prior]:
+    """Weakly informative priors on the link scale (log odds or log rate).
+
+    ========================  =========================================
+    ``baseline_mean``         normal(link(pooled rate), 2.5)
+    ``effect_mean``           normal(0, 1)    (odds or rate ratio within e^±2 at 95%)
+    ``baseline_scale``        halfnormal(1)   (each level)
+    ``effect_scale``          halfnormal(0.5) (each level)
+    ========================  =========================================
+    """
+    centre = link_value(link_of(family), pooled_rate(cells, family, weight))
+    priors = {"baseline_mean": Prior("normal", (round(centre, 6), 2.5)),
+              "effect_mean": Prior("normal", (0.0, 1.0))}
+    for level in levels:
+        priors[f"baseline_scale.{level}"] = Prior("halfnormal", (1.0,))
+        priors[f"effect_scale.{level}"] = Prior("halfnormal", (0.5,))
+    return priors
+
+
+def build(cells: Cells, encoding: Encoding, priors: dict[str, Prior], family: str,
+          weight: str | None) -> gaussian.Problem:
+    """The GLM problem: padded cell totals and the padded tree, priors as given (link scale)."""
+    successes, size = cell_totals(cells, family, weight)
+    link = link_of(family)
+    num_nodes, parents, leaf_rows = gaussian.padded_tree(encoding)
+    leaves = num_nodes[-1] if num_nodes else 1
+    arm = cells.table["arm"].to_numpy().astype(np.float64)
+    leaf = encoding.cell_leaf.astype(np.int32)
+    init = _initial_values(link, successes, size, arm, leaf, leaves, pooled_rate(cells, family, weight),
+                           size.sum() / max(cells.n_rows, 1))
+    padded = gaussian.bucket(successes.shape[0])
+
+    def pad(values, dtype=np.float64):
+        out = np.zeros(padded, dtype=dtype)
+        out[: values.shape[0]] = values
+        return out
+
+    data = GLMData(successes=pad(successes), size=pad(size), arm=pad(arm), leaf=pad(leaf, np.int32), init=init)
+    std = gaussian.Standardisation(0.0, 1.0, np.zeros(0), np.zeros(0))
+    return gaussian.Problem(data=data, parents=parents, num_nodes=num_nodes, levels=tuple(cells.levels),
+                            covariates=(), std_priors=dict(priors), standardisation=std,
+                            leaf_rows=leaf_rows, real_nodes=encoding.num_nodes)
+
+
+def _initial_values(link, successes, size, arm, leaf, leaves, rate, size_per_row):
+    """Each leaf's empirical (α, τ), each arm shrunk by two rows' worth of the pooled rate."""
+    prior_size = 2.0 * size_per_row
+    out = np.zeros((leaves, 2))
+    per_arm = []
+    for t in (0, 1):
+        mask = arm == t
+        s = np.bincount(leaf[mask], successes[mask], minlength=leaves)
+        m = np.bincount(leaf[mask], size[mask], minlength=leaves)
+        r = (s + prior_size * rate) / (m + prior_size)
+        per_arm.append(np.log(r / (1 - r)) if link == "logit" else np.log(np.maximum(r, 1e-300)))
+    out[:, 0] = per_arm[0]
+    out[:, 1] = per_arm[1] - per_arm[0]
+    return out
+
+
+# --- the hyperparameters ----------------------------------------------------------------
+
+
+def hyper_names(priors: dict) -> list[str]:
+    return gaussian.hyper_names(priors)
+
+
+def sample_hyper(priors, levels) -> dict:
+    """Sample (μ_α, μ_τ, and per level σ_α, σ_τ, ρ) as NumPyro sites; returns them by name."""
+    import numpyro
+
+    from engine.models import to_numpyro
+
+    hyper = {name: numpyro.sample(name, to_numpyro(priors[name])) for name in ("baseline_mean", "effect_mean")}
+    for level in levels:
+        s_alpha, s_tau, rho = gaussian._sample_scales(level, priors)
+        hyper[f"baseline_scale.{level}"], hyper[f"effect_scale.{level}"] = s_alpha, s_tau
+        hyper[f"correlation.{level}"] = rho
+    return hyper
+
+
+def tree_prior(hyper: dict, levels):
+    """(Σ_ℓ (L, 2, 2), μ (2,)) from one hyperparameter value."""
+    scales = [(hyper[f"baseline_scale.{lv}"], hyper[f"effect_scale.{lv}"],
+               hyper.get(f"correlation.{lv}", 0.0 * hyper[f"effect_scale.{lv}"])) for lv in levels]
+    return gaussian.level_covariances(scales), gaussian._stack(hyper["baseline_mean"], hyper["effect_mean"])
+
+
+# --- Laplace on the Gaussian tree ---------------------------------------------------------
+
+
+def _newton_step(theta, data, parents, prior_cov, prior_mean, link, num_nodes):
+    """The mode of (second-order expansion at θ of the log-likelihood) × (the tree prior):
+    one Newton step on the joint log posterior of every node, as one tree solve."""
+    from kernels import gaussian_tree as tree
+    from kernels.glm import leaf_expansion
+
+    w, h, _ = leaf_expansion(link, theta, data.successes, data.size, data.arm, data.leaf, num_nodes[-1])
+    upward = tree.integrate(w, h, tuple(parents), prior_cov, prior_mean, num_top=num_nodes[0])
+    return tree.posterior_means(upward, tuple(parents), prior_cov, prior_mean)[-1]
+
+
+def laplace_mode(data, parents, prior_cov, prior_mean, *, link, num_nodes):
+    """The joint posterior mode of every leaf's (α, τ) given the hyperparameters.
+
+    Newton iterations run without derivatives until the largest change is below
+    ``NEWTON_TOL``; one more Newton step is taken on the live hyperparameters. At the
+    mode, that step's derivative with respect to the hyperparameters is exactly the
+    implicit-function derivative dθ̂/dφ = −H⁻¹ ∂²log p/∂θ∂φ, so gradients cost one solve.
+    Returns (mode (G, 2), iterations taken).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    frozen_cov, frozen_mean = jax.lax.stop_gradient(prior_cov), jax.lax.stop_gradient(prior_mean)
+
+    def body(state):
+        step, theta, _ = state
+        new = _newton_step(theta, data, parents, frozen_cov, frozen_mean, link, num_nodes)
+        move = jnp.clip(new - theta, -NEWTON_MAX_STEP, NEWTON_MAX_STEP)
+        return step + 1, theta + move, jnp.max(jnp.abs(move))
+
+    def cond(state):
+        step, _, change = state
+        return (step < NEWTON_MAX_STEPS) & (change > NEWTON_TOL)
+
+    start = jnp.asarray(data.init, dtype=prior_mean.dtype)
+    steps, theta, _ = jax.lax.while_loop(cond, body, (0, start, jnp.asarray(jnp.inf, prior_mean.dtype)))
+    theta = jax.lax.stop_gradient(theta)
+    return _newton_step(theta, data, parents, prior_cov, prior_mean, link, num_nodes), steps
+
+
+def laplace_upward(data, parents, prior_cov, prior_mean, *, link, num_nodes):
+    """The Gaussian tree of the Laplace approximation at the mode, and its log marginal.
+
+    With the log-likelihood replaced by its expansion at the mode θ̂, the joint
+    posterior is Gaussian and its normaliser is the Laplace approximation:
+    log p(y | φ) ≈ Σ c_g + log ∫ exp(Σ_g h_gᵀθ_g − ½θ_gᵀW_gθ_g) p(θ | φ) dθ
+                 = log p(y | θ̂) + log p(θ̂ | φ) − ½ log|H| + (d/2) log 2π.
+    Returns (upward, log marginal, Newton iterations).
+    """
+    from kernels import gaussian_tree as tree
+    from kernels.glm import leaf_expansion
+
+    mode, steps = laplace_mode(data, parents, prior_cov, prior_mean, link=link, num_nodes=num_nodes)
+    w, h, constant = leaf_expansion(link, mode, data.successes, data.size, data.arm, data.leaf, num_nodes[-1])
+    upward = tree.integrate(w, h, tuple(parents), prior_cov, prior_mean, num_top=num_nodes[0])
+    return upward, upward.log_normaliser + constant, steps
+
+
+def laplace_model(data, parents, *, levels, num_nodes, priors, link):
+    """The `laplace` model: NUTS sees the hyperparameters only, on the Laplace marginal."""
+    import numpyro
+
+    hyper = sample_hyper(priors, levels)
+    prior_cov, prior_mean = tree_prior(hyper, levels)
+    _, log_marginal, _ = laplace_upward(data, parents, prior_cov, prior_mean, link=link, num_nodes=num_nodes)
+    numpyro.factor("marginal", log_marginal)
+
+
+# --- the full joint model (reference) -----------------------------------------------------
+
+
+def cell_log_likelihood(data: GLMData, alpha_leaf, tau_leaf, link):
+    from kernels.glm import cell_terms
+
+    eta = alpha_leaf[data.leaf] + tau_leaf[data.leaf] * data.arm
+    return cell_terms(link, eta, data.successes, data.size)[0].sum()
+
+
+def joint_model(data, parents, *, levels, num_nodes, priors, link):
+    """Every group's (α, τ) sampled, non-centred; the reference for `laplace` and `svi`."""
+    import jax.numpy as jnp
+    import numpyro
+    import numpyro.distributions as dist
+
+    from engine.models import to_numpyro
+
+    alpha = jnp.reshape(numpyro.sample("baseline_mean", to_numpyro(priors["baseline_mean"])), (1,))
+    tau = jnp.reshape(numpyro.sample("effect_mean", to_numpyro(priors["effect_mean"])), (1,))
+    for depth, (level, size) in enumerate(zip(levels, num_nodes)):
+        above = jnp.zeros(size, dtype=jnp.int32) if depth == 0 else parents[depth - 1]
+        s_alpha, s_tau, _ = gaussian._sample_scales(level, priors)
+        z_alpha = numpyro.sample(f"baseline_z.{level}", dist.Normal(0.0, 1.0).expand([size]).to_event(1))
+        z_tau = numpyro.sample(f"effect_z.{level}", dist.Normal(0.0, 1.0).expand([size]).to_event(1))
+        alpha = alpha[above] + s_alpha * z_alpha
+        tau = tau[above] + s_tau * gaussian._correlated(z_tau, z_alpha, priors, level)
+    numpyro.factor("cells", cell_log_likelihood(data, alpha, tau, link))
+
+
+def node_latents(draws: dict, parents, levels, num_nodes):
+    """(α, τ) of every node at every level from one draw of the joint model (vmap it)."""
+    import jax.numpy as jnp
+
+    alpha = jnp.reshape(draws["baseline_mean"], (1,))
+    tau = jnp.reshape(draws["effect_mean"], (1,))
+    out = []
+    for depth, (level, size) in enumerate(zip(levels, num_nodes)):
+        above = jnp.zeros(size, dtype=jnp.int32) if depth == 0 else parents[depth - 1]
+        z_alpha = draws[f"baseline_z.{level}"]
+        alpha = alpha[above] + draws[f"baseline_scale.{level}"] * z_alpha
+        tau = tau[above] + draws[f"effect_scale.{level}"] * gaussian._correlated(draws[f"effect_z.{level}"],
+                                                                                 z_alpha, draws, level)
+        out.append(jnp.stack([alpha, tau], -1))
+    return out
+
+
+def outcome_effects(leaf_theta, leaf_rows, parents, num_nodes, link):
+    """Effects on the outcome scale from one draw of every leaf's (α, τ) (vmap it).
+
+    A leaf's effect is g⁻¹(α + τ) − g⁻¹(α) (risk or rate difference; every row of a
+    leaf shares it); a node above averages its leaves' effects over their rows.
+    Returns (per level (nodes,) effects, the row-weighted average over all leaves).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from kernels.glm import inverse_link
+
+    a, t = leaf_theta[:, 0], leaf_theta[:, 1]
+    effect = inverse_link(link, a + t) - inverse_link(link, a)
+    out = [effect]
+    weighted, rows = effect * leaf_rows, leaf_rows
+    for depth in range(len(num_nodes) - 2, -1, -1):
+        weighted = jax.ops.segment_sum(weighted, parents[depth], num_segments=num_nodes[depth])
+        rows = jax.ops.segment_sum(rows, parents[depth], num_segments=num_nodes[depth])
+        out.insert(0, jnp.where(rows > 0, weighted / jnp.where(rows > 0, rows, 1.0), 0.0))
+    ate = jnp.sum(effect * leaf_rows) / jnp.sum(leaf_rows)
+    return out, ate
+
+
+def new_group_effects(hyper: dict, levels, link: str, rng) -> tuple[np.ndarray, np.ndarray]:
+    """Effect in an unseen top-level group, per hyperparameter draw: (outcome scale, link scale).
+
+    (α, τ) ~ N(μ, Σ_top) with the top level's scales and correlation; without levels, μ itself.
+    """
+    alpha, tau = np.asarray(hyper["baseline_mean"], float), np.asarray(hyper["effect_mean"], float)
+    if levels:
+        top = levels[0]
+        s_a, s_t = hyper[f"baseline_scale.{top}"], hyper[f"effect_scale.{top}"]
+        rho = hyper.get(f"correlation.{top}", np.zeros_like(s_t))
+        z_a, z_t = rng.standard_normal(alpha.shape), rng.standard_normal(alpha.shape)
+        alpha = alpha + s_a * z_a
+        tau = tau + s_t * (rho * z_a + np.sqrt(1 - rho**2) * z_t)
+    if link == "logit":
+        def inverse(eta):
+            return 1.0 / (1.0 + np.exp(-eta))
+    else:
+        def inverse(eta):
+            return np.exp(np.minimum(eta, 60.0))
+    return inverse(alpha + tau) - inverse(alpha), tau
