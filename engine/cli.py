@@ -69,11 +69,14 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--groups", type=int, default=1_000)
     sim.add_argument("--levels", default="group", help="comma-separated level names, outermost first")
     sim.add_argument("--covariate", action="store_true", help="add a pre-period covariate column 'pre'")
+    sim.add_argument("--family", default="gaussian",
+                     help="gaussian, bernoulli, binomial (adds 'trials') or poisson (adds 'exposure')")
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--out", required=True, metavar="DIR")
 
     val = sub.add_parser("validate", help="simulation-based calibration (SBC) of a method")
-    val.add_argument("--method", default="exact", choices=["exact", "nuts"])
+    val.add_argument("--method", default="exact", choices=["exact", "nuts", "laplace"],
+                     help="exact and nuts: Gaussian cells; laplace: Bernoulli cells (logit link)")
     val.add_argument("--groups", type=int, default=40, help="leaf groups in each simulated problem")
     val.add_argument("--levels", type=int, default=1, help="nesting depth of the simulated groups")
     val.add_argument("--rows", type=int, default=200, help="rows in each simulated problem (long tail)")
@@ -198,7 +201,8 @@ def _cmd_simulate(args) -> int:
     from engine.simulate import simulate
 
     levels = [lv.strip() for lv in args.levels.split(",") if lv.strip()]
-    sim = simulate(rows=args.rows, groups=args.groups, levels=levels, seed=args.seed, covariate=args.covariate)
+    sim = simulate(rows=args.rows, groups=args.groups, levels=levels, seed=args.seed, covariate=args.covariate,
+                   family=args.family)
     record.write_folder(args.out, {
         "rows.parquet": sim.rows.write_parquet,
         "truth.parquet": sim.truth.write_parquet,

@@ -25,6 +25,12 @@ SBC_PRIORS = {
     "noise": Prior("halfnormal", (1.0,)),
 }
 LEVEL_PRIORS = {"baseline_scale": Prior("halfnormal", (1.0,)), "effect_scale": Prior("halfnormal", (0.5,))}
+# Bernoulli (logit link): base rates mostly 5%–50%, log odds ratios mostly within ±1.
+GLM_SBC_PRIORS = {
+    "baseline_mean": Prior("normal", (-1.5, 0.5)),
+    "effect_mean": Prior("normal", (0.0, 0.5)),
+}
+GLM_LEVEL_PRIORS = {"baseline_scale": Prior("halfnormal", (0.5,)), "effect_scale": Prior("halfnormal", (0.5,))}
 # Tests set this to fit with priors other than the generating ones (a power check: SBC must fail).
 FIT_PRIORS_OVERRIDE: dict | None = None
 
@@ -99,15 +105,30 @@ def _layout(groups: int, levels: int, rows: int, rng):
     return sizes, tuple(parents), n[keep].astype(np.float64), leaf[keep], arm[keep]
 
 
-def _simulate_cells(rng, sizes, parents, n, leaf, arm, level_names):
-    truth = {name: _draw(rng, prior) for name, prior in SBC_PRIORS.items()}
+def _simulate_latents(rng, sizes, parents, level_names, top_priors, level_priors):
+    truth = {name: _draw(rng, prior) for name, prior in top_priors.items()}
     alpha, tau = np.array([truth["baseline_mean"]]), np.array([truth["effect_mean"]])
     for depth, (name, size) in enumerate(zip(level_names, sizes)):
-        s_alpha, s_tau = _draw(rng, LEVEL_PRIORS["baseline_scale"]), _draw(rng, LEVEL_PRIORS["effect_scale"])
+        s_alpha, s_tau = _draw(rng, level_priors["baseline_scale"]), _draw(rng, level_priors["effect_scale"])
         truth[f"baseline_scale.{name}"], truth[f"effect_scale.{name}"] = s_alpha, s_tau
         above = np.zeros(size, np.int64) if depth == 0 else parents[depth - 1]
         alpha = alpha[above] + s_alpha * rng.standard_normal(size)
         tau = tau[above] + s_tau * rng.standard_normal(size)
+    return truth, alpha, tau
+
+
+def _simulate_bernoulli_cells(rng, sizes, parents, n, leaf, arm, level_names):
+    truth, alpha, tau = _simulate_latents(rng, sizes, parents, level_names, GLM_SBC_PRIORS, GLM_LEVEL_PRIORS)
+    eta = alpha[leaf] + tau[leaf] * arm
+    successes = rng.binomial(n.astype(np.int64), 1 / (1 + np.exp(-eta))).astype(np.float64)
+    leaf_rows = np.bincount(leaf, weights=n, minlength=sizes[-1])
+    effect = 1 / (1 + np.exp(-(alpha + tau))) - 1 / (1 + np.exp(-alpha))
+    truth["ate"] = float(np.dot(effect, leaf_rows) / leaf_rows.sum())
+    return truth, successes, leaf_rows
+
+
+def _simulate_cells(rng, sizes, parents, n, leaf, arm, level_names):
+    truth, alpha, tau = _simulate_latents(rng, sizes, parents, level_names, SBC_PRIORS, LEVEL_PRIORS)
     sigma = truth["noise"]
     mu = alpha[leaf] + tau[leaf] * arm
     mean = rng.normal(mu, sigma / np.sqrt(n))
@@ -120,11 +141,13 @@ def _simulate_cells(rng, sizes, parents, n, leaf, arm, level_names):
 def run_sbc(method: str = "exact", groups: int = 40, levels: int = 1, rows: int = 200, replications: int = 100,
             draws: int = 200, warmup: int = 300, chains: int = 2, thinned: int = 19, bins: int = 5, seed: int = 0,
             progress_fn=None) -> Calibration:
-    """Run SBC for ``method`` on a fixed-size problem; see the module docstring."""
-    from engine.infer.exact import fit_exact
-    from engine.infer.nuts import fit_nuts
+    """Run SBC for ``method`` on a fixed-size problem; see the module docstring.
+
+    ``exact`` and ``nuts`` fit Gaussian cells; ``laplace`` fits Bernoulli cells (logit link).
+    """
     from engine.spec import Spec
 
+    glm_family = method == "laplace"
     rng = np.random.default_rng(seed)
     level_names = tuple(f"level{d + 1}" for d in range(levels))
     sizes, parents, n, leaf, arm = _layout(groups, levels, rows, rng)
@@ -133,27 +156,44 @@ def run_sbc(method: str = "exact", groups: int = 40, levels: int = 1, rows: int 
     num_nodes = tuple(gaussian.bucket(s, 8) for s in sizes)
     pad_parents = tuple(np.concatenate([p, np.zeros(num_nodes[d + 1] - p.shape[0], np.int32)])
                         for d, p in enumerate(parents))
-    priors = dict(SBC_PRIORS)
+    top_priors, level_priors = (GLM_SBC_PRIORS, GLM_LEVEL_PRIORS) if glm_family else (SBC_PRIORS, LEVEL_PRIORS)
+    priors = dict(top_priors)
     for name in level_names:
-        priors[f"baseline_scale.{name}"] = LEVEL_PRIORS["baseline_scale"]
-        priors[f"effect_scale.{name}"] = LEVEL_PRIORS["effect_scale"]
+        priors[f"baseline_scale.{name}"] = level_priors["baseline_scale"]
+        priors[f"effect_scale.{name}"] = level_priors["effect_scale"]
     priors.update(FIT_PRIORS_OVERRIDE or {})
     spec = Spec(outcome="y", treatment="t", groups=level_names, method=method, draws=draws, warmup=warmup,
-                chains=chains, seed=seed)
-    fit_fn = fit_exact if method == "exact" else fit_nuts
+                chains=chains, seed=seed, family="bernoulli" if glm_family else "gaussian")
+
+    def pad(values, dtype=np.float64):
+        out = np.zeros(padded, dtype=dtype)
+        out[:size] = values
+        return out
+
+    def cell_data():
+        """One replication: the truth, the simulated cells, and rows per leaf."""
+        if glm_family:
+            from engine.models import glm
+            truth, successes, leaf_rows = _simulate_bernoulli_cells(rng, sizes, parents, n, leaf, arm, level_names)
+            init = np.zeros((num_nodes[-1], 2))
+            init[:, 0] = GLM_SBC_PRIORS["baseline_mean"].args[0]
+            leaf_successes = glm.per_leaf_arm(successes, arm, leaf, num_nodes[-1])
+            leaf_size = glm.per_leaf_arm(n, arm, leaf, num_nodes[-1])
+            data = glm.GLMData(successes=pad(successes), size=pad(n), arm=pad(arm), leaf=pad(leaf, np.int32),
+                               init=init, leaf_successes=leaf_successes, leaf_size=leaf_size,
+                               **glm.quadrature_table("logit", leaf_successes, leaf_size, init, levels))
+            return truth, data, leaf_rows
+        truth, mean, m2, leaf_rows = _simulate_cells(rng, sizes, parents, n, leaf, arm, level_names)
+        data = gaussian.CellData(n=pad(n), mean=pad(mean), m2=pad(m2), arm=pad(arm), leaf=pad(leaf, np.int32),
+                                 x_mean=np.zeros((padded, 0)), xy_m2=np.zeros((padded, 0)),
+                                 xx_m2=np.zeros((padded, 0, 0)))
+        return truth, data, leaf_rows
+
+    fit_fn = _fit_function(method)
     ranks: dict[str, list[int]] = {}
     started = time.perf_counter()
     for r in range(replications):
-        truth, mean, m2, leaf_rows = _simulate_cells(rng, sizes, parents, n, leaf, arm, level_names)
-
-        def pad(values, fill=0.0):
-            out = np.full(padded, fill, dtype=np.asarray(values).dtype)
-            out[:size] = values
-            return out
-
-        data = gaussian.CellData(n=pad(n), mean=pad(mean), m2=pad(m2), arm=pad(arm), leaf=pad(leaf, 0),
-                                 x_mean=np.zeros((padded, 0)), xy_m2=np.zeros((padded, 0)),
-                                 xx_m2=np.zeros((padded, 0, 0)))
+        truth, data, leaf_rows = cell_data()
         rows_padded = np.zeros(num_nodes[-1])
         rows_padded[: sizes[-1]] = leaf_rows
         problem = gaussian.Problem(
@@ -161,12 +201,7 @@ def run_sbc(method: str = "exact", groups: int = 40, levels: int = 1, rows: int 
             std_priors=priors, standardisation=gaussian.Standardisation(0.0, 1.0, np.zeros(0), np.zeros(0)),
             leaf_rows=rows_padded, real_nodes=tuple(sizes))
         posterior = fit_fn(problem, replace(spec, seed=seed + r + 1), "calibration")
-        named = dict(posterior.hyper, ate=posterior.ate)
-        for name, value in truth.items():
-            draws_flat = np.asarray(named[name]).reshape(-1)
-            # Thin to reduce autocorrelation, as Talts et al. recommend.
-            kept = draws_flat[np.linspace(0, draws_flat.size - 1, thinned).astype(int)]
-            ranks.setdefault(name, []).append(int((kept < value).sum()))
+        _record_ranks(ranks, truth, dict(posterior.hyper, ate=posterior.ate), thinned)
         if progress_fn is not None:
             progress_fn(r + 1, replications)
     rank_arrays = {k: np.asarray(v) for k, v in ranks.items()}
@@ -174,3 +209,22 @@ def run_sbc(method: str = "exact", groups: int = 40, levels: int = 1, rows: int 
     return Calibration(method, replications, rank_arrays, thinned, bins, p_values,
                        time.perf_counter() - started)
 
+
+def _fit_function(method: str):
+    if method == "exact":
+        from engine.infer.exact import fit_exact
+        return fit_exact
+    if method == "laplace":
+        from engine.infer.laplace import fit_laplace
+        return fit_laplace
+    from engine.infer.nuts import fit_nuts
+    return fit_nuts
+
+
+def _record_ranks(ranks: dict, truth: dict, named: dict, thinned: int) -> None:
+    """Append each true value's rank among ``thinned`` evenly spaced posterior draws."""
+    for name, value in truth.items():
+        draws_flat = np.asarray(named[name]).reshape(-1)
+        # Thin to reduce autocorrelation, as Talts et al. recommend.
+        kept = draws_flat[np.linspace(0, draws_flat.size - 1, thinned).astype(int)]
+        ranks.setdefault(name, []).append(int((kept < value).sum()))

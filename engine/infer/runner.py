@@ -61,8 +61,14 @@ def run_nuts(model_fn, model_args: tuple, model_kwargs: dict, *, rng_key, warmup
     """Run NUTS; data travel as ``model_args`` (traced), never as closed-over constants."""
     from numpyro.infer import MCMC, NUTS, init_to_median
 
+    import jax
+
     method = chain_method(chains)
-    key = (static_key(model_fn), warmup, draws, chains, target_accept, method, show_progress())
+    # Shapes belong in the key: NumPyro's MCMC, reused for arguments of another shape, failed
+    # inside its vectorised-chain sampler (seen with GLM fits whose quadrature tables differ).
+    shapes = tuple((tuple(getattr(leaf, "shape", ())), str(getattr(leaf, "dtype", type(leaf).__name__)))
+                   for leaf in jax.tree.leaves(model_args))
+    key = (static_key(model_fn), shapes, warmup, draws, chains, target_accept, method, show_progress())
     mcmc = _SAMPLERS.get(key)
     if mcmc is None:
         kernel = NUTS(model_fn, target_accept_prob=target_accept, init_strategy=init_to_median(num_samples=15))

@@ -24,21 +24,53 @@ from engine.models import gaussian
 from engine.priors import Prior
 
 # Newton iterations toward the mode before giving up, the convergence tolerance on the
-# largest change of any leaf's (α, τ), and the largest step any coordinate may take in one
+# largest change of any leaf's (α, τ) (the live Newton step after it squares the error,
+# quadratic convergence), and the largest step any coordinate may take in one
 # iteration (a damping guard for iterates far in the tail; inactive near the mode).
 NEWTON_MAX_STEPS = 50
-NEWTON_TOL = 1e-9
+NEWTON_TOL = 1e-7
 NEWTON_MAX_STEP = 4.0
+# Small leaves, one level fitted: the leaves are then independent given the hyperparameters,
+# and a leaf's integral depends only on its (successes, size) per arm. Leaves whose larger
+# arm has at most SMALL_SIZE trials (logit) or SMALL_COUNT events (log) are integrated by
+# adaptive Gauss–Hermite quadrature with QUADRATURE_NODES per dimension (7 × 7 = 49 nodes),
+# once per distinct configuration (a long tail repeats a few configurations many times:
+# 16,155 small leaves of 20,000 had 1,465), as long as there are at most MAX_CONFIGURATIONS.
+# Every other leaf, and every leaf of a nested tree, uses the Laplace approximation.
+# Measured (tests/statistical/test_glm.py; 3 rows per group, 300 groups): plain Laplace put
+# σ_α 0.5 posterior sd above full NUTS (1.41 vs 1.26); 5 or more nodes per dimension matched
+# NUTS (1.24), 3 did not (1.41). Against a brute-force integral of 50 sparse leaves the log
+# marginal's error was 0.15 nats with 1 node, 0.20 with 3, 0.006 with 5 and 1e-4 with 9.
+QUADRATURE_NODES = 7
+SMALL_SIZE = 10.0
+SMALL_COUNT = 10.0
+MAX_CONFIGURATIONS = 50_000
 
 
 class GLMData(NamedTuple):
-    """Cell totals, padded with size-0 cells; ``init`` is where Newton starts for each leaf."""
+    """Cell totals, padded with size-0 cells; ``init`` is where Newton starts for each leaf.
+
+    The same totals twice: one row per cell (the joint model indexes leaves by cell, as a
+    user's model would) and densely per leaf and arm (``leaf_successes``, ``leaf_size``,
+    zeros for a missing arm or a padding leaf), which `laplace` uses without any scatter.
+    """
 
     successes: np.ndarray  # (cells,) Σy
     size: np.ndarray       # (cells,) Σtrials (logit) or Σexposure (log); 0 for padding
     arm: np.ndarray        # (cells,) float 0/1
     leaf: np.ndarray       # (cells,) int32
     init: np.ndarray       # (leaves, 2) smoothed empirical (α, τ) of each leaf
+    leaf_successes: np.ndarray  # (leaves, 2) Σy per leaf, control and treated
+    leaf_size: np.ndarray       # (leaves, 2) size per leaf, control and treated
+    # One level only (empty otherwise): the quadrature table of distinct small-leaf
+    # configurations and how many leaves share each, and the other ("large") leaves, whose
+    # integrals are Laplace approximations. Zero rows pad both to bucketed sizes.
+    quad_successes: np.ndarray = None  # (configurations, 2)
+    quad_size: np.ndarray = None       # (configurations, 2)
+    quad_count: np.ndarray = None      # (configurations,) leaves with this configuration
+    large_successes: np.ndarray = None  # (large leaves, 2)
+    large_size: np.ndarray = None       # (large leaves, 2)
+    large_init: np.ndarray = None       # (large leaves, 2) where Newton starts
 
 
 def link_of(family: str) -> str:
@@ -103,11 +135,63 @@ def build(cells: Cells, encoding: Encoding, priors: dict[str, Prior], family: st
         out[: values.shape[0]] = values
         return out
 
-    data = GLMData(successes=pad(successes), size=pad(size), arm=pad(arm), leaf=pad(leaf, np.int32), init=init)
+    leaf_successes = per_leaf_arm(successes, arm, leaf, leaves)
+    leaf_size = per_leaf_arm(size, arm, leaf, leaves)
+    data = GLMData(successes=pad(successes), size=pad(size), arm=pad(arm), leaf=pad(leaf, np.int32), init=init,
+                   leaf_successes=leaf_successes, leaf_size=leaf_size,
+                   **quadrature_table(link, leaf_successes, leaf_size, init, len(num_nodes)))
     std = gaussian.Standardisation(0.0, 1.0, np.zeros(0), np.zeros(0))
     return gaussian.Problem(data=data, parents=parents, num_nodes=num_nodes, levels=tuple(cells.levels),
                             covariates=(), std_priors=dict(priors), standardisation=std,
                             leaf_rows=leaf_rows, real_nodes=encoding.num_nodes)
+
+
+def quadrature_table(link: str, leaf_successes, leaf_size, init, num_levels: int) -> dict:
+    """The GLMData fields that split one level's leaves into the quadrature table (small
+    leaves, by distinct configuration) and the large leaves (see ``QUADRATURE_NODES``).
+
+    Padding leaves (size 0 in both arms) are left out of both: they integrate to one.
+    """
+    empty = np.zeros((0, 2))
+    if num_levels != 1:
+        return {"quad_successes": empty, "quad_size": empty, "quad_count": np.zeros(0),
+                "large_successes": empty, "large_size": empty, "large_init": empty}
+    measure = leaf_size if link == "logit" else leaf_successes
+    limit = SMALL_SIZE if link == "logit" else SMALL_COUNT
+    observed = leaf_size.sum(axis=1) > 0
+    small = (measure.max(axis=1) <= limit) & observed
+    configs, counts = np.unique(np.concatenate([leaf_successes[small], leaf_size[small]], axis=1), axis=0,
+                                return_counts=True)
+    if configs.shape[0] > MAX_CONFIGURATIONS:
+        small[:] = False
+        configs, counts = np.zeros((0, 4)), np.zeros(0)
+    large = observed & ~small
+
+    def padded(values):
+        out = np.zeros((gaussian.bucket(values.shape[0]),) + values.shape[1:])
+        out[: values.shape[0]] = values
+        return out
+
+    table = padded(configs)
+    return {"quad_successes": table[:, :2], "quad_size": table[:, 2:], "quad_count": padded(counts),
+            "large_successes": padded(leaf_successes[large]), "large_size": padded(leaf_size[large]),
+            "large_init": padded(init[large])}
+
+
+def quadrature_nodes(data: GLMData) -> int:
+    """Gauss–Hermite nodes per small-leaf integral (1: every leaf uses Laplace), for the record."""
+    return QUADRATURE_NODES**2 if data.quad_count is not None and np.asarray(data.quad_count).sum() > 0 else 1
+
+
+def small_leaves(data: GLMData) -> int:
+    """Leaves integrated by quadrature (the rest by Laplace), for the record."""
+    return int(np.asarray(data.quad_count).sum()) if data.quad_count is not None else 0
+
+
+def per_leaf_arm(values, arm, leaf, leaves) -> np.ndarray:
+    """(leaves, 2) totals by leaf and arm from per-cell values."""
+    index = leaf.astype(np.int64) * 2 + arm.astype(np.int64)
+    return np.bincount(index, values, minlength=2 * leaves).reshape(leaves, 2)
 
 
 def _initial_values(link, successes, size, arm, leaf, leaves, rate, size_per_row):
@@ -159,13 +243,37 @@ def tree_prior(hyper: dict, levels):
 
 def _newton_step(theta, data, parents, prior_cov, prior_mean, link, num_nodes):
     """The mode of (second-order expansion at θ of the log-likelihood) × (the tree prior):
-    one Newton step on the joint log posterior of every node, as one tree solve."""
+    one Newton step on the joint log posterior of every node, as one tree solve (elementwise
+    over leaves when there is one level)."""
     from kernels import gaussian_tree as tree
-    from kernels.glm import leaf_expansion
+    from kernels.glm import independent_newton_step, leaf_expansion
 
-    w, h, _ = leaf_expansion(link, theta, data.successes, data.size, data.arm, data.leaf, num_nodes[-1])
+    if len(num_nodes) == 1:
+        return independent_newton_step(link, theta, data.leaf_successes, data.leaf_size, prior_cov[0],
+                                       prior_mean)
+
+    w, h, _ = leaf_expansion(link, theta, data.leaf_successes, data.leaf_size)
     upward = tree.integrate(w, h, tuple(parents), prior_cov, prior_mean, num_top=num_nodes[0])
     return tree.posterior_means(upward, tuple(parents), prior_cov, prior_mean)[-1]
+
+
+def _damped_newton(step, start, dtype):
+    """Iterate ``step`` (without derivatives) from ``start`` until the largest change is below
+    ``NEWTON_TOL``; each move is clipped to ``NEWTON_MAX_STEP``. Returns (θ, iterations)."""
+    import jax
+    import jax.numpy as jnp
+
+    def body(state):
+        count, theta, _ = state
+        move = jnp.clip(step(theta) - theta, -NEWTON_MAX_STEP, NEWTON_MAX_STEP)
+        return count + 1, theta + move, jnp.max(jnp.abs(move), initial=0.0)
+
+    def cond(state):
+        count, _, change = state
+        return (count < NEWTON_MAX_STEPS) & (change > NEWTON_TOL)
+
+    count, theta, _ = jax.lax.while_loop(cond, body, (0, start, jnp.asarray(jnp.inf, dtype)))
+    return jax.lax.stop_gradient(theta), count
 
 
 def laplace_mode(data, parents, prior_cov, prior_mean, *, link, num_nodes):
@@ -181,21 +289,23 @@ def laplace_mode(data, parents, prior_cov, prior_mean, *, link, num_nodes):
     import jax.numpy as jnp
 
     frozen_cov, frozen_mean = jax.lax.stop_gradient(prior_cov), jax.lax.stop_gradient(prior_mean)
-
-    def body(state):
-        step, theta, _ = state
-        new = _newton_step(theta, data, parents, frozen_cov, frozen_mean, link, num_nodes)
-        move = jnp.clip(new - theta, -NEWTON_MAX_STEP, NEWTON_MAX_STEP)
-        return step + 1, theta + move, jnp.max(jnp.abs(move))
-
-    def cond(state):
-        step, _, change = state
-        return (step < NEWTON_MAX_STEPS) & (change > NEWTON_TOL)
-
-    start = jnp.asarray(data.init, dtype=prior_mean.dtype)
-    steps, theta, _ = jax.lax.while_loop(cond, body, (0, start, jnp.asarray(jnp.inf, prior_mean.dtype)))
-    theta = jax.lax.stop_gradient(theta)
+    theta, steps = _damped_newton(
+        lambda t: _newton_step(t, data, parents, frozen_cov, frozen_mean, link, num_nodes),
+        jnp.asarray(data.init, dtype=prior_mean.dtype), prior_mean.dtype)
     return _newton_step(theta, data, parents, prior_cov, prior_mean, link, num_nodes), steps
+
+
+def _independent_mode(successes, size, start, prior_cov, prior_mean, link):
+    """Modes of independent leaves under N(μ, Σ) (one level), with the implicit-gradient step."""
+    import jax
+
+    from kernels.glm import independent_newton_step
+
+    frozen_cov, frozen_mean = jax.lax.stop_gradient(prior_cov), jax.lax.stop_gradient(prior_mean)
+    theta, steps = _damped_newton(
+        lambda t: independent_newton_step(link, t, successes, size, frozen_cov, frozen_mean),
+        start.astype(prior_mean.dtype), prior_mean.dtype)
+    return independent_newton_step(link, theta, successes, size, prior_cov, prior_mean), steps
 
 
 def laplace_upward(data, parents, prior_cov, prior_mean, *, link, num_nodes):
@@ -211,19 +321,43 @@ def laplace_upward(data, parents, prior_cov, prior_mean, *, link, num_nodes):
     from kernels.glm import leaf_expansion
 
     mode, steps = laplace_mode(data, parents, prior_cov, prior_mean, link=link, num_nodes=num_nodes)
-    w, h, constant = leaf_expansion(link, mode, data.successes, data.size, data.arm, data.leaf, num_nodes[-1])
+    w, h, constant = leaf_expansion(link, mode, data.leaf_successes, data.leaf_size)
     upward = tree.integrate(w, h, tuple(parents), prior_cov, prior_mean, num_top=num_nodes[0])
     return upward, upward.log_normaliser + constant, steps
 
 
+def log_marginal(data, parents, prior_cov, prior_mean, *, link, num_nodes):
+    """The approximate log p(y | φ) NUTS samples on: with one level, Laplace for large leaves
+    plus adaptive Gauss–Hermite quadrature for the table of small-leaf configurations
+    (``quadrature_table``); nested, Laplace on the tree."""
+    from kernels.glm import independent_log_marginal
+
+    import jax.numpy as jnp
+
+    if len(num_nodes) == 1:
+        cov = prior_cov[0]
+        total = 0.0
+        if data.large_size.shape[0]:
+            mode, _ = _independent_mode(data.large_successes, data.large_size, data.large_init, cov,
+                                        prior_mean, link)
+            total = total + independent_log_marginal(link, mode, data.large_successes, data.large_size, cov,
+                                                     prior_mean, 1).sum()
+        if data.quad_size.shape[0]:
+            start = jnp.broadcast_to(prior_mean, data.quad_size.shape)
+            mode, _ = _independent_mode(data.quad_successes, data.quad_size, start, cov, prior_mean, link)
+            total = total + (independent_log_marginal(link, mode, data.quad_successes, data.quad_size, cov,
+                                                      prior_mean, QUADRATURE_NODES) * data.quad_count).sum()
+        return total
+    return laplace_upward(data, parents, prior_cov, prior_mean, link=link, num_nodes=num_nodes)[1]
+
+
 def laplace_model(data, parents, *, levels, num_nodes, priors, link):
-    """The `laplace` model: NUTS sees the hyperparameters only, on the Laplace marginal."""
+    """The `laplace` model: NUTS sees the hyperparameters only, on the approximate marginal."""
     import numpyro
 
     hyper = sample_hyper(priors, levels)
     prior_cov, prior_mean = tree_prior(hyper, levels)
-    _, log_marginal, _ = laplace_upward(data, parents, prior_cov, prior_mean, link=link, num_nodes=num_nodes)
-    numpyro.factor("marginal", log_marginal)
+    numpyro.factor("marginal", log_marginal(data, parents, prior_cov, prior_mean, link=link, num_nodes=num_nodes))
 
 
 # --- the full joint model (reference) -----------------------------------------------------

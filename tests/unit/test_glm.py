@@ -21,9 +21,14 @@ def tiny_problem(link, seed=0, leaves=3, size_scale=10.0):
     rate = 0.2 if link == "logit" else 0.5
     successes = rng.binomial(size.astype(int), rate).astype(float) if link == "logit" else \
         rng.poisson(size * rate).astype(float)
-    data = glm.GLMData(jnp.asarray(successes), jnp.asarray(size), jnp.asarray(arm), jnp.asarray(leaf),
-                       jnp.zeros((leaves, 2)))
-    return data
+    return make_data(successes, size, arm, leaf, leaves)
+
+
+def make_data(successes, size, arm, leaf, leaves):
+    dense = [jnp.asarray(glm.per_leaf_arm(np.asarray(v), np.asarray(arm), np.asarray(leaf), leaves))
+             for v in (successes, size)]
+    return glm.GLMData(jnp.asarray(successes), jnp.asarray(size), jnp.asarray(arm), jnp.asarray(leaf),
+                       jnp.zeros((leaves, 2)), *dense)
 
 
 def leaf_log_lik(link, theta, data):
@@ -35,7 +40,7 @@ def leaf_log_lik(link, theta, data):
 def test_leaf_expansion_is_the_taylor_expansion(link):
     data = tiny_problem(link)
     theta = jnp.asarray(np.random.default_rng(1).normal(-1.0, 0.5, (3, 2)))
-    w, h, c = leaf_expansion(link, theta, data.successes, data.size, data.arm, data.leaf, 3)
+    w, h, c = leaf_expansion(link, theta, data.leaf_successes, data.leaf_size)
     value = leaf_log_lik(link, theta, data)
     quad = c + jnp.sum(h * theta) - 0.5 * jnp.einsum("gi,gij,gj->", theta, w, theta)
     assert np.isclose(quad, value, rtol=1e-12, atol=1e-9)
@@ -67,7 +72,7 @@ def test_laplace_mode_is_stationary(link):
     mode, steps = glm.laplace_mode(data, parents, cov, mean, link=link, num_nodes=(2, 3))
     assert 1 <= int(steps) < glm.NEWTON_MAX_STEPS
     from kernels import gaussian_tree as tree
-    w, h, _ = leaf_expansion(link, mode, data.successes, data.size, data.arm, data.leaf, 3)
+    w, h, _ = leaf_expansion(link, mode, data.leaf_successes, data.leaf_size)
     up = tree.integrate(w, h, parents, cov, mean, num_top=2)
     top = tree.posterior_means(up, parents, cov, mean)[0]
     grads = jax.grad(joint_log_density, argnums=1)(link, (top, mode), data, parents, cov, mean)
@@ -81,10 +86,10 @@ def brute_force_log_marginal(link, data, cov, mean, leaves, half_width=6.0, poin
     total = 0.0
     for g in range(leaves):
         mask = np.asarray(data.leaf) == g
-        sub = glm.GLMData(data.successes[mask], data.size[mask], data.arm[mask],
-                          jnp.zeros(int(mask.sum()), jnp.int32), jnp.zeros((1, 2)))
+        sub = make_data(data.successes[mask], data.size[mask], data.arm[mask],
+                        np.zeros(int(mask.sum()), np.int32), 1)
         mode, _ = glm.laplace_mode(sub, (), cov[:1], mean, link=link, num_nodes=(1,))
-        w, _, _ = leaf_expansion(link, mode, sub.successes, sub.size, sub.arm, sub.leaf, 1)
+        w, _, _ = leaf_expansion(link, mode, sub.leaf_successes, sub.leaf_size)
         sd = np.sqrt(np.diag(np.linalg.inv(np.asarray(w[0]) + np.linalg.inv(np.asarray(cov[0])))))
         a = np.linspace(-half_width, half_width, points) * sd[0] + float(mode[0, 0])
         t = np.linspace(-half_width, half_width, points) * sd[1] + float(mode[0, 1])
@@ -125,3 +130,60 @@ def test_laplace_gradient_matches_finite_differences(link):
     numeric = np.array([(log_marginal(phi + eps * e) - log_marginal(phi - eps * e)) / (2 * eps)
                         for e in np.eye(6)])
     assert np.allclose(grad, numeric, rtol=1e-5, atol=1e-6), (grad, numeric)
+
+
+def sparse_leaves(leaves=50, seed=0):
+    rng = np.random.default_rng(seed)
+    size = rng.integers(0, 4, (leaves, 2)).astype(float)
+    size[:, 0] = np.maximum(size[:, 0], 1)
+    return rng.binomial(size.astype(int), 0.1).astype(float), size
+
+
+def independent_modes(successes, size, cov, mean, steps=40):
+    from kernels.glm import independent_newton_step
+    theta = jnp.zeros(successes.shape) + mean
+    for _ in range(steps):
+        theta = independent_newton_step("logit", theta, jnp.asarray(successes), jnp.asarray(size), cov, mean)
+    return theta
+
+
+def test_gauss_hermite_converges_to_the_integral_of_sparse_leaves():
+    """Leaves of 1–3 Bernoulli rows: the integrand is far from Gaussian, so Laplace (1 node) is off
+    and adaptive Gauss–Hermite with enough nodes reaches a brute-force grid integral."""
+    from jax.scipy.stats import multivariate_normal as mvn
+    from kernels.glm import independent_log_marginal
+    successes, size = sparse_leaves()
+    cov, mean = jnp.array([[1.3**2, 0.0], [0.0, 0.4**2]]), jnp.array([-2.8, 0.5])
+    mode = independent_modes(successes, size, cov, mean)
+    a, t = np.linspace(-12, 6, 1201), np.linspace(-4, 5, 901)
+    grid = jnp.stack([g.ravel() for g in np.meshgrid(a, t, indexing="ij")], -1)
+    log_prior = mvn.logpdf(grid, mean, cov)
+    brute = 0.0
+    for g in range(successes.shape[0]):
+        f = (cell_terms("logit", grid[:, 0], successes[g, 0], size[g, 0])[0]
+             + cell_terms("logit", grid[:, 0] + grid[:, 1], successes[g, 1], size[g, 1])[0] + log_prior)
+        brute += float(f.max() + jnp.log(jnp.exp(f - f.max()).sum() * (a[1] - a[0]) * (t[1] - t[0])))
+    error = {k: abs(float(independent_log_marginal("logit", mode, jnp.asarray(successes), jnp.asarray(size),
+                                                   cov, mean, k).sum()) - brute) for k in (1, 7, 9)}
+    assert error[9] < 1e-3 and error[7] < 0.01 < error[1], error
+
+
+def test_quadrature_table_groups_identical_leaves_exactly():
+    from kernels.glm import independent_log_marginal
+    successes, size = sparse_leaves(leaves=200, seed=3)
+    init = np.zeros_like(size)
+    table = glm.quadrature_table("logit", successes, size, init, 1)
+    assert table["quad_count"].sum() == 200 and table["large_size"].sum() == 0
+    assert (table["quad_count"] > 0).sum() < 40      # 200 sparse leaves, few distinct configurations
+    cov, mean = jnp.array([[1.0, 0.3], [0.3, 0.5]]), jnp.array([-2.0, 0.2])
+    per_leaf = independent_log_marginal("logit", independent_modes(successes, size, cov, mean),
+                                        jnp.asarray(successes), jnp.asarray(size), cov, mean, 7).sum()
+    config_modes = independent_modes(table["quad_successes"], table["quad_size"], cov, mean)
+    grouped = (independent_log_marginal("logit", config_modes, jnp.asarray(table["quad_successes"]),
+                                        jnp.asarray(table["quad_size"]), cov, mean, 7)
+               * table["quad_count"]).sum()
+    assert np.isclose(per_leaf, grouped, rtol=1e-12, atol=1e-9)
+    # A nested tree keeps no table; a large leaf stays out of it.
+    assert glm.quadrature_table("logit", successes, size, init, 2)["quad_count"].shape == (0,)
+    big = glm.quadrature_table("logit", np.array([[5.0, 9.0]]), np.array([[100.0, 120.0]]), np.zeros((1, 2)), 1)
+    assert big["quad_count"].sum() == 0 and big["large_size"][0].tolist() == [100.0, 120.0]
