@@ -166,6 +166,10 @@ def _cmd_fit(args) -> int:
     print(f"ATE {ate['mean']:.4g} (sd {ate['sd']:.3g}), {s['interval']:.0%} interval "
           f"[{ate['lower']:.4g}, {ate['upper']:.4g}]  method {s['method']}, {s['n_rows']} rows, "
           f"groups {s['n_groups'] or 'none'}")
+    if "ate_link" in s:
+        link = s["ate_link"]
+        print(f"  (ATE as a risk/rate difference; log odds/rate ratio {link['mean']:.4g} "
+              f"[{link['lower']:.4g}, {link['upper']:.4g}])")
     print(f"diagnostics: {'ok' if d['ok'] else 'NOT OK'}; " + ("; ".join(d["messages"]) or
           f"max R-hat {d['max_rhat']:.3f}, min bulk ESS {d['min_ess_bulk']:.0f}"))
     checks = s.get("checks") or {}

@@ -103,7 +103,7 @@ def build(*, checked, spec, priors, cells_hash, n_cells, method, method_reason, 
             "treated_value": None if spec.treated_value is None else str(spec.treated_value),
             "noise_by_arm": spec.noise_by_arm, "correlated": spec.correlated,
             "estimate": spec.estimate, "stderr": spec.stderr,
-            "design_share": spec.design_share,
+            "design_share": spec.design_share, "trials": spec.trials, "exposure": spec.exposure,
         },
         "seeds": {"seed": spec.seed},
         "sampler": sampler,
@@ -146,7 +146,15 @@ def explain(record: dict, summary: dict | None = None, refute: dict | None = Non
     lines.append(f"  groups {' ▸ '.join(spec.get('groups', [])) or '(none: one population)'}")
     if spec.get("covariates"):
         lines.append(f"  covariates {', '.join(spec['covariates'])}")
+    if spec.get("trials") or spec.get("exposure"):
+        lines.append(f"  {'trials' if spec.get('trials') else 'exposure'} column "
+                     f"{spec.get('trials') or spec.get('exposure')!r}")
     lines.append(f"  method {spec.get('method')} (asked: {spec.get('method_requested')}; {spec.get('method_reason')})")
+    sampler = record.get("sampler", {})
+    if "quadrature_nodes" in sampler:
+        lines.append(f"  leaf integrals: {sampler.get('quadrature_leaves', 0)} small leaves by adaptive "
+                     f"Gauss–Hermite quadrature ({sampler['quadrature_nodes']} nodes), the rest by Laplace; "
+                     f"Newton converged in ≤ {sampler.get('newton_steps_max')} steps")
     user = set(spec.get("priors_set_by_user", []))
     for name, prior in (spec.get("priors") or {}).items():
         by = "user" if name in user or name.split(".")[0] in user else "default, scaled to the data"
@@ -171,7 +179,12 @@ def explain(record: dict, summary: dict | None = None, refute: dict | None = Non
         lines.append("")
         lines.append("Result")
         lines.append(f"  ATE {ate.get('mean'):.4g} (sd {ate.get('sd'):.3g}), "
-                     f"{summary.get('interval', 0.9):.0%} interval [{ate.get('lower'):.4g}, {ate.get('upper'):.4g}]")
+                     f"{summary.get('interval', 0.9):.0%} interval [{ate.get('lower'):.4g}, {ate.get('upper'):.4g}]"
+                     + (" (risk or rate difference)" if summary.get("ate_link") else ""))
+        link = summary.get("ate_link")
+        if link:
+            lines.append(f"  on the link scale (log odds or log rate ratio) {link['mean']:.4g} "
+                         f"[{link['lower']:.4g}, {link['upper']:.4g}]")
     v = record.get("versions", {})
     lines.append("")
     lines.append(f"Versions: causal-engine {v.get('causal-engine')}, jax {v.get('jax')}, numpyro {v.get('numpyro')}, "

@@ -61,7 +61,7 @@ def spec_from_record(record_: dict, *, draws: int, warmup: int, chains: int, see
         chains=chains, seed=seed, drop_missing=spec.get("drop_missing", False),
         noise_by_arm=spec.get("noise_by_arm", any(n.startswith("noise.") for n in priors)),
         correlated=spec.get("correlated", any(n.startswith("correlation.") for n in priors)),
-        design_share=spec.get("design_share", 0.5))
+        design_share=spec.get("design_share", 0.5), trials=spec.get("trials"), exposure=spec.get("exposure"))
 
 
 def permute_within(frame: pl.DataFrame, treatment: str, group: str | None, seed: int) -> pl.DataFrame:
@@ -88,7 +88,7 @@ def permute_within(frame: pl.DataFrame, treatment: str, group: str | None, seed:
 
 
 def _read_rows(data, spec: Spec) -> pl.DataFrame:
-    needed = [spec.outcome, spec.treatment, *spec.groups, *spec.covariates]
+    needed = [spec.outcome, spec.treatment, *spec.groups, *spec.reduce_covariates]
     source = validate.resolve_source(data)
     frame = source.frame
     missing = [c for c in needed if c not in frame.collect_schema()]

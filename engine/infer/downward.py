@@ -30,6 +30,35 @@ class DrawOut(NamedTuple):
     ate_link: object        # scalar: the draw's ATE on the link scale (same as ate for the identity)
 
 
+class HyperDraws(NamedTuple):
+    """NUTS over the hyperparameters of a collapsed model, ready for ``summarise``."""
+
+    samples: dict           # name -> (chains, draws)
+    flat: dict              # name -> (chains × draws,) for the sampled hyperparameter names
+    divergences: int
+    sampler: dict
+    data: object            # the problem's data and parents as device arrays
+    parents: tuple
+    draw_key: object        # the PRNG key for the downward passes
+
+
+def sample_hyper(model, problem, spec, names) -> HyperDraws:
+    """Run NUTS on ``model(data, parents)`` (data as traced arguments) and flatten ``names``."""
+    import jax
+    import jax.numpy as jnp
+
+    from engine.infer import runner
+
+    data = jax.tree.map(jnp.asarray, problem.data)
+    parents = tuple(jnp.asarray(p) for p in problem.parents)
+    hyper_key, draw_key = jax.random.split(jax.random.PRNGKey(spec.seed))
+    samples, divergences, sampler = runner.run_nuts(
+        model, (data, parents), {}, rng_key=hyper_key, warmup=spec.warmup, draws=spec.draws,
+        chains=spec.chains)
+    flat = {name: np.asarray(samples[name]).reshape(-1) for name in names}
+    return HyperDraws(samples, flat, divergences, sampler, data, parents, draw_key)
+
+
 class Summaries(NamedTuple):
     link: tuple             # per level GroupSummary on the link scale (first real nodes only)
     outcome: tuple          # per level GroupSummary on the outcome scale (== link for the identity)

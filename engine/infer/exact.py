@@ -32,7 +32,6 @@ def _one_draw(rng_key, hyper: dict, data, parents, leaf_weights, *, levels, num_
 
 
 def fit_exact(problem, spec, method_reason: str) -> Posterior:
-    import jax
     import jax.numpy as jnp
 
     runner.configure_jax()
@@ -45,15 +44,11 @@ def fit_exact(problem, spec, method_reason: str) -> Posterior:
         return Posterior(**{**posterior.__dict__, "method": "exact"})
     model = partial(gaussian.collapsed_model, levels=levels, num_nodes=problem.num_nodes,
                     priors=problem.std_priors, covariates=covs)
-    data = jax.tree.map(jnp.asarray, problem.data)
-    parents = tuple(jnp.asarray(p) for p in problem.parents)
-    hyper_key, draw_key = jax.random.split(jax.random.PRNGKey(spec.seed))
-    samples, divergences, sampler = runner.run_nuts(
-        model, (data, parents), {}, rng_key=hyper_key, warmup=spec.warmup, draws=spec.draws,
-        chains=spec.chains)
     names = gaussian.hyper_names(problem.std_priors)
+    run = downward.sample_hyper(model, problem, spec, names)
+    samples, divergences, sampler, flat = run.samples, run.divergences, run.sampler, run.flat
+    data, parents, draw_key = run.data, run.parents, run.draw_key
     chains, draws = np.asarray(samples["effect_mean"]).shape
-    flat = {name: np.asarray(samples[name]).reshape(-1) for name in names}
 
     weights = jnp.asarray(problem.leaf_rows / problem.leaf_rows.sum())
     one_draw = partial(_one_draw, levels=levels, num_nodes=problem.num_nodes, covariates=covs)

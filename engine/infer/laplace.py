@@ -40,7 +40,6 @@ def _one_draw(rng_key, hyper: dict, data, parents, leaf_rows, *, levels, num_nod
 
 
 def fit_laplace(problem, spec, method_reason: str) -> Posterior:
-    import jax
     import jax.numpy as jnp
 
     levels, link = tuple(problem.levels), glm.link_of(spec.family)
@@ -52,15 +51,11 @@ def fit_laplace(problem, spec, method_reason: str) -> Posterior:
     start = time.perf_counter()
     model = partial(glm.laplace_model, levels=levels, num_nodes=problem.num_nodes, priors=problem.std_priors,
                     link=link)
-    data = jax.tree.map(jnp.asarray, problem.data)
-    parents = tuple(jnp.asarray(p) for p in problem.parents)
-    hyper_key, draw_key = jax.random.split(jax.random.PRNGKey(spec.seed))
-    samples, divergences, sampler = runner.run_nuts(
-        model, (data, parents), {}, rng_key=hyper_key, warmup=spec.warmup, draws=spec.draws,
-        chains=spec.chains)
     names = glm.hyper_names(problem.std_priors)
+    run = downward.sample_hyper(model, problem, spec, names)
+    samples, divergences, sampler, flat = run.samples, run.divergences, run.sampler, run.flat
+    data, parents, draw_key = run.data, run.parents, run.draw_key
     chains, draws = np.asarray(samples["effect_mean"]).shape
-    flat = {name: np.asarray(samples[name]).reshape(-1) for name in names}
     one_draw = partial(_one_draw, levels=levels, num_nodes=problem.num_nodes, link=link)
     result = downward.summarise(one_draw, flat, (data, parents, jnp.asarray(problem.leaf_rows)),
                                 rng_key=draw_key, num_nodes=problem.num_nodes, real_nodes=problem.real_nodes,
