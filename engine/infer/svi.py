@@ -140,16 +140,6 @@ class NodeStep(NamedTuple):
 # --- the ELBO -------------------------------------------------------------------------------
 
 
-def dense_leaves(data: glm.GLMData, num_leaves: int) -> DenseLeaves:
-    """Sum the cells of each (leaf, arm): the log likelihood is linear in (Σy, size) at fixed η."""
-    successes = np.zeros((num_leaves, 2))
-    size = np.zeros((num_leaves, 2))
-    leaf, arm = np.asarray(data.leaf), np.asarray(data.arm).astype(np.int64)
-    np.add.at(successes, (leaf, arm), np.asarray(data.successes))
-    np.add.at(size, (leaf, arm), np.asarray(data.size))
-    return DenseLeaves(successes, size)
-
-
 def constrain(u, priors: tuple):
     """φ by name from unconstrained u (..., d), and log |dφ/du| summed over the names."""
     import jax
@@ -382,7 +372,8 @@ def optimise(problem, link: str, priors: tuple, *, rng_key, batch: int, guide: s
     import optax
 
     levels, num_nodes = tuple(problem.levels), tuple(problem.num_nodes)
-    leaves = jax.tree.map(jnp.asarray, dense_leaves(problem.data, num_nodes[-1]))
+    # The problem already holds the cells summed per (leaf, arm): glm.build's leaf_successes/leaf_size.
+    leaves = DenseLeaves(jnp.asarray(problem.data.leaf_successes), jnp.asarray(problem.data.leaf_size))
     parents = tuple(jnp.asarray(p) for p in problem.parents)
     real_nodes = jnp.asarray(problem.real_nodes, dtype=jnp.int32)
     structured = guide == "lowrank"
