@@ -95,7 +95,7 @@ def fit(data, outcome: str | None = None, treatment: str | None = None, groups=(
         family="gaussian", method="auto", interval=0.9, priors=None, treated_value=None, draws=1000,
         warmup=1000, chains=4, seed=0, drop_missing=False, backend="polars", estimate=None,
         stderr=None, noise_by_arm=False, correlated=False, design_share=0.5, trials=None,
-        exposure=None) -> Result:
+        exposure=None, covariate_bins=16) -> Result:
     """Fit a hierarchical treatment-effect model to rows.
 
     Parameters
@@ -113,6 +113,8 @@ def fit(data, outcome: str | None = None, treatment: str | None = None, groups=(
         successes out of ``trials``) or ``poisson`` (counts, optionally per ``exposure``); GLM
         effects are risk or rate differences, with the log odds or log rate ratio in ``link_*``
     trials, exposure : the binomial trials column; the Poisson exposure column (default 1 per row)
+    covariate_bins : GLM families with covariates: quantile bins per covariate; each bin of each
+        (group, arm) is a cell whose rows share the bin's mean covariate (the "binned" route)
     estimate, stderr : summary-level input instead of rows: one effect estimate and its standard
         error per (leaf) group — meta-analysis of many experiments (``outcome`` and ``treatment`` unset)
 
@@ -127,7 +129,8 @@ def fit(data, outcome: str | None = None, treatment: str | None = None, groups=(
                      interval=interval, treated_value=treated_value, draws=draws, warmup=warmup,
                      chains=chains, seed=seed, drop_missing=drop_missing, backend=backend,
                      estimate=estimate, stderr=stderr, noise_by_arm=noise_by_arm, correlated=correlated,
-                     design_share=design_share, trials=trials, exposure=exposure)
+                     design_share=design_share, trials=trials, exposure=exposure,
+                     covariate_bins=covariate_bins)
     return fit_spec(data, spec)
 
 
@@ -168,6 +171,8 @@ def fit_spec(data, spec: Spec, cell_paths=None) -> Result:
         "new_group": population["new_group"], "hyper": population["hyper"],
         "diagnostics": posterior.diagnostics, "checks": trust, "covariates": covariates, "timings": timings,
     }
+    if spec.binned:
+        summary["covariate_route"] = provenance.covariate_route(spec, checked)
     record_ = provenance.build(
         checked=checked, spec=spec, priors=priors, cells_hash=cells.content_hash(),
         n_cells=cells.table.height, method=posterior.method, method_reason=posterior.method_reason,
@@ -193,10 +198,11 @@ def _model(cells: Cells, encoding: Encoding, spec: Spec):
     _check_arms(cells, spec)
     if spec.is_glm:
         from engine.models import glm
-        defaults = structural_priors(glm.default_priors(cells, spec.family, spec.weight_column, spec.levels),
+        defaults = structural_priors(glm.default_priors(cells, spec.family, spec.weight_column, spec.levels,
+                                                        spec.covariates),
                                      spec.levels, False, spec.correlated)
-        priors = resolve_priors(defaults, spec.priors, spec.levels, [])
-        return glm.build(cells, encoding, priors, spec.family, spec.weight_column), priors
+        priors = resolve_priors(defaults, spec.priors, spec.levels, list(spec.covariates))
+        return glm.build(cells, encoding, priors, spec.family, spec.weight_column, spec.covariates), priors
     moments = cells.pooled_moments()
     y_mean, y_sd = moments["y"]
     x_means = {x: moments[x][0] for x in cells.covariates}
@@ -216,6 +222,7 @@ def _check_arms(cells: Cells, spec: Spec) -> None:
 
 def _from_cells(paths, spec: Spec):
     """Cell tables from `causal-engine reduce` (one or many sites), merged exactly."""
+    spec.check_cells_shareable()
     paths = [str(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
     for p in paths:
         if not Path(p).is_file():

@@ -41,6 +41,8 @@ class Cells:
     table: pl.DataFrame
     levels: tuple[str, ...]
     covariates: tuple[str, ...] = ()
+    # Key columns below the leaf group (a GLM's covariate bin): several cells per (leaf, arm).
+    extra_keys: tuple[str, ...] = ()
 
     @property
     def n_rows(self) -> int:
@@ -72,7 +74,7 @@ class Cells:
         order can move a float sum's last bit, so reordered rows may hash
         differently.
         """
-        table = self.table.sort([*self.levels, "arm"])
+        table = self.table.sort([*self.levels, *self.extra_keys, "arm"])
         digest = hashlib.sha256()
         for name in table.columns:
             column = table[name]

@@ -24,6 +24,8 @@ def _add_columns(p: argparse.ArgumentParser, outcome_required=True) -> None:
     p.add_argument("--family", default="gaussian", help="gaussian, bernoulli, binomial or poisson")
     p.add_argument("--trials", default=None, metavar="COL", help="binomial: trials per row (outcome: successes)")
     p.add_argument("--exposure", default=None, metavar="COL", help="poisson: exposure per row (default 1)")
+    p.add_argument("--covariate-bins", type=int, default=16, metavar="K",
+                   help="bernoulli/binomial/poisson with --covariate: quantile bins per covariate (default 16)")
     p.add_argument("--drop-missing", action="store_true",
                    help="drop rows with missing/NaN/infinite values instead of refusing them")
     p.add_argument("--backend", default="polars", help="reduce backend: polars, dask or jax")
@@ -131,7 +133,7 @@ def _spec(args, outcome=None, treatment=None):
     priors = dict(parse_prior_assignment(p, args.group) for p in getattr(args, "prior", []))
     options = {k: getattr(args, k) for k in ("family", "method", "interval", "draws", "warmup", "chains",
                                               "seed", "noise_by_arm", "correlated", "design_share", "trials",
-                                              "exposure")
+                                              "exposure", "covariate_bins")
                if hasattr(args, k)}
     summary = {k: getattr(args, k) for k in ("estimate", "stderr") if getattr(args, k, None)}
     return Spec(outcome=outcome or args.outcome, treatment=treatment or args.treatment, **summary,
@@ -150,6 +152,7 @@ def _cmd_fit(args) -> int:
         meta = read_metadata(args.cells[0])
         spec = _spec(args, outcome=args.outcome or meta.get("outcome", "outcome"),
                      treatment=args.treatment or meta.get("treatment", "treatment"))
+        spec.check_cells_shareable()
     else:
         if not args.data:
             raise SpecError("no input: pass DATA files (or --cells CELLS.parquet)")
@@ -191,6 +194,7 @@ def _cmd_reduce(args) -> int:
     from engine.reduce import reduce
 
     spec = _spec(args)
+    spec.check_cells_shareable()
     checked = validate.check(validate.resolve_source(args.data), spec)
     cells = reduce(checked, spec)
     write_cells(cells, args.out, {"outcome": spec.outcome, "treatment": spec.treatment,

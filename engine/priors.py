@@ -168,7 +168,7 @@ def resolve_priors(defaults: dict[str, Prior], user: dict[str, Prior], levels: l
                 resolved[f"{base}.{lv}"] = prior
         elif base == "noise" and not level and "noise" not in resolved:
             resolved["noise.control"] = resolved["noise.treated"] = prior
-        elif base == "slope":
+        elif base == "slope" and not level:
             for cov in covariates:
                 resolved[f"slope.{cov}"] = prior
         else:

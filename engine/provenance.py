@@ -104,6 +104,7 @@ def build(*, checked, spec, priors, cells_hash, n_cells, method, method_reason, 
             "noise_by_arm": spec.noise_by_arm, "correlated": spec.correlated,
             "estimate": spec.estimate, "stderr": spec.stderr,
             "design_share": spec.design_share, "trials": spec.trials, "exposure": spec.exposure,
+            **({"covariate_route": covariate_route(spec, checked)} if spec.binned else {}),
         },
         "seeds": {"seed": spec.seed},
         "sampler": sampler,
@@ -111,6 +112,15 @@ def build(*, checked, spec, priors, cells_hash, n_cells, method, method_reason, 
         "timings": timings,
         "diagnostics": diagnostics,
     }
+
+
+def covariate_route(spec, checked) -> dict:
+    """How a GLM with covariates was compressed: the binned route, with its bin edges."""
+    edges = checked.bin_edges or {}
+    return {"route": "binned", "bins_requested": spec.covariate_bins,
+            "bins": {c: len(e) + 1 for c, e in edges.items()}, "edges": edges,
+            "approximation": "each cell's rows share the cell's mean covariate values (the likelihood "
+                             "is exact in the bin means, not in each row's values)"}
 
 
 def explain(record: dict, summary: dict | None = None, refute: dict | None = None) -> str:
@@ -146,6 +156,10 @@ def explain(record: dict, summary: dict | None = None, refute: dict | None = Non
     lines.append(f"  groups {' ▸ '.join(spec.get('groups', [])) or '(none: one population)'}")
     if spec.get("covariates"):
         lines.append(f"  covariates {', '.join(spec['covariates'])}")
+    route = spec.get("covariate_route")
+    if route:
+        bins = ", ".join(f"{c} {k}" for c, k in route["bins"].items())
+        lines.append(f"  covariates binned (quantile bins: {bins}): {route['approximation']}")
     if spec.get("trials") or spec.get("exposure"):
         lines.append(f"  {'trials' if spec.get('trials') else 'exposure'} column "
                      f"{spec.get('trials') or spec.get('exposure')!r}")

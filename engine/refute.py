@@ -61,7 +61,8 @@ def spec_from_record(record_: dict, *, draws: int, warmup: int, chains: int, see
         chains=chains, seed=seed, drop_missing=spec.get("drop_missing", False),
         noise_by_arm=spec.get("noise_by_arm", any(n.startswith("noise.") for n in priors)),
         correlated=spec.get("correlated", any(n.startswith("correlation.") for n in priors)),
-        design_share=spec.get("design_share", 0.5), trials=spec.get("trials"), exposure=spec.get("exposure"))
+        design_share=spec.get("design_share", 0.5), trials=spec.get("trials"), exposure=spec.get("exposure"),
+        covariate_bins=(spec.get("covariate_route") or {}).get("bins_requested", 16))
 
 
 def permute_within(frame: pl.DataFrame, treatment: str, group: str | None, seed: int) -> pl.DataFrame:

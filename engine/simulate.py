@@ -51,8 +51,10 @@ def simulate(rows: int = 20_000, groups: int = 1_000, levels=("group",), seed: i
     ``bernoulli`` (y ~ Bernoulli(logit⁻¹(α + τ·t))), ``binomial`` (``trials`` 1–10 per row) or
     ``poisson`` (y ~ Poisson(exposure · exp(α + τ·t)), ``exposure`` in [0.5, 2]). For GLMs α, τ
     are on the link scale (defaults: baseline mean −2, i.e. a 12% base rate, sd 0.8) and the
-    truth table adds ``outcome_effect`` (risk or rate difference, row-averaged for upper levels);
-    ``ate`` is then the row average of the risk or rate difference.
+    truth table adds ``outcome_effect`` (risk or rate difference averaged over the group's rows);
+    ``ate`` is then the row average of the risk or rate difference. ``covariate``: a column
+    ``pre`` that shifts the linear predictor by ``slope``·pre (pre ~ N(0, noise²) for the
+    gaussian family, N(0, 1) for GLMs, whose ``slope`` is on the link scale).
 
     Example
     -------
@@ -67,8 +69,6 @@ def simulate(rows: int = 20_000, groups: int = 1_000, levels=("group",), seed: i
         baseline_mean = -2.0 if glm else 10.0
     if baseline_scale is None:
         baseline_scale = 0.8 if glm else 1.0
-    if covariate and glm:
-        raise SpecError("simulate: covariate=True is for the gaussian family")
     levels = [levels] if isinstance(levels, str) else list(levels)
     if rows < groups or groups < 1:
         raise SpecError(f"simulate: need rows ≥ groups ≥ 1, found rows={rows}, groups={groups}")
@@ -116,9 +116,12 @@ def simulate(rows: int = 20_000, groups: int = 1_000, levels=("group",), seed: i
         if depth > 0:
             code = chain[depth][code]
     columns = {lv: data[lv] for lv in levels}
+    offset = np.zeros(rows)
     if covariate:
-        pre = rng.standard_normal(rows) * noise
-        mu = mu + slope * pre
+        # Gaussian: pre ~ N(0, noise²); GLMs: pre ~ N(0, 1), ``slope`` on the link scale.
+        pre = rng.standard_normal(rows) * (1.0 if glm else noise)
+        offset = slope * pre
+        mu = mu + offset
         columns["pre"] = pre
     columns["treated"] = treated.astype(np.int8)
     if family == "gaussian":
@@ -137,7 +140,9 @@ def simulate(rows: int = 20_000, groups: int = 1_000, levels=("group",), seed: i
     truth_frames[-1] = truth_frames[-1].with_columns(pl.Series("n", leaf_rows, dtype=pl.Int64))
     if glm:
         inverse = (lambda e: 1 / (1 + np.exp(-e))) if family != "poisson" else np.exp
-        leaf_effect = inverse(alpha_above + tau_above) - inverse(alpha_above)
+        # Each row's risk (rate) difference at its own covariate, averaged over the leaf's rows.
+        row_effect = inverse(alpha_above[leaf] + tau_above[leaf] + offset) - inverse(alpha_above[leaf] + offset)
+        leaf_effect = np.bincount(leaf, row_effect, minlength=groups) / leaf_rows
         truth_frames[-1] = truth_frames[-1].with_columns(
             pl.Series("outcome_effect", leaf_effect), pl.Series("_weighted", leaf_effect * leaf_rows))
     for depth in range(len(levels) - 2, -1, -1):

@@ -20,6 +20,11 @@ FAMILY_METHODS = {"gaussian": ("auto", "exact", "nuts"),
                   "binomial": ("auto", "laplace", "nuts", "svi"),
                   "poisson": ("auto", "laplace", "nuts", "svi")}
 BACKENDS = ("polars", "dask", "jax")
+# GLMs with covariates (the binned route): the reserved key column of a row's covariate bin, and
+# the limits on bins per covariate and on bin combinations per (group, arm).
+BIN_COLUMN = "covariate_bin"
+MAX_COVARIATE_BINS = 1000
+MAX_BIN_COMBINATIONS = 100_000
 PLANNED_BACKENDS = ()
 
 
@@ -56,6 +61,7 @@ class Spec:
     design_share: float = 0.5     # share of rows the design assigned to treatment (sample ratio check)
     trials: str | None = None     # binomial: column of trials per row (the outcome counts successes)
     exposure: str | None = None   # poisson: column of exposure per row (rate = count / exposure)
+    covariate_bins: int = 16      # GLM with covariates: quantile bins per covariate (cells keyed by bin)
 
     def __post_init__(self):
         if self.estimate is not None or self.stderr is not None:
@@ -68,6 +74,9 @@ class Spec:
         columns = [c for c in (self.outcome, self.treatment, self.estimate, self.stderr, self.trials,
                                self.exposure) if c]
         columns += [*self.groups, *self.covariates]
+        if BIN_COLUMN in columns and self.family in GLM_FAMILIES and self.covariates:
+            raise SpecError(f"column name {BIN_COLUMN!r} is reserved for the covariate bins of a "
+                            f"{self.family} model with covariates; rename that column")
         duplicated = sorted({c for c in columns if columns.count(c) > 1})
         if duplicated:
             raise SpecError(
@@ -127,17 +136,25 @@ class Spec:
         if self.summary_level:
             raise SpecError(f"summary-level input (--estimate, --stderr) is Gaussian; drop --family {self.family}")
         if self.covariates:
-            raise SpecError(
-                f"--covariate with family {self.family!r} is not supported in this version: a GLM's "
-                "likelihood is not exactly compressible with continuous covariates. Bin the covariate "
-                "into a grouping level (--group), or fit the Gaussian (linear probability) model")
+            bins = self.covariate_bins
+            if not isinstance(bins, int) or isinstance(bins, bool) or not 2 <= bins <= MAX_COVARIATE_BINS:
+                raise SpecError(f"covariate_bins: expected an integer from 2 to {MAX_COVARIATE_BINS}, found "
+                                f"{bins!r} (--covariate-bins)")
+            if bins ** len(self.covariates) > MAX_BIN_COMBINATIONS:
+                raise SpecError(
+                    f"{len(self.covariates)} covariates × {bins} bins each make {bins ** len(self.covariates)} "
+                    f"bin combinations per group and arm (at most {MAX_BIN_COMBINATIONS}); pass fewer "
+                    "--covariate-bins or fewer covariates")
+            if self.method == "svi":
+                raise SpecError(f"--method svi does not support covariates yet with family {self.family!r}; "
+                                "use laplace (the default) or nuts")
         if self.noise_by_arm:
             raise SpecError(f"--noise-by-arm applies to the Gaussian family only; family {self.family!r} "
                             "has no residual noise")
         for name in self.priors:
-            if name.split(".")[0] in ("noise", "slope"):
-                raise SpecError(f"prior {name!r} does not apply to family {self.family!r} (no noise or "
-                                "slopes on the link scale); drop it")
+            if name.split(".")[0] == "noise":
+                raise SpecError(f"prior {name!r} does not apply to family {self.family!r} (no residual "
+                                "noise on the link scale); drop it")
 
     @property
     def is_glm(self) -> bool:
@@ -147,6 +164,25 @@ class Spec:
     def weight_column(self) -> str | None:
         """The binomial trials or Poisson exposure column, reduced like a covariate (its cell mean)."""
         return self.trials if self.family == "binomial" else self.exposure if self.family == "poisson" else None
+
+    @property
+    def binned(self) -> bool:
+        """GLM with covariates: rows are cut into covariate bins, and each bin is a cell of its own
+        (``engine.validate.bin_column``), so a cell's rows share one covariate value (its mean)."""
+        return self.is_glm and bool(self.covariates)
+
+    @property
+    def cell_keys(self) -> tuple[str, ...]:
+        """The columns besides the arm that key a cell: the groups, and the bin when binned."""
+        return self.groups + ((BIN_COLUMN,) if self.binned else ())
+
+    def check_cells_shareable(self) -> None:
+        """Cell tables (``reduce``, ``fit --cells``) exist for every spec but the binned one."""
+        if self.binned:
+            raise SpecError(
+                f"cell tables of family {self.family!r} with --covariate are not supported yet: their cells "
+                "are keyed by covariate bins whose edges come from each site's own rows, so two sites' cells "
+                "would not merge; fit the rows (causal-engine fit DATA ...) instead")
 
     @property
     def reduce_covariates(self) -> tuple[str, ...]:

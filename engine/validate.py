@@ -57,6 +57,9 @@ class Checked:
     # Covariate {name: (min, max)} over the used rows, from the validation pass; None when
     # rows were dropped after it (the pass saw them) or there are no rows (cell input).
     covariate_ranges: dict | None = None
+    # GLM with covariates (``spec.binned``): the interior bin edges of each covariate, and
+    # ``rows`` carries the bin of each row in ``spec.BIN_COLUMN``.
+    bin_edges: dict | None = None
 
 
 def _expand_paths(items) -> list[Path]:
@@ -323,13 +326,46 @@ def check(source: Source, spec: Spec) -> Checked:
     rows = rows.with_columns(treated_expr.cast(pl.Int8).alias("arm"), y.alias(spec.outcome))
     if n_used == 0:
         raise DataError("no rows are left after dropping missing values; check the data")
+    edges = None
+    if spec.binned:
+        edges = bin_edges(rows, spec, n_used)
+        rows = rows.with_columns(bin_column(spec, edges))
     return Checked(
         source=source, rows=rows, n_rows_read=n_read, n_rows_used=n_used, dropped=dropped,
         schema={k: str(v) for k, v in source.frame.collect_schema().items() if k in needed},
         treatment_values=values,
         covariate_ranges=None if dropped else {c: (facts[f"min:{c}"], facts[f"max:{c}"])
                                                for _, c in value_columns(spec)},
+        bin_edges=edges,
     )
+
+
+# Bin edges come from at most this many evenly spaced rows (deterministic, one pass).
+BIN_SAMPLE_ROWS = 1_000_000
+
+
+def bin_edges(rows: pl.LazyFrame, spec: Spec, n_rows: int) -> dict[str, list[float]]:
+    """Interior edges of ``spec.covariate_bins`` quantile bins per covariate (duplicates merged,
+    so a covariate with few distinct values gets one bin per value), from every k-th row."""
+    import numpy as np
+
+    step = max(1, -(-n_rows // BIN_SAMPLE_ROWS))
+    sample = rows.select([pl.col(c).cast(pl.Float64) for c in spec.covariates]).gather_every(step).collect()
+    k = spec.covariate_bins
+    return {c: [float(e) for e in np.unique(np.quantile(sample[c].to_numpy(), np.arange(1, k) / k))]
+            for c in spec.covariates}
+
+
+def bin_column(spec: Spec, edges: dict[str, list[float]]) -> pl.Expr:
+    """Each row's bin: per covariate the count of edges below its value, combined in mixed radix."""
+    from engine.spec import BIN_COLUMN
+
+    code, radix = pl.lit(0, pl.Int64), 1
+    for c in spec.covariates:
+        x = pl.col(c).cast(pl.Float64)
+        index = pl.sum_horizontal([(x > e).cast(pl.Int64) for e in edges[c]]) if edges[c] else pl.lit(0, pl.Int64)
+        code, radix = code + index * radix, radix * (len(edges[c]) + 1)
+    return code.cast(pl.Int32).alias(BIN_COLUMN)
 
 
 def value_columns(spec: Spec) -> list[tuple[str, str]]:

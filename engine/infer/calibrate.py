@@ -181,7 +181,8 @@ def run_sbc(method: str = "exact", groups: int = 40, levels: int = 1, rows: int 
             leaf_size = glm.per_leaf_arm(n, arm, leaf, num_nodes[-1])
             data = glm.GLMData(successes=pad(successes), size=pad(n), arm=pad(arm), leaf=pad(leaf, np.int32),
                                init=init, leaf_successes=leaf_successes, leaf_size=leaf_size,
-                               **glm.quadrature_table("logit", leaf_successes, leaf_size, init, levels))
+                               **glm.quadrature_table("logit", leaf_successes, leaf_size, init, levels,
+                                                      rows=num_nodes[-1]))
             return truth, data, leaf_rows
         truth, mean, m2, leaf_rows = _simulate_cells(rng, sizes, parents, n, leaf, arm, level_names)
         data = gaussian.CellData(n=pad(n), mean=pad(mean), m2=pad(m2), arm=pad(arm), leaf=pad(leaf, np.int32),

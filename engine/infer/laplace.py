@@ -25,15 +25,18 @@ from engine.infer.nuts import assemble, fit_glm_nuts
 from engine.models import glm
 
 
-def _one_draw(rng_key, hyper: dict, data, parents, leaf_rows, *, levels, num_nodes, link):
+def _one_draw(rng_key, hyper: dict, data, parents, leaf_rows, *, levels, num_nodes, link, covariates):
     import jax.numpy as jnp
 
     from kernels import gaussian_tree as tree
 
     prior_cov, prior_mean = glm.tree_prior(hyper, levels)
-    upward, _, _ = glm.laplace_upward(data, parents, prior_cov, prior_mean, link=link, num_nodes=num_nodes)
+    slope = glm.slope_vector(hyper, covariates)
+    upward, _, _ = glm.laplace_upward(data, parents, prior_cov, prior_mean, link=link, num_nodes=num_nodes,
+                                      slope=slope)
     draws = tree.sample(rng_key, upward, parents, prior_cov, prior_mean)
-    outcome, ate = glm.outcome_effects(draws[-1], leaf_rows, parents, num_nodes, link)
+    outcome, ate = glm.outcome_effects(draws[-1], leaf_rows, parents, num_nodes, link,
+                                       cells=glm.effect_cells(data, slope))
     ate_link = jnp.sum(draws[-1][:, 1] * leaf_rows) / jnp.sum(leaf_rows)
     return downward.DrawOut(downward.link_summaries(draws, upward, parents, prior_cov, prior_mean),
                             outcome, ate, ate_link)
@@ -42,7 +45,7 @@ def _one_draw(rng_key, hyper: dict, data, parents, leaf_rows, *, levels, num_nod
 def fit_laplace(problem, spec, method_reason: str) -> Posterior:
     import jax.numpy as jnp
 
-    levels, link = tuple(problem.levels), glm.link_of(spec.family)
+    levels, link, covariates = tuple(problem.levels), glm.link_of(spec.family), tuple(problem.covariates)
     if not levels:
         # One population: two parameters and nothing to integrate; the joint model is exact.
         return fit_glm_nuts(problem, spec, method_reason + " (no groups: the joint model has only "
@@ -50,18 +53,19 @@ def fit_laplace(problem, spec, method_reason: str) -> Posterior:
     runner.configure_jax()
     start = time.perf_counter()
     model = partial(glm.laplace_model, levels=levels, num_nodes=problem.num_nodes, priors=problem.std_priors,
-                    link=link)
+                    link=link, covariates=covariates)
     names = glm.hyper_names(problem.std_priors)
     run = downward.sample_hyper(model, problem, spec, names)
     samples, divergences, sampler, flat = run.samples, run.divergences, run.sampler, run.flat
     data, parents, draw_key = run.data, run.parents, run.draw_key
     chains, draws = np.asarray(samples["effect_mean"]).shape
-    one_draw = partial(_one_draw, levels=levels, num_nodes=problem.num_nodes, link=link)
+    one_draw = partial(_one_draw, levels=levels, num_nodes=problem.num_nodes, link=link, covariates=covariates)
     result = downward.summarise(one_draw, flat, (data, parents, jnp.asarray(problem.leaf_rows)),
                                 rng_key=draw_key, num_nodes=problem.num_nodes, real_nodes=problem.real_nodes,
                                 interval=spec.interval)
-    hyper = {name: np.asarray(samples[name]) for name in names}
-    steps = _newton_steps(flat, data, parents, levels=levels, num_nodes=problem.num_nodes, link=link)
+    hyper = glm.original_units(problem, samples)
+    steps = _newton_steps(flat, data, parents, levels=levels, num_nodes=problem.num_nodes, link=link,
+                          covariates=covariates)
     sampler = dict(sampler, downward_batch=result.batch, quantile_draws=result.outcome[0].quantile_draws,
                    quadrature_nodes=glm.quadrature_nodes(problem.data),
                    quadrature_leaves=glm.small_leaves(problem.data), newton_tolerance=glm.NEWTON_TOL,
@@ -81,22 +85,23 @@ def fit_laplace(problem, spec, method_reason: str) -> Posterior:
 CHECKED_DRAWS = 64
 
 
-def _newton_steps(flat: dict, data, parents, *, levels, num_nodes, link) -> int:
+def _newton_steps(flat: dict, data, parents, *, levels, num_nodes, link, covariates) -> int:
     """The most Newton steps any of ``CHECKED_DRAWS`` evenly spaced hyperparameter draws needed."""
     import jax.numpy as jnp
 
     total = next(iter(flat.values())).shape[0]
     index = np.unique(np.linspace(0, total - 1, min(CHECKED_DRAWS, total)).astype(int))
     batch = {name: jnp.asarray(values[index]) for name, values in flat.items()}
-    return int(_compiled_steps(levels, num_nodes, link)(batch, data, parents).max())
+    return int(_compiled_steps(levels, num_nodes, link, covariates)(batch, data, parents).max())
 
 
 @lru_cache(maxsize=16)
-def _compiled_steps(levels, num_nodes, link):
+def _compiled_steps(levels, num_nodes, link, covariates):
     import jax
 
     def steps(hyper, data, parents):
         prior_cov, prior_mean = glm.tree_prior(hyper, levels)
-        return glm.laplace_mode(data, parents, prior_cov, prior_mean, link=link, num_nodes=num_nodes)[1]
+        return glm.laplace_mode(data, parents, prior_cov, prior_mean, link=link, num_nodes=num_nodes,
+                                slope=glm.slope_vector(hyper, covariates))[1]
 
     return jax.jit(jax.vmap(steps, in_axes=(0, None, None)))

@@ -91,14 +91,15 @@ def fit_glm_nuts(problem, spec, method_reason: str, method: str = "nuts") -> Pos
     runner.configure_jax()
     start = time.perf_counter()
     levels, link = tuple(problem.levels), glm.link_of(spec.family)
+    covariates = tuple(problem.covariates)
     model = partial(glm.joint_model, levels=levels, num_nodes=problem.num_nodes, priors=problem.std_priors,
-                    link=link)
+                    link=link, covariates=covariates)
     data = jax.tree.map(jnp.asarray, problem.data)
     parents = tuple(jnp.asarray(p) for p in problem.parents)
     samples, divergences, sampler = runner.run_nuts(
         model, (data, parents), {}, rng_key=jax.random.PRNGKey(spec.seed), warmup=spec.warmup,
         draws=spec.draws, chains=spec.chains)
-    hyper = {name: np.asarray(samples[name]) for name in glm.hyper_names(problem.std_priors)}
+    hyper = glm.original_units(problem, samples)
     leaf_rows = jnp.asarray(problem.leaf_rows)
     if levels:
         latents = jax.vmap(jax.vmap(partial(glm.node_latents, parents=parents, levels=levels,
@@ -106,9 +107,11 @@ def fit_glm_nuts(problem, spec, method_reason: str, method: str = "nuts") -> Pos
         leaf_theta = latents[-1]
     else:
         leaf_theta = jnp.stack([samples["baseline_mean"], samples["effect_mean"]], -1)[..., None, :]
-    effects = jax.vmap(jax.vmap(partial(glm.outcome_effects, leaf_rows=leaf_rows, parents=parents,
-                                        num_nodes=problem.num_nodes or (1,), link=link)))
-    outcome, ate = effects(leaf_theta)
+    def one_draw(theta, draw):
+        return glm.outcome_effects(theta, leaf_rows, parents, problem.num_nodes or (1,), link,
+                                   cells=glm.effect_cells(data, glm.slope_vector(draw, covariates)))
+
+    outcome, ate = jax.vmap(jax.vmap(one_draw))(leaf_theta, samples)
     ate_link = np.tensordot(np.asarray(leaf_theta[..., 1]), problem.leaf_rows / problem.leaf_rows.sum(),
                             axes=([-1], [0]))
     real = problem.real_nodes

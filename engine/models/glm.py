@@ -71,6 +71,25 @@ class GLMData(NamedTuple):
     large_successes: np.ndarray = None  # (large leaves, 2)
     large_size: np.ndarray = None       # (large leaves, 2)
     large_init: np.ndarray = None       # (large leaves, 2) where Newton starts
+    # With covariates (cells keyed by covariate bin, several per leaf and arm): each cell's
+    # covariate means, centred at the pooled means (cells, k), and its rows (for averaging
+    # effects over a leaf's rows). One level: the cells of small leaves (integrated by
+    # quadrature leaf by leaf, no configuration table) and of the other leaves, renumbered.
+    x: np.ndarray = None                # (cells, k)
+    rows: np.ndarray = None             # (cells,)
+    small_cells: "CellSet" = None
+    large_cells: "CellSet" = None
+
+
+class CellSet(NamedTuple):
+    """A subset of the cells with its own leaf numbering (see ``GLMData.small_cells``)."""
+
+    successes: np.ndarray  # (cells,)
+    size: np.ndarray
+    arm: np.ndarray
+    leaf: np.ndarray       # (cells,) int32, 0..leaves-1 within the set
+    x: np.ndarray          # (cells, k)
+    init: np.ndarray       # (leaves, 2)
 
 
 def link_of(family: str) -> str:
@@ -98,7 +117,7 @@ def pooled_rate(cells: Cells, family: str, weight: str | None) -> float:
     return float(successes.sum() / max(size.sum(), 1e-300))
 
 
-def default_priors(cells: Cells, family: str, weight: str | None, levels) -> dict[str, Prior]:
+def default_priors(cells: Cells, family: str, weight: str | None, levels, covariates=()) -> dict[str, Prior]:
     """Weakly informative priors on the link scale (log odds or log rate).
 
     ========================  =========================================
@@ -106,6 +125,8 @@ def default_priors(cells: Cells, family: str, weight: str | None, levels) -> dic
     ``effect_mean``           normal(0, 1)    (odds or rate ratio within e^±2 at 95%)
     ``baseline_scale``        halfnormal(1)   (each level)
     ``effect_scale``          halfnormal(0.5) (each level)
+    ``slope``                 normal(0, 1/s_x) (each covariate: a 1-sd change moves the
+                              log odds or log rate by at most about ±2 at 95%)
     ========================  =========================================
     """
     centre = link_value(link_of(family), pooled_rate(cells, family, weight))
@@ -114,12 +135,21 @@ def default_priors(cells: Cells, family: str, weight: str | None, levels) -> dic
     for level in levels:
         priors[f"baseline_scale.{level}"] = Prior("halfnormal", (1.0,))
         priors[f"effect_scale.{level}"] = Prior("halfnormal", (0.5,))
+    moments = cells.pooled_moments()
+    for x in covariates:
+        sd = moments[x][1]
+        priors[f"slope.{x}"] = Prior("normal", (0.0, round(1.0 / sd if sd > 0 and math.isfinite(sd) else 1.0, 6)))
     return priors
 
 
 def build(cells: Cells, encoding: Encoding, priors: dict[str, Prior], family: str,
-          weight: str | None) -> gaussian.Problem:
-    """The GLM problem: padded cell totals and the padded tree, priors as given (link scale)."""
+          weight: str | None, covariates=()) -> gaussian.Problem:
+    """The GLM problem: padded cell totals and the padded tree, priors as given (link scale).
+
+    With covariates the cells are keyed by covariate bin as well (several per leaf and arm);
+    each cell's rows share its mean covariate values, centred and scaled by the pooled
+    moments, so slopes are sampled per pooled sd (``std_priors``) and reported per unit.
+    """
     successes, size = cell_totals(cells, family, weight)
     link = link_of(family)
     num_nodes, parents, leaf_rows = gaussian.padded_tree(encoding)
@@ -137,20 +167,64 @@ def build(cells: Cells, encoding: Encoding, priors: dict[str, Prior], family: st
 
     leaf_successes = per_leaf_arm(successes, arm, leaf, leaves)
     leaf_size = per_leaf_arm(size, arm, leaf, leaves)
+    covariates = tuple(covariates)
+    moments = cells.pooled_moments()
+    shift = np.array([moments[c][0] for c in covariates])
+    scale = np.array([moments[c][1] if moments[c][1] > 0 else 1.0 for c in covariates])
+    std = gaussian.Standardisation(0.0, 1.0, shift, scale)
+    if covariates:
+        x = np.stack([cells.table[f"x_mean__{c}"].to_numpy() for c in covariates], -1)
+        x = (x - shift) / scale
+        rows = cells.table["n"].to_numpy().astype(np.float64)
+        extra = {"x": pad_rows(x, padded), "rows": pad(rows), "quad_count": np.zeros(0),
+                 **binned_sets(link, successes, size, arm, leaf, x, init, leaf_size if link == "logit"
+                               else leaf_successes, len(num_nodes))}
+    else:
+        extra = quadrature_table(link, leaf_successes, leaf_size, init, len(num_nodes))
     data = GLMData(successes=pad(successes), size=pad(size), arm=pad(arm), leaf=pad(leaf, np.int32), init=init,
-                   leaf_successes=leaf_successes, leaf_size=leaf_size,
-                   **quadrature_table(link, leaf_successes, leaf_size, init, len(num_nodes)))
-    std = gaussian.Standardisation(0.0, 1.0, np.zeros(0), np.zeros(0))
+                   leaf_successes=leaf_successes, leaf_size=leaf_size, **extra)
+    std_priors = gaussian.standardised_priors(priors, std, cells.levels, covariates)
     return gaussian.Problem(data=data, parents=parents, num_nodes=num_nodes, levels=tuple(cells.levels),
-                            covariates=(), std_priors=dict(priors), standardisation=std,
+                            covariates=covariates, std_priors=std_priors, standardisation=std,
                             leaf_rows=leaf_rows, real_nodes=encoding.num_nodes)
 
 
-def quadrature_table(link: str, leaf_successes, leaf_size, init, num_levels: int) -> dict:
+def pad_rows(values: np.ndarray, rows: int) -> np.ndarray:
+    """``values`` with zero rows appended up to ``rows`` (first dimension)."""
+    out = np.zeros((rows,) + values.shape[1:], dtype=values.dtype)
+    out[: values.shape[0]] = values
+    return out
+
+
+def binned_sets(link, successes, size, arm, leaf, x, init, measure, num_levels: int) -> dict:
+    """One level, cells keyed by covariate bin: the cells of small leaves (larger arm's total
+    ``measure`` ≤ SMALL_SIZE trials or SMALL_COUNT events) and of the others, each set with
+    its leaves renumbered and padded, so `laplace` integrates small leaves by quadrature."""
+    if num_levels != 1:
+        return {}
+    limit = SMALL_SIZE if link == "logit" else SMALL_COUNT
+    observed = measure.sum(axis=1) > 0
+    small_leaf = (measure.max(axis=1) <= limit) & observed
+
+    def cell_set(chosen_leaves):
+        chosen = chosen_leaves[leaf]
+        number = np.cumsum(chosen_leaves) - 1
+        leaves = gaussian.bucket(int(chosen_leaves.sum()))
+        cells = gaussian.bucket(int(chosen.sum()))
+        return CellSet(successes=pad_rows(successes[chosen], cells), size=pad_rows(size[chosen], cells),
+                       arm=pad_rows(arm[chosen], cells), leaf=pad_rows(number[leaf[chosen]].astype(np.int32), cells),
+                       x=pad_rows(x[chosen], cells), init=pad_rows(init[chosen_leaves], leaves))
+
+    return {"small_cells": cell_set(small_leaf), "large_cells": cell_set(observed & ~small_leaf)}
+
+
+def quadrature_table(link: str, leaf_successes, leaf_size, init, num_levels: int, rows: int = 0) -> dict:
     """The GLMData fields that split one level's leaves into the quadrature table (small
     leaves, by distinct configuration) and the large leaves (see ``QUADRATURE_NODES``).
 
-    Padding leaves (size 0 in both arms) are left out of both: they integrate to one.
+    Padding leaves (size 0 in both arms) are left out of both: they integrate to one. Both
+    tables are padded to a bucketed size, at least ``rows`` (fixed shapes across data sets of
+    one layout, as in calibration, compile once).
     """
     empty = np.zeros((0, 2))
     if num_levels != 1:
@@ -168,7 +242,7 @@ def quadrature_table(link: str, leaf_successes, leaf_size, init, num_levels: int
     large = observed & ~small
 
     def padded(values):
-        out = np.zeros((gaussian.bucket(values.shape[0]),) + values.shape[1:])
+        out = np.zeros((gaussian.bucket(max(values.shape[0], rows)),) + values.shape[1:])
         out[: values.shape[0]] = values
         return out
 
@@ -180,11 +254,14 @@ def quadrature_table(link: str, leaf_successes, leaf_size, init, num_levels: int
 
 def quadrature_nodes(data: GLMData) -> int:
     """Gauss–Hermite nodes per small-leaf integral (1: every leaf uses Laplace), for the record."""
-    return QUADRATURE_NODES**2 if data.quad_count is not None and np.asarray(data.quad_count).sum() > 0 else 1
+    return QUADRATURE_NODES**2 if small_leaves(data) > 0 else 1
 
 
 def small_leaves(data: GLMData) -> int:
     """Leaves integrated by quadrature (the rest by Laplace), for the record."""
+    if data.small_cells is not None:
+        cells = data.small_cells
+        return int(np.unique(np.asarray(cells.leaf)[np.asarray(cells.size) > 0]).size)
     return int(np.asarray(data.quad_count).sum()) if data.quad_count is not None else 0
 
 
@@ -224,11 +301,49 @@ def sample_hyper(priors, levels) -> dict:
     from engine.models import to_numpyro
 
     hyper = {name: numpyro.sample(name, to_numpyro(priors[name])) for name in ("baseline_mean", "effect_mean")}
+    for name in sorted(n for n in priors if n.startswith("slope.")):
+        hyper[name] = numpyro.sample(name, to_numpyro(priors[name]))
     for level in levels:
         s_alpha, s_tau, rho = gaussian._sample_scales(level, priors)
         hyper[f"baseline_scale.{level}"], hyper[f"effect_scale.{level}"] = s_alpha, s_tau
         hyper[f"correlation.{level}"] = rho
     return hyper
+
+
+def slope_vector(hyper: dict, covariates):
+    """(k,) slopes in ``covariates`` order (standardised units), or None without covariates."""
+    import jax.numpy as jnp
+
+    return jnp.stack([hyper[f"slope.{c}"] for c in covariates]) if covariates else None
+
+
+def observations(data: GLMData, slope):
+    """The likelihood's data for ``kernels.glm``: dense per (leaf, arm) totals, or, with
+    covariates, the cells with their offsets x̄ᵀβ."""
+    from kernels.glm import BinnedLeaves, Leaves
+
+    if slope is None:
+        return Leaves(data.leaf_successes, data.leaf_size)
+    return BinnedLeaves(data.successes, data.size, data.arm, data.leaf, data.x @ slope)
+
+
+def _cell_set_observations(cells: CellSet, slope):
+    from kernels.glm import BinnedLeaves
+
+    return BinnedLeaves(cells.successes, cells.size, cells.arm, cells.leaf, cells.x @ slope)
+
+
+def effect_cells(data: GLMData, slope):
+    """``outcome_effects``'s per-cell (leaf, offset, rows) with covariates; None without."""
+    return None if slope is None else (data.leaf, data.x @ slope, data.rows)
+
+
+def original_units(problem, samples: dict) -> dict:
+    """The hyperparameter draws as reported: slopes per unit of their covariate (sampled per
+    pooled sd), everything else as sampled (link scale)."""
+    std, covariates = problem.standardisation, tuple(problem.covariates)
+    return {name: np.asarray(gaussian.to_original_units(name, np.asarray(samples[name]), std, covariates))
+            for name in hyper_names(problem.std_priors)}
 
 
 def tree_prior(hyper: dict, levels):
@@ -241,7 +356,7 @@ def tree_prior(hyper: dict, levels):
 # --- Laplace on the Gaussian tree ---------------------------------------------------------
 
 
-def _newton_step(theta, data, parents, prior_cov, prior_mean, link, num_nodes):
+def _newton_step(theta, obs, parents, prior_cov, prior_mean, link, num_nodes):
     """The mode of (second-order expansion at θ of the log-likelihood) × (the tree prior):
     one Newton step on the joint log posterior of every node, as one tree solve (elementwise
     over leaves when there is one level)."""
@@ -249,10 +364,9 @@ def _newton_step(theta, data, parents, prior_cov, prior_mean, link, num_nodes):
     from kernels.glm import independent_newton_step, leaf_expansion
 
     if len(num_nodes) == 1:
-        return independent_newton_step(link, theta, data.leaf_successes, data.leaf_size, prior_cov[0],
-                                       prior_mean)
+        return independent_newton_step(link, theta, obs, prior_cov[0], prior_mean)
 
-    w, h, _ = leaf_expansion(link, theta, data.leaf_successes, data.leaf_size)
+    w, h, _ = leaf_expansion(link, theta, obs)
     upward = tree.integrate(w, h, tuple(parents), prior_cov, prior_mean, num_top=num_nodes[0])
     return tree.posterior_means(upward, tuple(parents), prior_cov, prior_mean)[-1]
 
@@ -276,7 +390,7 @@ def _damped_newton(step, start, dtype):
     return jax.lax.stop_gradient(theta), count
 
 
-def laplace_mode(data, parents, prior_cov, prior_mean, *, link, num_nodes):
+def laplace_mode(data, parents, prior_cov, prior_mean, *, link, num_nodes, slope=None):
     """The joint posterior mode of every leaf's (α, τ) given the hyperparameters.
 
     Newton iterations run without derivatives until the largest change is below
@@ -288,27 +402,30 @@ def laplace_mode(data, parents, prior_cov, prior_mean, *, link, num_nodes):
     import jax
     import jax.numpy as jnp
 
+    obs = observations(data, slope)
     frozen_cov, frozen_mean = jax.lax.stop_gradient(prior_cov), jax.lax.stop_gradient(prior_mean)
+    frozen_obs = jax.lax.stop_gradient(obs)
     theta, steps = _damped_newton(
-        lambda t: _newton_step(t, data, parents, frozen_cov, frozen_mean, link, num_nodes),
+        lambda t: _newton_step(t, frozen_obs, parents, frozen_cov, frozen_mean, link, num_nodes),
         jnp.asarray(data.init, dtype=prior_mean.dtype), prior_mean.dtype)
-    return _newton_step(theta, data, parents, prior_cov, prior_mean, link, num_nodes), steps
+    return _newton_step(theta, obs, parents, prior_cov, prior_mean, link, num_nodes), steps
 
 
-def _independent_mode(successes, size, start, prior_cov, prior_mean, link):
+def _independent_mode(obs, start, prior_cov, prior_mean, link):
     """Modes of independent leaves under N(μ, Σ) (one level), with the implicit-gradient step."""
     import jax
 
     from kernels.glm import independent_newton_step
 
     frozen_cov, frozen_mean = jax.lax.stop_gradient(prior_cov), jax.lax.stop_gradient(prior_mean)
+    frozen_obs = jax.lax.stop_gradient(obs)
     theta, steps = _damped_newton(
-        lambda t: independent_newton_step(link, t, successes, size, frozen_cov, frozen_mean),
+        lambda t: independent_newton_step(link, t, frozen_obs, frozen_cov, frozen_mean),
         start.astype(prior_mean.dtype), prior_mean.dtype)
-    return independent_newton_step(link, theta, successes, size, prior_cov, prior_mean), steps
+    return independent_newton_step(link, theta, obs, prior_cov, prior_mean), steps
 
 
-def laplace_upward(data, parents, prior_cov, prior_mean, *, link, num_nodes):
+def laplace_upward(data, parents, prior_cov, prior_mean, *, link, num_nodes, slope=None):
     """The Gaussian tree of the Laplace approximation at the mode, and its log marginal.
 
     With the log-likelihood replaced by its expansion at the mode θ̂, the joint
@@ -320,57 +437,73 @@ def laplace_upward(data, parents, prior_cov, prior_mean, *, link, num_nodes):
     from kernels import gaussian_tree as tree
     from kernels.glm import leaf_expansion
 
-    mode, steps = laplace_mode(data, parents, prior_cov, prior_mean, link=link, num_nodes=num_nodes)
-    w, h, constant = leaf_expansion(link, mode, data.leaf_successes, data.leaf_size)
+    mode, steps = laplace_mode(data, parents, prior_cov, prior_mean, link=link, num_nodes=num_nodes, slope=slope)
+    w, h, constant = leaf_expansion(link, mode, observations(data, slope))
     upward = tree.integrate(w, h, tuple(parents), prior_cov, prior_mean, num_top=num_nodes[0])
     return upward, upward.log_normaliser + constant, steps
 
 
-def log_marginal(data, parents, prior_cov, prior_mean, *, link, num_nodes):
+def log_marginal(data, parents, prior_cov, prior_mean, *, link, num_nodes, slope=None):
     """The approximate log p(y | φ) NUTS samples on: with one level, Laplace for large leaves
-    plus adaptive Gauss–Hermite quadrature for the table of small-leaf configurations
-    (``quadrature_table``); nested, Laplace on the tree."""
-    from kernels.glm import independent_log_marginal
-
+    plus adaptive Gauss–Hermite quadrature for small ones (by configuration, ``quadrature_table``;
+    leaf by leaf with covariates, ``binned_sets``); nested, Laplace on the tree."""
     import jax.numpy as jnp
 
-    if len(num_nodes) == 1:
-        cov = prior_cov[0]
-        total = 0.0
-        if data.large_size.shape[0]:
-            mode, _ = _independent_mode(data.large_successes, data.large_size, data.large_init, cov,
-                                        prior_mean, link)
-            total = total + independent_log_marginal(link, mode, data.large_successes, data.large_size, cov,
-                                                     prior_mean, 1).sum()
-        if data.quad_size.shape[0]:
-            start = jnp.broadcast_to(prior_mean, data.quad_size.shape)
-            mode, _ = _independent_mode(data.quad_successes, data.quad_size, start, cov, prior_mean, link)
-            total = total + (independent_log_marginal(link, mode, data.quad_successes, data.quad_size, cov,
-                                                      prior_mean, QUADRATURE_NODES) * data.quad_count).sum()
-        return total
-    return laplace_upward(data, parents, prior_cov, prior_mean, link=link, num_nodes=num_nodes)[1]
+    from kernels.glm import Leaves
+
+    if len(num_nodes) != 1:
+        return laplace_upward(data, parents, prior_cov, prior_mean, link=link, num_nodes=num_nodes,
+                              slope=slope)[1]
+    cov = prior_cov[0]
+    if slope is not None:
+        large, small = data.large_cells, data.small_cells
+        return (_leaf_log_marginals(_cell_set_observations(large, slope), large.init, cov, prior_mean, link, 1).sum()
+                + _leaf_log_marginals(_cell_set_observations(small, slope), small.init, cov, prior_mean, link,
+                                      QUADRATURE_NODES).sum())
+    total = 0.0
+    if data.large_size.shape[0]:
+        total = total + _leaf_log_marginals(Leaves(data.large_successes, data.large_size), data.large_init, cov,
+                                            prior_mean, link, 1).sum()
+    if data.quad_size.shape[0]:
+        start = jnp.broadcast_to(prior_mean, data.quad_size.shape)
+        total = total + (_leaf_log_marginals(Leaves(data.quad_successes, data.quad_size), start, cov, prior_mean,
+                                             link, QUADRATURE_NODES) * data.quad_count).sum()
+    return total
 
 
-def laplace_model(data, parents, *, levels, num_nodes, priors, link):
+def _leaf_log_marginals(obs, start, cov, prior_mean, link, nodes_per_dim):
+    """Each independent leaf's log ∫ p(y | θ) N(θ; μ, Σ) dθ, around its mode (found from ``start``)."""
+    from kernels.glm import independent_log_marginal
+
+    if start.shape[0] == 0:
+        return prior_mean[:0]
+    mode, _ = _independent_mode(obs, start, cov, prior_mean, link)
+    return independent_log_marginal(link, mode, obs, cov, prior_mean, nodes_per_dim)
+
+
+def laplace_model(data, parents, *, levels, num_nodes, priors, link, covariates=()):
     """The `laplace` model: NUTS sees the hyperparameters only, on the approximate marginal."""
     import numpyro
 
     hyper = sample_hyper(priors, levels)
     prior_cov, prior_mean = tree_prior(hyper, levels)
-    numpyro.factor("marginal", log_marginal(data, parents, prior_cov, prior_mean, link=link, num_nodes=num_nodes))
+    numpyro.factor("marginal", log_marginal(data, parents, prior_cov, prior_mean, link=link, num_nodes=num_nodes,
+                                            slope=slope_vector(hyper, covariates)))
 
 
 # --- the full joint model (reference) -----------------------------------------------------
 
 
-def cell_log_likelihood(data: GLMData, alpha_leaf, tau_leaf, link):
+def cell_log_likelihood(data: GLMData, alpha_leaf, tau_leaf, link, slope=None):
     from kernels.glm import cell_terms
 
     eta = alpha_leaf[data.leaf] + tau_leaf[data.leaf] * data.arm
+    if slope is not None:
+        eta = eta + data.x @ slope
     return cell_terms(link, eta, data.successes, data.size)[0].sum()
 
 
-def joint_model(data, parents, *, levels, num_nodes, priors, link):
+def joint_model(data, parents, *, levels, num_nodes, priors, link, covariates=()):
     """Every group's (α, τ) sampled, non-centred; the reference for `laplace` and `svi`."""
     import jax.numpy as jnp
     import numpyro
@@ -380,6 +513,8 @@ def joint_model(data, parents, *, levels, num_nodes, priors, link):
 
     alpha = jnp.reshape(numpyro.sample("baseline_mean", to_numpyro(priors["baseline_mean"])), (1,))
     tau = jnp.reshape(numpyro.sample("effect_mean", to_numpyro(priors["effect_mean"])), (1,))
+    slope = (jnp.stack([numpyro.sample(f"slope.{c}", to_numpyro(priors[f"slope.{c}"])) for c in covariates])
+             if covariates else None)
     for depth, (level, size) in enumerate(zip(levels, num_nodes)):
         above = jnp.zeros(size, dtype=jnp.int32) if depth == 0 else parents[depth - 1]
         s_alpha, s_tau, _ = gaussian._sample_scales(level, priors)
@@ -387,7 +522,7 @@ def joint_model(data, parents, *, levels, num_nodes, priors, link):
         z_tau = numpyro.sample(f"effect_z.{level}", dist.Normal(0.0, 1.0).expand([size]).to_event(1))
         alpha = alpha[above] + s_alpha * z_alpha
         tau = tau[above] + s_tau * gaussian._correlated(z_tau, z_alpha, priors, level)
-    numpyro.factor("cells", cell_log_likelihood(data, alpha, tau, link))
+    numpyro.factor("cells", cell_log_likelihood(data, alpha, tau, link, slope))
 
 
 def node_latents(draws: dict, parents, levels, num_nodes):
@@ -407,11 +542,13 @@ def node_latents(draws: dict, parents, levels, num_nodes):
     return out
 
 
-def outcome_effects(leaf_theta, leaf_rows, parents, num_nodes, link):
+def outcome_effects(leaf_theta, leaf_rows, parents, num_nodes, link, cells=None):
     """Effects on the outcome scale from one draw of every leaf's (α, τ) (vmap it).
 
     A leaf's effect is g⁻¹(α + τ) − g⁻¹(α) (risk or rate difference; every row of a
-    leaf shares it); a node above averages its leaves' effects over their rows.
+    leaf shares it); with covariates, ``cells`` = (leaf, offset x̄ᵀβ, rows) per cell and the
+    leaf's effect averages g⁻¹(α + τ + o) − g⁻¹(α + o) over its rows. A node above averages
+    its leaves' effects over their rows.
     Returns (per level (nodes,) effects, the row-weighted average over all leaves).
     """
     import jax
@@ -420,7 +557,14 @@ def outcome_effects(leaf_theta, leaf_rows, parents, num_nodes, link):
     from kernels.glm import inverse_link
 
     a, t = leaf_theta[:, 0], leaf_theta[:, 1]
-    effect = inverse_link(link, a + t) - inverse_link(link, a)
+    if cells is None:
+        effect = inverse_link(link, a + t) - inverse_link(link, a)
+    else:
+        leaf, offset, rows = cells
+        eta = a[leaf] + offset
+        per_cell = (inverse_link(link, eta + t[leaf]) - inverse_link(link, eta)) * rows
+        total = jax.ops.segment_sum(per_cell, leaf, num_segments=a.shape[0])
+        effect = total / jnp.where(leaf_rows > 0, leaf_rows, 1.0)
     out = [effect]
     weighted, rows = effect * leaf_rows, leaf_rows
     for depth in range(len(num_nodes) - 2, -1, -1):

@@ -13,11 +13,19 @@ from engine.validate import Checked
 
 
 def reduce(checked: Checked, spec: Spec) -> Cells:
+    """Rows → cells keyed by ``spec.cell_keys`` and arm (a GLM's covariate bin is a key below the
+    leaf group: the returned ``Cells`` has the groups as levels and the bin as an extra key)."""
+    keys = spec.cell_keys
     if spec.backend == "jax":
         from engine.reduce.jax import reduce_jax
-        return reduce_jax(checked.rows, spec.groups, spec.outcome, spec.reduce_covariates)
-    if spec.backend == "dask":
+        cells = reduce_jax(checked.rows, keys, spec.outcome, spec.reduce_covariates)
+    elif spec.backend == "dask":
         from engine.reduce.dask import reduce_dask
-        return reduce_dask(checked, spec)
-    from engine.reduce.polars import reduce_polars
-    return reduce_polars(checked.rows, spec.groups, spec.outcome, spec.reduce_covariates)
+        cells = reduce_dask(checked, spec)
+    else:
+        from engine.reduce.polars import reduce_polars
+        cells = reduce_polars(checked.rows, keys, spec.outcome, spec.reduce_covariates)
+    if keys == spec.groups:
+        return cells
+    return Cells(table=cells.table, levels=spec.groups, covariates=cells.covariates,
+                 extra_keys=keys[len(spec.groups):])

@@ -53,12 +53,14 @@ class RowTransform:
     drop: pl.Expr | None       # True on rows --drop-missing removes; None when nothing is dropped
     arm: pl.Expr               # treatment → 1 treated / 0 control, Int8, named "arm"
     outcome: pl.Expr           # the outcome as Float64, under its own name
+    bins: pl.Expr | None = None  # a GLM's covariate bin (``engine.validate.bin_column``), if binned
 
     def apply(self, frame: pl.LazyFrame) -> pl.LazyFrame:
         rows = frame.select(list(self.columns))
         if self.drop is not None:
             rows = rows.filter(~self.drop)
-        return rows.with_columns(self.arm, self.outcome)
+        rows = rows.with_columns(self.arm, self.outcome)
+        return rows.with_columns(self.bins) if self.bins is not None else rows
 
 
 def row_transform(checked: Checked, spec: Spec) -> RowTransform:
@@ -69,7 +71,7 @@ def row_transform(checked: Checked, spec: Spec) -> RowTransform:
     them, and the two unoptimised plans are compared: a difference is an
     internal error, never silently different rows on the cluster.
     """
-    from engine.validate import _coerce, value_columns
+    from engine.validate import _coerce, bin_column, value_columns
 
     columns = (spec.outcome, spec.treatment, *spec.groups, *[c for _, c in value_columns(spec)])
     y = pl.col(spec.outcome).cast(pl.Float64)
@@ -97,7 +99,8 @@ def row_transform(checked: Checked, spec: Spec) -> RowTransform:
     else:
         treated = treatment == 1
     transform = RowTransform(columns=columns, drop=drop, arm=treated.cast(pl.Int8).alias("arm"),
-                             outcome=y.alias(spec.outcome))
+                             outcome=y.alias(spec.outcome),
+                             bins=bin_column(spec, checked.bin_edges) if spec.binned else None)
     expected = checked.rows.explain(optimized=False)
     if transform.apply(checked.source.frame).explain(optimized=False) != expected:
         raise RuntimeError("dask backend: its copy of validate.check's row transformation no longer "
@@ -243,7 +246,7 @@ def reduce_dask(checked: Checked, spec: Spec, *, client=None, partition_rows: in
     """
     import dask
 
-    groups, covariates = list(spec.groups), list(spec.reduce_covariates)
+    groups, covariates = list(spec.cell_keys), list(spec.reduce_covariates)
     transform = row_transform(checked, spec)
     source = checked.source
     full = source.frame.collect_schema()

@@ -178,8 +178,25 @@ def test_bad_options_are_spec_errors():
         engine.fit(frame, outcome="y", treatment="treated", exposure="group")
     with pytest.raises(SpecError, match="noise' does not apply to family 'bernoulli'"):
         engine.fit(frame, outcome="y", treatment="treated", family="bernoulli", priors={"noise": "halfnormal(1)"})
-    with pytest.raises(SpecError, match="not supported in this version"):
-        engine.fit(frame, outcome="y", treatment="treated", family="bernoulli", covariates=["group"])
+
+
+def test_binned_covariate_options_are_checked_before_any_compute(tmp_path, capsys):
+    """GLMs with covariates take the binned route: its options are checked up front, and cell
+    tables (whose bin edges would differ between sites) are refused."""
+    rows, _ = engine.simulate(rows=200, groups=10, seed=0, family="bernoulli", covariate=True)
+    with pytest.raises(SpecError, match="--method svi does not support covariates"):
+        engine.fit(rows, outcome="y", treatment="treated", family="bernoulli", covariates=["pre"], method="svi")
+    with pytest.raises(SpecError, match="covariate_bins: expected an integer from 2 to 1000, found 1"):
+        engine.fit(rows, outcome="y", treatment="treated", family="bernoulli", covariates=["pre"], covariate_bins=1)
+    with pytest.raises(SpecError, match="'covariate_bin' is reserved"):
+        engine.fit(rows.rename({"group": "covariate_bin"}), outcome="y", treatment="treated",
+                   groups=["covariate_bin"], family="bernoulli", covariates=["pre"])
+    path = tmp_path / "rows.parquet"
+    rows.write_parquet(path)
+    out = tmp_path / "cells.parquet"
+    code, err = run_cli(["reduce", path, "--outcome", "y", "--treatment", "treated", "--group", "group",
+                         "--family", "bernoulli", "--covariate", "pre", "--out", out], capsys)
+    assert code == 2 and "keyed by covariate bins" in err and not out.exists(), err
 
 
 def glm_rows(family, **changes):
