@@ -145,9 +145,6 @@ class Spec:
                     f"{len(self.covariates)} covariates × {bins} bins each make {bins ** len(self.covariates)} "
                     f"bin combinations per group and arm (at most {MAX_BIN_COMBINATIONS}); pass fewer "
                     "--covariate-bins or fewer covariates")
-            if self.method == "svi":
-                raise SpecError(f"--method svi does not support covariates yet with family {self.family!r}; "
-                                "use laplace (the default) or nuts")
         if self.noise_by_arm:
             raise SpecError(f"--noise-by-arm applies to the Gaussian family only; family {self.family!r} "
                             "has no residual noise")

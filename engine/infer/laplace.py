@@ -25,7 +25,7 @@ from engine.infer.nuts import assemble, fit_glm_nuts
 from engine.models import glm
 
 
-def _one_draw(rng_key, hyper: dict, data, parents, leaf_rows, *, levels, num_nodes, link, covariates):
+def one_draw(rng_key, hyper: dict, data, parents, leaf_rows, *, levels, num_nodes, link, covariates):
     import jax.numpy as jnp
 
     from kernels import gaussian_tree as tree
@@ -59,12 +59,12 @@ def fit_laplace(problem, spec, method_reason: str) -> Posterior:
     samples, divergences, sampler, flat = run.samples, run.divergences, run.sampler, run.flat
     data, parents, draw_key = run.data, run.parents, run.draw_key
     chains, draws = np.asarray(samples["effect_mean"]).shape
-    one_draw = partial(_one_draw, levels=levels, num_nodes=problem.num_nodes, link=link, covariates=covariates)
-    result = downward.summarise(one_draw, flat, (data, parents, jnp.asarray(problem.leaf_rows)),
+    draw = partial(one_draw, levels=levels, num_nodes=problem.num_nodes, link=link, covariates=covariates)
+    result = downward.summarise(draw, flat, (data, parents, jnp.asarray(problem.leaf_rows)),
                                 rng_key=draw_key, num_nodes=problem.num_nodes, real_nodes=problem.real_nodes,
                                 interval=spec.interval)
     hyper = glm.original_units(problem, samples)
-    steps = _newton_steps(flat, data, parents, levels=levels, num_nodes=problem.num_nodes, link=link,
+    steps = newton_steps(flat, data, parents, levels=levels, num_nodes=problem.num_nodes, link=link,
                           covariates=covariates)
     sampler = dict(sampler, downward_batch=result.batch, quantile_draws=result.outcome[0].quantile_draws,
                    quadrature_nodes=glm.quadrature_nodes(problem.data),
@@ -75,17 +75,20 @@ def fit_laplace(problem, spec, method_reason: str) -> Posterior:
                          link_groups=result.link, ate_link=result.ate_link.reshape(chains, draws))
     if steps >= glm.NEWTON_MAX_STEPS:
         posterior.diagnostics["ok"] = False
-        posterior.diagnostics["messages"].append(
-            f"Newton's method did not reach the groups' joint mode within {glm.NEWTON_MAX_STEPS} steps at "
+        posterior.diagnostics["messages"].append(newton_steps_message())
+    return posterior
+
+
+def newton_steps_message() -> str:
+    return (f"Newton's method did not reach the groups' joint mode within {glm.NEWTON_MAX_STEPS} steps at "
             "some hyperparameter draws: the Laplace approximation there is unreliable; check the data "
             "for separation (groups with all or no events and huge counts) or use --method nuts")
-    return posterior
 
 
 CHECKED_DRAWS = 64
 
 
-def _newton_steps(flat: dict, data, parents, *, levels, num_nodes, link, covariates) -> int:
+def newton_steps(flat: dict, data, parents, *, levels, num_nodes, link, covariates) -> int:
     """The most Newton steps any of ``CHECKED_DRAWS`` evenly spaced hyperparameter draws needed."""
     import jax.numpy as jnp
 

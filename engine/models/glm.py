@@ -457,21 +457,21 @@ def log_marginal(data, parents, prior_cov, prior_mean, *, link, num_nodes, slope
     cov = prior_cov[0]
     if slope is not None:
         large, small = data.large_cells, data.small_cells
-        return (_leaf_log_marginals(_cell_set_observations(large, slope), large.init, cov, prior_mean, link, 1).sum()
-                + _leaf_log_marginals(_cell_set_observations(small, slope), small.init, cov, prior_mean, link,
+        return (leaf_log_marginals(_cell_set_observations(large, slope), large.init, cov, prior_mean, link, 1).sum()
+                + leaf_log_marginals(_cell_set_observations(small, slope), small.init, cov, prior_mean, link,
                                       QUADRATURE_NODES).sum())
     total = 0.0
     if data.large_size.shape[0]:
-        total = total + _leaf_log_marginals(Leaves(data.large_successes, data.large_size), data.large_init, cov,
+        total = total + leaf_log_marginals(Leaves(data.large_successes, data.large_size), data.large_init, cov,
                                             prior_mean, link, 1).sum()
     if data.quad_size.shape[0]:
         start = jnp.broadcast_to(prior_mean, data.quad_size.shape)
-        total = total + (_leaf_log_marginals(Leaves(data.quad_successes, data.quad_size), start, cov, prior_mean,
+        total = total + (leaf_log_marginals(Leaves(data.quad_successes, data.quad_size), start, cov, prior_mean,
                                              link, QUADRATURE_NODES) * data.quad_count).sum()
     return total
 
 
-def _leaf_log_marginals(obs, start, cov, prior_mean, link, nodes_per_dim):
+def leaf_log_marginals(obs, start, cov, prior_mean, link, nodes_per_dim):
     """Each independent leaf's log ∫ p(y | θ) N(θ; μ, Σ) dθ, around its mode (found from ``start``)."""
     from kernels.glm import independent_log_marginal
 

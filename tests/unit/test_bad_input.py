@@ -184,8 +184,6 @@ def test_binned_covariate_options_are_checked_before_any_compute(tmp_path, capsy
     """GLMs with covariates take the binned route: its options are checked up front, and cell
     tables (whose bin edges would differ between sites) are refused."""
     rows, _ = engine.simulate(rows=200, groups=10, seed=0, family="bernoulli", covariate=True)
-    with pytest.raises(SpecError, match="--method svi does not support covariates"):
-        engine.fit(rows, outcome="y", treatment="treated", family="bernoulli", covariates=["pre"], method="svi")
     with pytest.raises(SpecError, match="covariate_bins: expected an integer from 2 to 1000, found 1"):
         engine.fit(rows, outcome="y", treatment="treated", family="bernoulli", covariates=["pre"], covariate_bins=1)
     with pytest.raises(SpecError, match="'covariate_bin' is reserved"):
