@@ -135,7 +135,7 @@ def default_priors(cells: Cells, family: str, weight: str | None, levels, covari
     for level in levels:
         priors[f"baseline_scale.{level}"] = Prior("halfnormal", (1.0,))
         priors[f"effect_scale.{level}"] = Prior("halfnormal", (0.5,))
-    moments = cells.pooled_moments()
+    moments = cells.pooled_moments() if covariates else {}
     for x in covariates:
         sd = moments[x][1]
         priors[f"slope.{x}"] = Prior("normal", (0.0, round(1.0 / sd if sd > 0 and math.isfinite(sd) else 1.0, 6)))
@@ -168,7 +168,9 @@ def build(cells: Cells, encoding: Encoding, priors: dict[str, Prior], family: st
     leaf_successes = per_leaf_arm(successes, arm, leaf, leaves)
     leaf_size = per_leaf_arm(size, arm, leaf, leaves)
     covariates = tuple(covariates)
-    moments = cells.pooled_moments()
+    # Only the covariates' moments: a trials or exposure column of a cell table from
+    # elsewhere may come without its co-moments.
+    moments = cells.pooled_moments() if covariates else {}
     shift = np.array([moments[c][0] for c in covariates])
     scale = np.array([moments[c][1] if moments[c][1] > 0 else 1.0 for c in covariates])
     std = gaussian.Standardisation(0.0, 1.0, shift, scale)
