@@ -6,36 +6,27 @@ import sys
 
 
 def configure_jax() -> None:
-    """float64 on CPU (DESIGN: model stage in float64 on CPU by default), and JAX's
-    persistent compilation cache.
+    """float64 on CPU (DESIGN: model stage in float64 on CPU by default), and,
+    when ``CAUSAL_ENGINE_CACHE=DIR`` is set, JAX's persistent compilation cache
+    in DIR: compiling the sampler costs seconds, and a later process fitting the
+    same shapes (buckets) skips it.
 
-    The cache matters within one process too: NumPyro (0.22) re-jits its sampling loop on
-    every ``MCMC.run``, even for a reused sampler and arguments of the same shapes (measured:
-    three SBC replications compiled ``_fori_collect_loop`` three times, 28 s of 72 s), and an
-    identical program found in the cache loads instead of compiling (the same run: 45 s).
-
-    ``CAUSAL_ENGINE_CACHE`` unset: a private folder for this process, removed at exit.
-    ``CAUSAL_ENGINE_CACHE=DIR``: DIR, so that a later process fitting the same shapes
-    (buckets) skips the compile too. Processes must not share one DIR at the same moment:
-    JAX (0.10) writes entries without a lock, and a crash was seen here reading a half-written
-    one. ``CAUSAL_ENGINE_CACHE=0``: no cache.
+    Opt-in because JAX (0.10) writes cache entries without a lock: processes
+    sharing one folder at the same moment (parallel batch jobs, a test run beside
+    another) can read a half-written entry; a crash was seen here that way. It was tried on
+    by default (a private folder per process: NumPyro 0.22 re-jits its sampling loop on every
+    ``MCMC.run``, and the cache turned those compiles into loads, 72 s → 45 s for three SBC
+    replications), but a long test process then segfaulted inside JAX's cache write
+    (``put_executable_and_time``), so it stays opt-in.
     """
     import jax
 
     if jax.default_backend() == "cpu" and os.environ.get("CAUSAL_ENGINE_X64", "1") != "0":
         jax.config.update("jax_enable_x64", True)
     cache = os.environ.get("CAUSAL_ENGINE_CACHE", "")
-    if cache == "0" or jax.config.jax_compilation_cache_dir:
-        return
-    if not cache:
-        import atexit
-        import shutil
-        import tempfile
-
-        cache = tempfile.mkdtemp(prefix="causal-engine-jax-")
-        atexit.register(shutil.rmtree, cache, ignore_errors=True)
-    jax.config.update("jax_compilation_cache_dir", cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    if cache and cache != "0" and not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def devices() -> list[str]:
