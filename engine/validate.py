@@ -17,7 +17,7 @@ from pathlib import Path
 import polars as pl
 
 from engine.errors import DataError, SchemaError, SpecError
-from engine.spec import Spec
+from engine.spec import BIN_COLUMN, Spec
 
 _SCANNERS = {
     ".parquet": "parquet", ".pq": "parquet",
@@ -58,7 +58,7 @@ class Checked:
     # rows were dropped after it (the pass saw them) or there are no rows (cell input).
     covariate_ranges: dict | None = None
     # GLM with covariates (``spec.binned``): the interior bin edges of each covariate, and
-    # ``rows`` carries the bin of each row in ``spec.BIN_COLUMN``.
+    # ``rows`` carries the bin of each row in the column ``engine.spec.BIN_COLUMN``.
     bin_edges: dict | None = None
 
 
@@ -358,8 +358,6 @@ def bin_edges(rows: pl.LazyFrame, spec: Spec, n_rows: int) -> dict[str, list[flo
 
 def bin_column(spec: Spec, edges: dict[str, list[float]]) -> pl.Expr:
     """Each row's bin: per covariate the count of edges below its value, combined in mixed radix."""
-    from engine.spec import BIN_COLUMN
-
     code, radix = pl.lit(0, pl.Int64), 1
     for c in spec.covariates:
         x = pl.col(c).cast(pl.Float64)

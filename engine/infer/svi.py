@@ -154,22 +154,11 @@ def minibatched(problem) -> bool:
 
 def log_marginal(hyper: dict, data, parents, batch: Batch | None, *, levels, num_nodes, link, covariates):
     """log p̂(y | φ): the full marginal of ``glm.log_marginal``, or its minibatch estimate."""
-    import jax.numpy as jnp
-
-    from kernels.glm import Leaves
-
     prior_cov, prior_mean = glm.tree_prior(hyper, levels)
     if batch is None:
         return glm.log_marginal(data, parents, prior_cov, prior_mean, link=link, num_nodes=num_nodes,
                                 slope=glm.slope_vector(hyper, covariates))
-    cov = prior_cov[0]
-    large = Leaves(data.large_successes[batch.large], data.large_size[batch.large])
-    quad = Leaves(data.quad_successes[batch.quad], data.quad_size[batch.quad])
-    start = 0.0 * quad.size + prior_mean
-    return (jnp.sum(batch.large_weight * glm.leaf_log_marginals(large, data.large_init[batch.large], cov,
-                                                               prior_mean, link, 1))
-            + jnp.sum(batch.quad_weight * glm.leaf_log_marginals(quad, start, cov, prior_mean, link,
-                                                                 glm.QUADRATURE_NODES)))
+    return glm.table_log_marginal(data, prior_cov[0], prior_mean, link, rows=batch)
 
 
 def elbo_estimate(params: GuideParams, eps, data, parents, batch: Batch | None, *, priors: tuple, levels: tuple,
@@ -276,15 +265,6 @@ class Optimised(NamedTuple):
     elbo: float               # the tracked full-data ELBO of the last chunk's averaged guide
     converged: bool
     message: str              # why it did not converge; "" when it did
-
-
-class Optimised(NamedTuple):
-    params: GuideParams       # the average of the last chunk's iterates
-    steps: int
-    chunks: int
-    elbo: float               # the tracked full-data ELBO of the last chunk's averaged guide
-    converged: bool
-    message: str              # why it did not converge; "" when it did
     batch: tuple | None       # rows per step of the (large-leaf, configuration) tables; None: full marginal
 
 
@@ -350,9 +330,6 @@ def projected_gain(tracked: list) -> tuple[float, float]:
     slope_error = math.sqrt(residual @ residual / (WINDOW_CHUNKS - 2) / (x @ x))
     ahead = WINDOW_CHUNKS // 2
     return slope * ahead, max(TOLERANCE, 2.0 * slope_error * ahead)
-
-
-# --- from the guide to the posterior summaries ----------------------------------------------
 
 
 # --- from the guide to the posterior summaries ----------------------------------------------

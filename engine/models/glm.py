@@ -449,10 +449,6 @@ def log_marginal(data, parents, prior_cov, prior_mean, *, link, num_nodes, slope
     """The approximate log p(y | φ) NUTS samples on: with one level, Laplace for large leaves
     plus adaptive Gauss–Hermite quadrature for small ones (by configuration, ``quadrature_table``;
     leaf by leaf with covariates, ``binned_sets``); nested, Laplace on the tree."""
-    import jax.numpy as jnp
-
-    from kernels.glm import Leaves
-
     if len(num_nodes) != 1:
         return laplace_upward(data, parents, prior_cov, prior_mean, link=link, num_nodes=num_nodes,
                               slope=slope)[1]
@@ -462,14 +458,31 @@ def log_marginal(data, parents, prior_cov, prior_mean, *, link, num_nodes, slope
         return (leaf_log_marginals(_cell_set_observations(large, slope), large.init, cov, prior_mean, link, 1).sum()
                 + leaf_log_marginals(_cell_set_observations(small, slope), small.init, cov, prior_mean, link,
                                       QUADRATURE_NODES).sum())
+    return table_log_marginal(data, cov, prior_mean, link)
+
+
+def table_log_marginal(data, cov, prior_mean, link, rows=None):
+    """One level without covariates: Σ over the large-leaf table (Laplace) plus Σ over the
+    small-leaf configurations (quadrature) × the leaves sharing each. ``rows``, if given, is a
+    minibatch (large rows, their weights, configuration rows, their weights including the
+    leaf counts) whose weighted sum estimates the same total."""
+    import jax.numpy as jnp
+
+    from kernels.glm import Leaves
+
+    if rows is None:
+        rows = (slice(None), 1.0, slice(None), data.quad_count)
+    large, large_weight, quad, quad_weight = rows
     total = 0.0
     if data.large_size.shape[0]:
-        total = total + leaf_log_marginals(Leaves(data.large_successes, data.large_size), data.large_init, cov,
-                                            prior_mean, link, 1).sum()
+        obs = Leaves(data.large_successes[large], data.large_size[large])
+        total = total + jnp.sum(large_weight * leaf_log_marginals(obs, data.large_init[large], cov, prior_mean,
+                                                                  link, 1))
     if data.quad_size.shape[0]:
-        start = jnp.broadcast_to(prior_mean, data.quad_size.shape)
-        total = total + (leaf_log_marginals(Leaves(data.quad_successes, data.quad_size), start, cov, prior_mean,
-                                             link, QUADRATURE_NODES) * data.quad_count).sum()
+        obs = Leaves(data.quad_successes[quad], data.quad_size[quad])
+        start = jnp.broadcast_to(prior_mean, obs.size.shape)
+        total = total + jnp.sum(quad_weight * leaf_log_marginals(obs, start, cov, prior_mean, link,
+                                                                 QUADRATURE_NODES))
     return total
 
 
