@@ -5,17 +5,19 @@ method-specific ``one_draw`` function returns, per level, a joint draw of every
 node's effect on the link scale with its conditional mean and variance given the
 drawn parent (for Rao-Blackwellised sums), optionally per-level draws of the effect
 on the outcome scale (GLMs), and the draw's ATE. Batches of draws run as one
-compiled ``vmap``; only per-node sums and a thinned subset of draws come back, so
-no (draws × groups) array is ever held (summaries.py).
+compiled ``vmap``, and every batch runs inside one compiled ``lax.scan``; only per-node
+moments and a thinned subset of draws come back, so no (draws × groups) array is ever
+held (summaries.py).
 """
 from __future__ import annotations
 
+import time
 from functools import lru_cache, partial
 from typing import NamedTuple
 
 import numpy as np
 
-from engine.infer.summaries import Accumulator, retained_stride
+from engine.infer.summaries import GroupSummary, interval_bounds, retained_stride
 
 # Device memory for one batch of downward passes (draws × nodes × a few 2-vectors).
 BATCH_BYTES = 64 * 2**20
@@ -42,8 +44,11 @@ class HyperDraws(NamedTuple):
     draw_key: object        # the PRNG key for the downward passes
 
 
-def sample_hyper(model, problem, spec, names) -> HyperDraws:
-    """Run NUTS on ``model(data, parents)`` (data as traced arguments) and flatten ``names``."""
+def sample_hyper(model, problem, spec, names, model_data=None) -> HyperDraws:
+    """Run NUTS on ``model(data, parents)`` (data as traced arguments) and flatten ``names``.
+
+    ``model_data`` replaces ``problem.data`` as the model's data (a compressed form of it);
+    the returned ``data`` is always ``problem.data``, for the downward passes."""
     import jax
     import jax.numpy as jnp
 
@@ -51,11 +56,14 @@ def sample_hyper(model, problem, spec, names) -> HyperDraws:
 
     data = jax.tree.map(jnp.asarray, problem.data)
     parents = tuple(jnp.asarray(p) for p in problem.parents)
+    started = time.perf_counter()
     hyper_key, draw_key = jax.random.split(jax.random.PRNGKey(spec.seed))
+    model_args = (data if model_data is None else jax.tree.map(jnp.asarray, model_data), parents)
     samples, divergences, sampler = runner.run_nuts(
-        model, (data, parents), {}, rng_key=hyper_key, warmup=spec.warmup, draws=spec.draws,
+        model, model_args, {}, rng_key=hyper_key, warmup=spec.warmup, draws=spec.draws,
         chains=spec.chains)
     flat = {name: np.asarray(samples[name]).reshape(-1) for name in names}
+    sampler = dict(sampler, sample_s=round(time.perf_counter() - started, 3))
     return HyperDraws(samples, flat, divergences, sampler, data, parents, draw_key)
 
 
@@ -65,33 +73,92 @@ class Summaries(NamedTuple):
     ate: np.ndarray         # (total draws,)
     ate_link: np.ndarray    # (total draws,)
     batch: int
+    seconds: float          # wall time of the downward passes, compiling included
 
 
-def _batch_sums(rng_keys, hyper_batch, mask, *args, one_draw):
-    """vmap of ``one_draw`` over a batch, reduced to sums per node; ``mask`` (B,) zeroes
-    the repeated draws that pad the last batch to the compiled size."""
+class Moments(NamedTuple):
+    """Running per-node moments of one level over the draws seen so far (device arrays).
+
+    Merged batch by batch with Chan et al. (1979)'s pairwise update, so float32 on a GPU
+    keeps the spread of a node whose mean is far from zero.
+    """
+
+    count: object           # () float  draws merged
+    mean: object            # (nodes,)  mean of the per-draw conditional means
+    m2: object              # (nodes,)  Σ (conditional mean − mean)²
+    var_sum: object         # (nodes,)  Σ conditional variances (0 for plain draws)
+    pos_sum: object         # (nodes,)  Σ P(effect > 0 | draw)
+    kept: object            # (kept, nodes) float32  every stride-th joint draw, for quantiles
+
+
+def _empty_moments(nodes: int, kept: int, dtype) -> Moments:
+    import jax.numpy as jnp
+
+    zeros = jnp.zeros(nodes, dtype)
+    return Moments(jnp.zeros((), dtype), zeros, zeros, zeros, zeros, jnp.zeros((kept, nodes), jnp.float32))
+
+
+def _merge(acc: Moments, draw, mean, var, prob_pos, weight, slot) -> Moments:
+    """Fold one batch (B, nodes) into ``acc``; ``weight`` (B,) is 0 on padding draws and
+    ``slot`` (B,) the kept-draw row of each draw (out of range: not kept)."""
+    import jax.numpy as jnp
+
+    n_b = weight.sum()
+    w = weight[:, None]
+    mean_b = (w * mean).sum(0) / jnp.maximum(n_b, 1.0)
+    m2_b = (w * (mean - mean_b) ** 2).sum(0)
+    count = acc.count + n_b
+    delta = mean_b - acc.mean
+    share = n_b / jnp.maximum(count, 1.0)
+    return Moments(count, acc.mean + delta * share, acc.m2 + m2_b + delta**2 * acc.count * share,
+                   acc.var_sum + (w * var).sum(0), acc.pos_sum + (w * prob_pos).sum(0),
+                   acc.kept.at[slot].set(draw.astype(acc.kept.dtype), mode="drop"))
+
+
+def _scan_draws(keys, hyper, weight, slots, *args, one_draw, num_nodes, kept):
+    """Every batch of downward passes in one compiled loop; only the moments, the kept draws
+    and the per-draw ATEs leave the device. ``keys`` (batches, B, 2), ``hyper`` name ->
+    (batches, B), ``weight`` and ``slots`` (batches, B)."""
     import jax
     import jax.numpy as jnp
     from jax.scipy.special import ndtr
 
-    out = jax.vmap(one_draw, in_axes=(0, 0) + (None,) * len(args))(rng_keys, hyper_batch, *args)
-    w = mask[:, None]
-    link = [(draw, (w * mean).sum(0), (w * (var + mean**2)).sum(0), (w * ndtr(mean / jnp.sqrt(var))).sum(0))
-            for draw, mean, var in out.link]
-    outcome = [(draw, (w * draw).sum(0), (w * draw**2).sum(0), (w * (draw > 0)).sum(0)) for draw in out.outcome]
-    return link, outcome, out.ate, out.ate_link
+    dtype = weight.dtype
+
+    def step(carry, xs):
+        link_acc, outcome_acc = carry
+        key_b, hyper_b, weight_b, slot_b = xs
+        out = jax.vmap(one_draw, in_axes=(0, 0) + (None,) * len(args))(key_b, hyper_b, *args)
+        link_acc = [_merge(acc, draw, mean, var, ndtr(mean / jnp.sqrt(var)), weight_b, slot_b)
+                    for acc, (draw, mean, var) in zip(link_acc, out.link)]
+        outcome_acc = [_merge(acc, draw, draw, jnp.zeros_like(draw), (draw > 0).astype(draw.dtype), weight_b, slot_b)
+                       for acc, draw in zip(outcome_acc, out.outcome)]
+        return (link_acc, outcome_acc), (out.ate, out.ate_link)
+
+    # Whether one_draw returns outcome-scale draws is static: trace it once to find out.
+    probe = jax.eval_shape(lambda k, h: one_draw(k, h, *args), keys[0, 0],
+                           jax.tree.map(lambda v: v[0, 0], hyper))
+    init = ([_empty_moments(n, kept, dtype) for n in num_nodes],
+            [_empty_moments(n, kept, dtype) for n in num_nodes] if probe.outcome else [])
+    (link_acc, outcome_acc), (ate, ate_link) = jax.lax.scan(step, init, (keys, hyper, weight, slots))
+    return link_acc, outcome_acc, ate.reshape(-1), ate_link.reshape(-1)
 
 
-def _compiled(one_draw):
+def _compiled(one_draw, num_nodes, kept):
     # A partial hashes by identity; key the cache on its function and keywords instead.
-    return _compiled_for(one_draw.func, tuple(sorted(one_draw.keywords.items())))
+    return _compiled_for(one_draw.func, tuple(sorted(one_draw.keywords.items())), tuple(num_nodes), kept)
 
 
 @lru_cache(maxsize=16)
-def _compiled_for(func, keywords):
+def _compiled_for(func, keywords, num_nodes, kept):
     import jax
 
-    return jax.jit(partial(_batch_sums, one_draw=partial(func, **dict(keywords))))
+    return jax.jit(partial(_scan_draws, one_draw=partial(func, **dict(keywords)), num_nodes=num_nodes, kept=kept))
+
+
+def batch_size(total_draws: int, total_nodes: int) -> int:
+    """Draws per vmapped batch: about ``BATCH_BYTES`` of device memory, at most 256."""
+    return int(min(np.clip(BATCH_BYTES // (8 * 8 * max(total_nodes, 1)), 1, 256), total_draws))
 
 
 def summarise(one_draw, flat_hyper: dict, args: tuple, *, rng_key, num_nodes, real_nodes, interval: float,
@@ -99,41 +166,54 @@ def summarise(one_draw, flat_hyper: dict, args: tuple, *, rng_key, num_nodes, re
     """Run ``one_draw(key, hyper, *args)`` for every draw in ``flat_hyper`` (name -> (total,)).
 
     ``one_draw`` is a ``functools.partial`` of a module-level function with hashable
-    keywords (the static sizes), so a later fit of the same shapes reuses the compiled batch.
+    keywords (the static sizes), so a later fit of the same shapes reuses the compiled loop.
     ``scale`` multiplies every effect (the outcome's units for standardised models).
+    The draws run in batches inside one compiled ``lax.scan`` whose carry holds the
+    per-node moments, so nothing per node crosses to the host until the end: at 10⁶
+    groups a host round trip per batch cost more than the downward passes themselves.
     """
     import jax
     import jax.numpy as jnp
 
+    started = time.perf_counter()
     total = next(iter(flat_hyper.values())).shape[0]
     total_nodes = int(sum(num_nodes))
-    batch = int(np.clip(BATCH_BYTES // (8 * 8 * max(total_nodes, 1)), 1, 256))
-    batch = min(batch, total)
+    batch = batch_size(total, total_nodes)
+    batches = -(-total // batch)
     stride = retained_stride(total, total_nodes)
-    link_acc = [Accumulator(n, stride) for n in num_nodes]
-    outcome_acc = None
-    batch_fn = _compiled(one_draw)
-    keys = jax.random.split(rng_key, total)
-    ate = np.empty(total)
-    ate_link = np.empty(total)
-    for first in range(0, total, batch):
-        index = np.minimum(np.arange(first, first + batch), total - 1)  # pad the last batch by repetition
-        used = min(batch, total - first)
-        hyper_batch = {name: jnp.asarray(values[index]) for name, values in flat_hyper.items()}
-        mask = jnp.asarray(np.arange(batch) < used, dtype=jnp.result_type(float))
-        link, outcome, batch_ate, batch_ate_link = batch_fn(keys[index], hyper_batch, mask, *args)
-        ate[first:first + used] = np.asarray(batch_ate[:used]) * scale
-        ate_link[first:first + used] = np.asarray(batch_ate_link[:used]) * scale
-        if outcome and outcome_acc is None:
-            outcome_acc = [Accumulator(n, stride) for n in num_nodes]
-        for accs, sums in ((link_acc, link), (outcome_acc, outcome)):
-            for acc, (draw, mean_sum, second_sum, pos_sum) in zip(accs or [], sums):
-                acc.add_sums(np.asarray(draw[:used]) * scale, np.asarray(mean_sum) * scale,
-                             np.asarray(second_sum) * scale**2, np.asarray(pos_sum))
-    link_groups = tuple(acc.finish(interval).first(n) for acc, n in zip(link_acc, real_nodes))
-    outcome_groups = (tuple(acc.finish(interval).first(n) for acc, n in zip(outcome_acc, real_nodes))
-                      if outcome_acc else link_groups)
-    return Summaries(link_groups, outcome_groups, ate, ate_link, batch)
+    kept = -(-total // stride)
+    position = np.arange(batches * batch)
+    index = np.minimum(position, total - 1)  # pad the last batch by repetition, weighted 0
+    weight = jnp.asarray((position < total).reshape(batches, batch), dtype=jnp.result_type(float))
+    slots = np.where((position % stride == 0) & (position < total), position // stride, kept)
+    keys = jax.random.split(rng_key, total)[index]
+    hyper = {name: jnp.asarray(values[index].reshape(batches, batch)) for name, values in flat_hyper.items()}
+    link_acc, outcome_acc, ate, ate_link = _compiled(one_draw, num_nodes, kept)(
+        keys.reshape((batches, batch) + keys.shape[1:]), hyper, weight,
+        jnp.asarray(slots.reshape(batches, batch), dtype=jnp.int32), *args)
+
+    def finish(acc: Moments, nodes: int) -> GroupSummary:
+        return finish_moments(jax.device_get(acc), interval, stride, scale).first(nodes)
+
+    link_groups = tuple(finish(acc, n) for acc, n in zip(link_acc, real_nodes))
+    outcome_groups = tuple(finish(acc, n) for acc, n in zip(outcome_acc, real_nodes)) or link_groups
+    return Summaries(link_groups, outcome_groups, np.asarray(ate[:total], dtype=np.float64) * scale,
+                     np.asarray(ate_link[:total], dtype=np.float64) * scale, batch,
+                     round(time.perf_counter() - started, 3))
+
+
+def finish_moments(acc: Moments, interval: float, stride: int, scale: float) -> GroupSummary:
+    """Host-side summaries from merged moments: the variance is E[Var | draw] + Var[E | draw]
+    (with the n − 1 divisor), intervals from the kept draws."""
+    count = float(acc.count)
+    mean = np.asarray(acc.mean, dtype=np.float64) * scale
+    var = (np.asarray(acc.var_sum, dtype=np.float64) + np.asarray(acc.m2, dtype=np.float64)) / max(count - 1, 1)
+    kept = np.asarray(acc.kept, dtype=np.float64) * scale
+    sd = np.sqrt(np.maximum(var, 0.0)) * abs(scale)
+    lower, upper = interval_bounds(kept, mean, sd, interval)
+    return GroupSummary(mean, sd, lower, upper,
+                        np.asarray(acc.pos_sum, dtype=np.float64) / count, kept.shape[0],
+                        kept.astype(np.float32), np.arange(0, int(count), stride)[: kept.shape[0]])
 
 
 def link_summaries(draws, upward, parents, prior_cov, prior_mean) -> list:

@@ -21,6 +21,7 @@ from functools import lru_cache, partial
 import numpy as np
 
 from engine.infer import Posterior, downward, runner
+from engine.infer.summaries import interval_rule
 from engine.infer.nuts import assemble, fit_glm_nuts
 from engine.models import glm
 
@@ -66,7 +67,9 @@ def fit_laplace(problem, spec, method_reason: str) -> Posterior:
     hyper = glm.original_units(problem, samples)
     steps = newton_steps(flat, data, parents, levels=levels, num_nodes=problem.num_nodes, link=link,
                           covariates=covariates)
-    sampler = dict(sampler, downward_batch=result.batch, quantile_draws=result.outcome[0].quantile_draws,
+    sampler = dict(sampler, downward_s=result.seconds, downward_batch=result.batch,
+                   quantile_draws=result.outcome[0].quantile_draws,
+                   group_intervals=interval_rule(result.outcome[0].quantile_draws, spec.interval),
                    quadrature_nodes=glm.quadrature_nodes(problem.data),
                    quadrature_leaves=glm.small_leaves(problem.data), newton_tolerance=glm.NEWTON_TOL,
                    newton_steps_max=steps)

@@ -11,11 +11,14 @@ so decisions and transport can use them; they are saved as ``draws.npz``.
 """
 from __future__ import annotations
 
+from statistics import NormalDist
 from typing import NamedTuple
 
 import numpy as np
 
 QUANTILE_BUDGET_BYTES = 256 * 2**20
+# Sample quantiles only where each tail's end point lies at or beyond the second order statistic.
+MIN_TAIL_RANK = 2
 
 
 class GroupSummary(NamedTuple):
@@ -33,6 +36,34 @@ class GroupSummary(NamedTuple):
         return self._replace(mean=self.mean[:nodes], sd=self.sd[:nodes], lower=self.lower[:nodes],
                              upper=self.upper[:nodes], prob_positive=self.prob_positive[:nodes],
                              draws=self.draws[:, :nodes])
+
+
+def interval_bounds(kept: np.ndarray, mean: np.ndarray, sd: np.ndarray, interval: float):
+    """Equal-tailed interval end points per node from ``kept`` (draws, nodes).
+
+    Sample quantiles of few draws cover too little: the expected coverage of the order
+    statistics ``X(a), X(b)`` of ``n`` draws is ``(b − a)/(n + 1)``, so NumPy's default
+    (``a = 1 + 0.05 (n − 1)``) gave 0.847 for a 90% interval from 33 kept draws — which
+    is what 10⁶ groups measured. The Weibull plotting position ``p (n + 1)`` makes the
+    expected coverage exact at the order statistics; between the first two, in the tail,
+    linear interpolation over-covers (0.909 for 90% from 33 draws), so it needs
+    ``(n + 1)(1 − interval)/2 ≥ 2`` (39 draws for 90%). With fewer kept draws (10⁷ groups
+    keep three), the interval is mean ± z·sd from the moments, which use every draw.
+    """
+    n = kept.shape[0]
+    tail = (1 - interval) / 2
+    if (n + 1) * tail >= MIN_TAIL_RANK:
+        lower, upper = np.quantile(kept, [tail, 1 - tail], axis=0, method="weibull")
+        return lower, upper
+    z = NormalDist().inv_cdf(1 - tail)
+    return mean - z * sd, mean + z * sd
+
+
+def interval_rule(kept_draws: int, interval: float) -> str:
+    """How ``interval_bounds`` forms group intervals for this many kept draws (provenance)."""
+    if (kept_draws + 1) * (1 - interval) / 2 >= MIN_TAIL_RANK:
+        return f"quantiles (Weibull plotting position) of {kept_draws} retained joint draws"
+    return f"mean ± z·sd from moments over every draw ({kept_draws} retained draws are too few for quantiles)"
 
 
 def retained_stride(total_draws: int, total_nodes: int) -> int:
@@ -75,7 +106,7 @@ class Accumulator:
         mean = self.sum / self.count
         var = np.maximum(self.sum_sq / self.count - mean**2, 0.0) * self.count / max(self.count - 1, 1)
         kept = np.concatenate(self.kept, axis=0)
-        lower, upper = np.quantile(kept, [(1 - interval) / 2, (1 + interval) / 2], axis=0)
+        lower, upper = interval_bounds(kept, mean, np.sqrt(var), interval)
         index = np.arange(0, self.count, self.stride)[: kept.shape[0]]
         return GroupSummary(mean, np.sqrt(var), lower, upper, self.sum_pos / self.count, kept.shape[0],
                             kept.astype(np.float32), index)

@@ -61,6 +61,7 @@ from typing import NamedTuple
 import numpy as np
 
 from engine.infer import Posterior, downward, runner
+from engine.infer.summaries import interval_rule
 from engine.infer.laplace import newton_steps_message, newton_steps, one_draw
 from engine.infer.nuts import assemble, fit_glm_nuts
 from engine.models import glm
@@ -359,6 +360,7 @@ def fit_svi(problem, spec, method_reason: str, *, guide: str | None = None) -> P
     fit_key, hyper_key, draw_key = jax.random.split(jax.random.PRNGKey(spec.seed), 3)
     result = optimise(problem, link, priors, rng_key=fit_key, guide=guide, learning_rate=LEARNING_RATE,
                       max_steps=MAX_STEPS)
+    optimised_at = time.perf_counter()
 
     params = result.params
     total = spec.chains * spec.draws
@@ -389,7 +391,9 @@ def fit_svi(problem, spec, method_reason: str, *, guide: str | None = None) -> P
                "quadrature_nodes": glm.quadrature_nodes(problem.data),
                "quadrature_leaves": glm.small_leaves(problem.data), "newton_tolerance": glm.NEWTON_TOL,
                "newton_steps_max": steps,
-               "downward_batch": summaries.batch, "quantile_draws": summaries.outcome[0].quantile_draws}
+               "optimise_s": round(optimised_at - start, 3), "downward_s": summaries.seconds,
+               "downward_batch": summaries.batch, "quantile_draws": summaries.outcome[0].quantile_draws,
+               "group_intervals": interval_rule(summaries.outcome[0].quantile_draws, spec.interval)}
     posterior = assemble(problem, spec, "svi", method_reason, hyper, summaries.outcome,
                          summaries.ate.reshape(spec.chains, spec.draws), 0, sampler, time.perf_counter() - start,
                          link_groups=summaries.link, ate_link=summaries.ate_link.reshape(spec.chains, spec.draws))
