@@ -14,8 +14,10 @@ from functools import partial
 import numpy as np
 
 from engine.infer import Posterior, downward, runner
+from engine.infer.summaries import interval_rule
 from engine.infer.nuts import assemble
 from engine.models import gaussian
+from kernels.configurations import configuration_count, leaf_arms
 
 
 def _one_draw(rng_key, hyper: dict, data, parents, leaf_weights, *, levels, num_nodes, covariates):
@@ -31,7 +33,21 @@ def _one_draw(rng_key, hyper: dict, data, parents, leaf_weights, *, levels, num_
     return downward.DrawOut(downward.link_summaries(draws, upward, parents, prior_cov, prior_mean), [], ate, ate)
 
 
+def _one_draw_leaves(rng_key, hyper: dict, arms, parents, leaf_weights, *, levels, num_nodes, covariates):
+    """``_one_draw`` for one level without covariates: leaves are independent given the
+    hyperparameters, so each draw is elementwise over leaves (no pass over cells)."""
+    import jax.numpy as jnp
+
+    from kernels.configurations import leaf_effect_draw
+
+    prior_cov, prior_mean, noise = gaussian.hyper_prior(hyper, levels)
+    effect, mean, cov = leaf_effect_draw(rng_key, arms, prior_cov, prior_mean, noise**2)
+    ate = jnp.dot(effect, leaf_weights)
+    return downward.DrawOut([(effect, mean[:, 1], cov[:, 2])], [], ate, ate)
+
+
 def fit_exact(problem, spec, method_reason: str) -> Posterior:
+    import jax
     import jax.numpy as jnp
 
     runner.configure_jax()
@@ -42,22 +58,34 @@ def fit_exact(problem, spec, method_reason: str) -> Posterior:
         from engine.infer.nuts import fit_nuts
         posterior = fit_nuts(problem, spec, method_reason)
         return Posterior(**{**posterior.__dict__, "method": "exact"})
-    model = partial(gaussian.collapsed_model, levels=levels, num_nodes=problem.num_nodes,
-                    priors=problem.std_priors, covariates=covs)
+    configs = gaussian.leaf_configurations(problem)
+    model_fn = gaussian.collapsed_model if configs is None else gaussian.configuration_model
+    model = partial(model_fn, levels=levels, num_nodes=problem.num_nodes, priors=problem.std_priors,
+                    covariates=covs)
     names = gaussian.hyper_names(problem.std_priors)
-    run = downward.sample_hyper(model, problem, spec, names)
+    run = downward.sample_hyper(model, problem, spec, names, model_data=configs)
     samples, divergences, sampler, flat = run.samples, run.divergences, run.sampler, run.flat
     data, parents, draw_key = run.data, run.parents, run.draw_key
     chains, draws = np.asarray(samples["effect_mean"]).shape
 
     weights = jnp.asarray(problem.leaf_rows / problem.leaf_rows.sum())
-    one_draw = partial(_one_draw, levels=levels, num_nodes=problem.num_nodes, covariates=covs)
+    if configs is None:
+        one_draw = partial(_one_draw, levels=levels, num_nodes=problem.num_nodes, covariates=covs)
+    else:
+        one_draw = partial(_one_draw_leaves, levels=levels, num_nodes=problem.num_nodes, covariates=covs)
+        d = problem.data
+        data = jax.tree.map(jnp.asarray, leaf_arms(np.asarray(d.n), np.asarray(d.mean), np.asarray(d.arm),
+                                                   np.asarray(d.leaf), problem.num_nodes[-1]))
     result = downward.summarise(one_draw, flat, (data, parents, weights), rng_key=draw_key,
                                 num_nodes=problem.num_nodes, real_nodes=problem.real_nodes,
                                 interval=spec.interval, scale=problem.standardisation.y_scale)
     groups, ate, batch = result.link, result.ate, result.batch
     std = problem.standardisation
     hyper = {name: gaussian.to_original_units(name, np.asarray(samples[name]), std, covs) for name in names}
-    sampler = dict(sampler, downward_batch=batch, quantile_draws=groups[0].quantile_draws)
+    marginal = ("Gaussian tree over cells" if configs is None else
+                f"leaf configurations ({configuration_count(configs)} of them)")
+    sampler = dict(sampler, marginal=marginal, downward_s=result.seconds, downward_batch=batch,
+                   quantile_draws=groups[0].quantile_draws,
+                   group_intervals=interval_rule(groups[0].quantile_draws, spec.interval))
     return assemble(problem, spec, "exact", method_reason, hyper, groups, ate.reshape(chains, draws),
                     divergences, sampler, time.perf_counter() - start)

@@ -184,7 +184,7 @@ def cell_log_likelihood(data: CellData, alpha_leaf, tau_leaf, noise, slope):
                    - (resid_m2 + data.n * (resid_mean - mu) ** 2) / (2 * var))
 
 
-def _sample_globals(data, priors, covariates):
+def _sample_globals(dtype, priors, covariates):
     import jax.numpy as jnp
     import numpyro
 
@@ -201,7 +201,7 @@ def _sample_globals(data, priors, covariates):
         slope = jnp.stack([numpyro.sample(f"slope.{c}", to_numpyro(priors[f"slope.{c}"]))
                            for c in covariates])
     else:
-        slope = jnp.zeros((0,), dtype=data.mean.dtype)
+        slope = jnp.zeros((0,), dtype=dtype)
     return alpha, tau, noise, slope
 
 
@@ -247,13 +247,44 @@ def collapsed_model(data, parents, *, levels, num_nodes, priors, covariates):
     if not levels:
         return joint_model(data, parents, levels=levels, num_nodes=num_nodes, priors=priors,
                            covariates=covariates)
-    alpha, tau, noise, slope = _sample_globals(data, priors, covariates)
+    alpha, tau, noise, slope = _sample_globals(data.mean.dtype, priors, covariates)
     scales = [_sample_scales(level, priors) for level in levels]
     resid_mean, resid_m2 = residual_stats(data, slope)
     log_marginal, _ = tree.gaussian_log_marginal(
         data.n, resid_mean, resid_m2, data.arm, data.leaf, tuple(parents), level_covariances(scales),
         _stack(alpha, tau), cell_noise(noise, data.arm) ** 2, num_leaves=num_nodes[-1], num_top=num_nodes[0])
     numpyro.factor("marginal", log_marginal)
+
+
+def leaf_configurations(problem: "Problem"):
+    """The problem's cells as leaf configurations (kernels/configurations.py), or None where
+    that route does not apply: more than one level, covariates, or summary-level input."""
+    from kernels.configurations import leaf_configurations as compress
+
+    if len(problem.levels) != 1 or problem.covariates or not isinstance(problem.data, CellData):
+        return None
+    d = problem.data
+    return compress(np.asarray(d.n), np.asarray(d.mean), np.asarray(d.m2), np.asarray(d.arm), np.asarray(d.leaf),
+                    problem.num_nodes[-1], pad_fn=lambda k: bucket(max(k, 1), 8))
+
+
+def configuration_model(configs, parents, *, levels, num_nodes, priors, covariates):
+    """`collapsed_model` for one level without covariates, from leaf configurations.
+
+    The same marginal likelihood (a test checks value and gradient), at O(configurations)
+    per gradient instead of O(cells): the leaves sharing rows per arm share their marginal
+    covariance, so NUTS never touches the groups. ``parents``, ``num_nodes`` and
+    ``covariates`` are unused; they keep the signature of ``collapsed_model``.
+    """
+    import jax.numpy as jnp
+    import numpyro
+
+    from kernels.configurations import configuration_log_marginal
+
+    alpha, tau, noise, _ = _sample_globals(jnp.result_type(configs.both_mean), priors, ())
+    scales = [_sample_scales(level, priors) for level in levels]
+    numpyro.factor("marginal", configuration_log_marginal(configs, level_covariances(scales), _stack(alpha, tau),
+                                                          noise**2))
 
 
 def tree_inputs(data, hyper: dict, levels, covariates, num_nodes):
@@ -276,13 +307,21 @@ def tree_inputs(data, hyper: dict, levels, covariates, num_nodes):
         return leaf_j, leaf_h, level_covariances(scales), _stack(0.0 * one, hyper["effect_mean"])
     slope = (jnp.stack([hyper[f"slope.{c}"] for c in covariates]) if covariates
              else jnp.zeros((0,), dtype=data.mean.dtype))
-    scales = [(hyper[f"baseline_scale.{lv}"], hyper[f"effect_scale.{lv}"],
-               hyper.get(f"correlation.{lv}", 0.0 * hyper[f"effect_scale.{lv}"])) for lv in levels]
+    prior_cov, prior_mean, noise = hyper_prior(hyper, levels)
     resid_mean, _ = residual_stats(data, slope)
-    noise = hyper["noise"] if "noise" in hyper else jnp.stack([hyper["noise.control"], hyper["noise.treated"]])
     leaf_j, leaf_h = tree.gaussian_leaf_information(data.n, resid_mean, data.arm, data.leaf, num_nodes[-1],
                                                     cell_noise(noise, data.arm) ** 2)
-    return leaf_j, leaf_h, level_covariances(scales), _stack(hyper["baseline_mean"], hyper["effect_mean"])
+    return leaf_j, leaf_h, prior_cov, prior_mean
+
+
+def hyper_prior(hyper: dict, levels):
+    """(level covariances (L, 2, 2), hyper-mean μ (2,), σ: scalar or (control, treated))."""
+    import jax.numpy as jnp
+
+    scales = [(hyper[f"baseline_scale.{lv}"], hyper[f"effect_scale.{lv}"],
+               hyper.get(f"correlation.{lv}", 0.0 * hyper[f"effect_scale.{lv}"])) for lv in levels]
+    noise = hyper["noise"] if "noise" in hyper else jnp.stack([hyper["noise.control"], hyper["noise.treated"]])
+    return level_covariances(scales), _stack(hyper["baseline_mean"], hyper["effect_mean"]), noise
 
 
 def _stack(a, b):
@@ -338,7 +377,7 @@ def joint_model(data, parents, *, levels, num_nodes, priors, covariates):
         tau = jnp.reshape(numpyro.sample("effect_mean", to_numpyro_prior(priors, "effect_mean")), (1,))
         alpha = jnp.zeros((1,), dtype=tau.dtype)
     else:
-        alpha, tau, noise, slope = _sample_globals(data, priors, covariates)
+        alpha, tau, noise, slope = _sample_globals(data.mean.dtype, priors, covariates)
         alpha, tau = jnp.reshape(alpha, (1,)), jnp.reshape(tau, (1,))
     for depth, (level, size) in enumerate(zip(levels, num_nodes)):
         above = jnp.zeros(size, dtype=jnp.int32) if depth == 0 else parents[depth - 1]

@@ -1,0 +1,116 @@
+"""kernels.configurations against the Gaussian-tree kernel on the same cells (float64).
+
+The configuration marginal is an exact rewrite of the one-level tree marginal, so value and
+gradient must agree to rounding; the leaf posterior must match the tree's exact moments, and
+its draws their mean and covariance within Monte Carlo error.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels import configurations as cf
+from kernels import gaussian_tree as gt
+
+
+@pytest.fixture(autouse=True)
+def _x64():
+    previous = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    yield
+    jax.config.update("jax_enable_x64", previous)
+
+
+def random_cells(rng, leaves):
+    """Cells with one or both arms per leaf, sometimes two cells for one (leaf, arm) (data
+    merged from two sites), one leaf with no cells at all, and padding cells holding NaN."""
+    cells = []
+    for g in range(leaves - 1):
+        arms = [(0,), (1,), (0, 1), (0, 1, 1)][rng.integers(4)]
+        for a in arms:
+            n = int(rng.choice([1, 1, 2, 3, 8, 40]))
+            cells.append((n, rng.normal(0.5 * a, 1.0), rng.exponential() * (n - 1), a, g))
+    cells += [(0, np.nan, np.nan, 0, 0)] * 3
+    n, mean, m2, arm, leaf = (np.array(c) for c in zip(*cells))
+    return n.astype(float), mean, m2, arm.astype(float), leaf.astype(np.int32)
+
+
+def hyper(p):
+    s_a, s_t, rho = p[2], p[3], p[4]
+    cov = jnp.array([[s_a**2, rho * s_a * s_t], [rho * s_a * s_t, s_t**2]])[None]
+    return cov, p[:2]
+
+
+@pytest.mark.parametrize("per_arm", [False, True])
+def test_marginal_matches_tree(per_arm):
+    rng = np.random.default_rng(7)
+    leaves = 200
+    n, mean, m2, arm, leaf = random_cells(rng, leaves)
+    configs = jax.tree.map(jnp.asarray, cf.leaf_configurations(n, mean, m2, arm, leaf, leaves,
+                                                               pad_fn=lambda k: k + 3))
+    assert cf.configuration_count(configs) < leaves  # the point: fewer configurations than leaves
+    clean = np.nan_to_num
+
+    def noise(p):
+        return jnp.stack([p[5], 1.4 * p[5]]) if per_arm else p[5]
+
+    def by_configurations(p):
+        cov, mu = hyper(p)
+        return cf.configuration_log_marginal(configs, cov, mu, noise(p))
+
+    def by_tree(p):
+        cov, mu = hyper(p)
+        var = noise(p)
+        cell_var = jnp.where(jnp.asarray(arm) > 0.5, var[1], var[0]) if per_arm else var
+        return gt.gaussian_log_marginal(jnp.asarray(n), jnp.asarray(clean(mean)), jnp.asarray(clean(m2)),
+                                        jnp.asarray(arm), jnp.asarray(leaf), (), cov, mu, cell_var,
+                                        num_leaves=leaves)[0]
+
+    for p in (jnp.array([0.1, 0.3, 0.9, 0.4, 0.5, 1.2]), jnp.array([-1.0, 2.0, 2.5, 0.05, -0.7, 0.3])):
+        np.testing.assert_allclose(by_configurations(p), by_tree(p), rtol=1e-12)
+        np.testing.assert_allclose(jax.grad(by_configurations)(p), jax.grad(by_tree)(p), rtol=1e-9, atol=1e-9)
+
+
+def test_configurations_count_rows_and_pairs():
+    # leaf 0: arm 0 from two cells (2 + 1 rows), arm 1 one row; leaf 1: arm 0 only; leaf 2: arm 1 only
+    n = np.array([2.0, 1.0, 1.0, 4.0, 5.0, 0.0])
+    mean = np.array([1.0, 4.0, 0.5, -1.0, 2.0, 0.0])
+    m2 = np.array([0.5, 0.0, 0.0, 3.0, 1.0, 0.0])
+    arm = np.array([0, 0, 1, 0, 1, 0])
+    leaf = np.array([0, 0, 0, 1, 2, 0])
+    c = cf.leaf_configurations(n, mean, m2, arm, leaf, 3)
+    assert c.both_count.tolist() == [1.0] and c.both_rows.tolist() == [[3.0, 1.0]]
+    assert c.both_mean.tolist() == [[2.0, 0.5]]  # (2·1 + 1·4) / 3
+    assert sorted(zip(c.one_arm.tolist(), c.one_rows.tolist())) == [(0.0, 4.0), (1.0, 5.0)]
+    assert c.arm_rows.tolist() == [7.0, 6.0] and c.arm_pairs.tolist() == [2.0, 2.0]
+    # within-pair: 0.5 + 0 + 2·(1 − 2)² + 1·(4 − 2)² = 6.5 for leaf 0 arm 0, plus leaf 1's 3.0
+    assert c.arm_within.tolist() == [9.5, 1.0]
+    np.testing.assert_allclose(c.log_rows, np.log([3.0, 1.0, 4.0, 5.0]).sum())
+
+
+def test_leaf_posterior_matches_tree_moments():
+    rng = np.random.default_rng(3)
+    leaves = 60
+    n, mean, m2, arm, leaf = random_cells(rng, leaves)
+    mean = np.nan_to_num(mean)
+    cov, mu = hyper(jnp.array([0.2, -0.1, 1.1, 0.6, 0.3, 0.0]))
+    variance = jnp.array([0.8, 1.3])
+    cell_var = jnp.where(jnp.asarray(arm) > 0.5, variance[1], variance[0])
+    leaf_j, leaf_h = gt.gaussian_leaf_information(jnp.asarray(n), jnp.asarray(mean), jnp.asarray(arm),
+                                                  jnp.asarray(leaf), leaves, cell_var)
+    upward = gt.integrate(leaf_j, leaf_h, (), cov, mu)
+    (tree_mean,), (tree_cov,) = gt.posterior_moments(upward, (), cov, mu)
+    arms = jax.tree.map(jnp.asarray, cf.leaf_arms(n, mean, arm, leaf, leaves))
+    _, cond_mean, cond_cov = cf.leaf_effect_draw(jax.random.PRNGKey(0), arms, cov, mu, variance)
+    np.testing.assert_allclose(cond_mean, tree_mean, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(cond_cov, tree_cov.reshape(-1, 4)[:, [0, 1, 3]], rtol=1e-10, atol=1e-12)
+
+    draws = np.asarray(jax.vmap(lambda k: cf.leaf_effect_draw(k, arms, cov, mu, variance)[0])(
+        jax.random.split(jax.random.PRNGKey(1), 4000)))
+    sd = np.sqrt(np.asarray(cond_cov)[:, 2])
+    # Each leaf's effect draws: mean within 4.5 Monte Carlo standard errors, and variance
+    # within 4.5 standard errors of a normal sample variance (sd · sqrt(2/(n − 1))), 60 leaves.
+    z = (draws.mean(0) - np.asarray(cond_mean)[:, 1]) / (sd / np.sqrt(4000))
+    assert np.abs(z).max() < 4.5
+    ratio = draws.var(0, ddof=1) / sd**2
+    assert np.abs(ratio - 1).max() < 4.5 * np.sqrt(2 / 3999)
