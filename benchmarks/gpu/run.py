@@ -1226,11 +1226,13 @@ def _fit_once(frame, truth, true_ate, family, method, sizes, backend, seed):
     diagnostics, timings = summary["diagnostics"], summary["timings"]
     sampler = result.posterior.sampler
     out = {"wall_s": wall, "reduce_s": timings.get("reduce_s"), "fit_s": timings.get("fit_s"),
-           "total_s": timings.get("total_s"), "max_rhat": diagnostics.get("max_rhat"),
+           "total_s": timings.get("total_s"), "sample_s": timings.get("sample_s"),
+           "downward_s": timings.get("downward_s"), "max_rhat": diagnostics.get("max_rhat"),
            "min_ess_bulk": diagnostics.get("min_ess_bulk"), "divergences": diagnostics.get("divergences"),
            "diagnostics_ok": diagnostics.get("ok"), "messages": diagnostics.get("messages"),
            "precision": "float64" if jax.config.jax_enable_x64 else "float32",
            "chain_method": sampler.get("chain_method"), "downward_batch": sampler.get("downward_batch"),
+           "marginal": sampler.get("marginal"), "group_intervals": sampler.get("group_intervals"),
            "devices": sampler.get("devices"), "cells": result.cells.table.height,
            "compile_s": compile_s, "compile_top": compile_top, "wall_minus_compile_s": wall - compile_s}
     if out["min_ess_bulk"] and wall:
@@ -1407,8 +1409,8 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=None, help="warm-up per chain for fits (default 500; smoke 40)")
     parser.add_argument("--chains", type=int, default=None, help="chains for fits and nuts (default 4; smoke 2)")
     parser.add_argument("--fit-precision", choices=("engine", "float32", "float64"), default="engine",
-                        help="fits and nuts: 'engine' leaves the engine's choice (float32 on GPU unless "
-                             "JAX_ENABLE_X64=1, float64 on CPU); float32/float64 force it")
+                        help="fits and nuts: 'engine' leaves the engine's choice (float64 unless "
+                             "CAUSAL_ENGINE_X64=0); float32/float64 force it")
     parser.add_argument("--fit-backend", choices=("polars", "jax"), default="polars",
                         help="the engine's reduce backend for fits (jax: kernels/segments.py on the device)")
     parser.add_argument("--reduce-rows", default="", help="comma-separated row counts for the reduce section")
