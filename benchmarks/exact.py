@@ -49,7 +49,10 @@ def fit_seconds(path: str, method: str, draws: int, warmup: int, chains: int) ->
                             draws=draws, warmup=warmup, chains=chains, seed=0)
     seconds = time.perf_counter() - started
     d = result.summary["diagnostics"]
-    return {"seconds": round(seconds, 2), "fit_s": result.summary["timings"]["fit_s"],
+    timings = result.summary["timings"]
+    return {"seconds": round(seconds, 2), "fit_s": timings["fit_s"], "reduce_s": timings["reduce_s"],
+            "sample_s": timings.get("sample_s"), "downward_s": timings.get("downward_s"),
+            "marginal": result.posterior.sampler.get("marginal"),
             "min_ess_bulk": d["min_ess_bulk"], "max_rhat": d["max_rhat"], "divergences": d["divergences"],
             "ess_per_s": round(d["min_ess_bulk"] / seconds, 2) if d["min_ess_bulk"] else None}
 
