@@ -59,9 +59,8 @@ def sample_hyper(model, problem, spec, names, model_data=None) -> HyperDraws:
     started = time.perf_counter()
     hyper_key, draw_key = jax.random.split(jax.random.PRNGKey(spec.seed))
     model_args = (data if model_data is None else jax.tree.map(jnp.asarray, model_data), parents)
-    samples, divergences, sampler = runner.run_nuts(
-        model, model_args, {}, rng_key=hyper_key, warmup=spec.warmup, draws=spec.draws,
-        chains=spec.chains)
+    samples, divergences, sampler = runner.run_hyper_nuts(
+        model, model_args, rng_key=hyper_key, warmup=spec.warmup, draws=spec.draws, chains=spec.chains)
     flat = {name: np.asarray(samples[name]).reshape(-1) for name in names}
     sampler = dict(sampler, sample_s=round(time.perf_counter() - started, 3))
     return HyperDraws(samples, flat, divergences, sampler, data, parents, draw_key)
