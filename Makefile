@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-long setup clean
+.PHONY: demo test setup clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,10 +27,6 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit/test_reduce_backends.py tests/property
 	set -e; for f in tests/reference/test_*.py tests/statistical/test_*.py; do \
 		echo "$$f"; $(BIN)/python -m pytest -q "$$f"; done
-
-# Tests too long for CI's budget (each says why); run before changing what they cover.
-test-long: $(STAMP)
-	CAUSAL_ENGINE_LONG_TESTS=1 $(BIN)/python -m pytest -q tests/statistical/test_sbc_laplace.py
 
 clean:
 	rm -rf $(VENV) demo-out

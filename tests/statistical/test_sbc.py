@@ -1,5 +1,5 @@
 """Simulation-based calibration of `exact` (Talts et al. 2018); `laplace`'s is in
-test_sbc_laplace.py (run by `make test-long`)."""
+test_sbc_laplace.py."""
 from __future__ import annotations
 
 import json
