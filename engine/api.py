@@ -94,6 +94,7 @@ class Result:
 # Parts of fit_s that the sampler records (seconds, compiling included), copied into timings.
 TIMING_SPLIT = ("sample_s", "optimise_s", "downward_s")
 
+
 def fit(data, outcome: str | None = None, treatment: str | None = None, groups=(), covariates=(), *,
         family="gaussian", method="auto", interval=0.9, priors=None, treated_value=None, draws=1000,
         warmup=1000, chains=4, seed=0, drop_missing=False, backend="polars", estimate=None,

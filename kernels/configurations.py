@@ -36,7 +36,7 @@ from typing import NamedTuple, Optional
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["LeafArms", "LeafConfigurations", "leaf_arms", "leaf_configurations", "configuration_log_marginal",
+__all__ = ["LeafArms", "LeafConfigurations", "leaf_arms", "leaf_configurations", "one_level", "configuration_log_marginal",
            "leaf_effect_draw"]
 
 
@@ -59,16 +59,16 @@ class LeafConfigurations(NamedTuple):
 
 
 def _group(key: np.ndarray, values: np.ndarray):
-    """Configurations of ``key`` (leaves,) and, per configuration, its leaf count, the mean
-    and the centred scatter of ``values`` (leaves, d) — two passes, float64."""
-    configs, index = np.unique(key, return_inverse=True)
+    """Per configuration of ``key`` (leaves,): one member leaf's index, the leaf count, and
+    the mean and centred scatter of ``values`` (leaves, d) — two passes, float64."""
+    configs, first, index = np.unique(key, return_index=True, return_inverse=True)
     count = np.bincount(index, minlength=configs.size).astype(np.float64)
     mean = np.stack([np.bincount(index, v, configs.size) for v in values.T], axis=1) / count[:, None]
     centred = values - mean[index]
     d = values.shape[1]
     pairs = [(i, j) for i in range(d) for j in range(i, d)]
     scatter = np.stack([np.bincount(index, centred[:, i] * centred[:, j], configs.size) for i, j in pairs], axis=1)
-    return configs, count, mean, scatter
+    return first, count, mean, scatter
 
 
 def _padded(values: np.ndarray, size: int, fill: float) -> np.ndarray:
@@ -107,6 +107,12 @@ def leaf_arms(n, mean, arm, leaf, num_leaves: int) -> LeafArms:
     return LeafArms(rows, pair_mean)
 
 
+def one_level(n, mean, m2, arm, leaf, num_leaves: int, *, pad_fn=None) -> tuple[LeafConfigurations, LeafArms]:
+    """``leaf_configurations`` and ``leaf_arms`` of the same cells from one pooling pass."""
+    rows, pair_mean, within = _pairs(n, mean, m2, arm, leaf, num_leaves)
+    return _configurations(rows, pair_mean, within, pad_fn), LeafArms(rows, pair_mean)
+
+
 def leaf_configurations(n, mean, m2, arm, leaf, num_leaves: int, *,
                         pad_fn=None) -> LeafConfigurations:
     """Compress cells (any order, any number per (leaf, arm)) to configuration statistics.
@@ -128,7 +134,10 @@ def leaf_configurations(n, mean, m2, arm, leaf, num_leaves: int, *,
     >>> c.both_count.tolist(), c.one_count.tolist(), c.arm_rows.tolist()
     ([1.0], [1.0], [5.0, 1.0])
     """
-    rows, pair_mean, within = _pairs(n, mean, m2, arm, leaf, num_leaves)
+    return _configurations(*_pairs(n, mean, m2, arm, leaf, num_leaves), pad_fn)
+
+
+def _configurations(rows, pair_mean, within, pad_fn) -> LeafConfigurations:
     observed = rows > 0
     both = observed.all(axis=1)
     one = observed.any(axis=1) & ~both
@@ -136,8 +145,7 @@ def leaf_configurations(n, mean, m2, arm, leaf, num_leaves: int, *,
 
     if both.any():
         key = rows[both, 0] * (rows[both, 1].max() + 1) + rows[both, 1]
-        configs, count, z_mean, scatter = _group(key, pair_mean[both])
-        first = np.unique(key, return_index=True)[1]
+        first, count, z_mean, scatter = _group(key, pair_mean[both])
         both_rows = rows[both][first]
     else:
         count, z_mean, scatter, both_rows = np.zeros(0), np.zeros((0, 2)), np.zeros((0, 3)), np.ones((0, 2))
@@ -148,8 +156,7 @@ def leaf_configurations(n, mean, m2, arm, leaf, num_leaves: int, *,
         one_rows_of = rows[one][np.arange(one.sum()), one_arm_of]
         one_mean_of = pair_mean[one][np.arange(one.sum()), one_arm_of]
         key = one_rows_of * 2 + one_arm_of
-        _, count1, mean1, scatter1 = _group(key, one_mean_of[:, None])
-        first = np.unique(key, return_index=True)[1]
+        first, count1, mean1, scatter1 = _group(key, one_mean_of[:, None])
         arm1, rows1 = one_arm_of[first].astype(np.float64), one_rows_of[first]
     else:
         count1, mean1, scatter1, arm1, rows1 = np.zeros(0), np.zeros((0, 1)), np.zeros((0, 1)), np.zeros(0), np.ones(0)

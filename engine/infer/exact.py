@@ -14,10 +14,10 @@ from functools import partial
 import numpy as np
 
 from engine.infer import Posterior, downward, runner
-from engine.infer.summaries import interval_rule
 from engine.infer.nuts import assemble
+from engine.infer.summaries import interval_rule
 from engine.models import gaussian
-from kernels.configurations import configuration_count, leaf_arms
+from kernels.configurations import configuration_count
 
 
 def _one_draw(rng_key, hyper: dict, data, parents, leaf_weights, *, levels, num_nodes, covariates):
@@ -47,7 +47,6 @@ def _one_draw_leaves(rng_key, hyper: dict, arms, parents, leaf_weights, *, level
 
 
 def fit_exact(problem, spec, method_reason: str) -> Posterior:
-    import jax
     import jax.numpy as jnp
 
     runner.configure_jax()
@@ -58,12 +57,13 @@ def fit_exact(problem, spec, method_reason: str) -> Posterior:
         from engine.infer.nuts import fit_nuts
         posterior = fit_nuts(problem, spec, method_reason)
         return Posterior(**{**posterior.__dict__, "method": "exact"})
-    configs = gaussian.leaf_configurations(problem)
+    one_level = gaussian.one_level_statistics(problem)
+    configs, arms = one_level if one_level else (None, None)
     model_fn = gaussian.collapsed_model if configs is None else gaussian.configuration_model
     model = partial(model_fn, levels=levels, num_nodes=problem.num_nodes, priors=problem.std_priors,
                     covariates=covs)
     names = gaussian.hyper_names(problem.std_priors)
-    run = downward.sample_hyper(model, problem, spec, names, model_data=configs)
+    run = downward.sample_hyper(model, problem, spec, names, model_data=configs, draw_data=arms)
     samples, divergences, sampler, flat = run.samples, run.divergences, run.sampler, run.flat
     data, parents, draw_key = run.data, run.parents, run.draw_key
     chains, draws = np.asarray(samples["effect_mean"]).shape
@@ -73,9 +73,6 @@ def fit_exact(problem, spec, method_reason: str) -> Posterior:
         one_draw = partial(_one_draw, levels=levels, num_nodes=problem.num_nodes, covariates=covs)
     else:
         one_draw = partial(_one_draw_leaves, levels=levels, num_nodes=problem.num_nodes, covariates=covs)
-        d = problem.data
-        data = jax.tree.map(jnp.asarray, leaf_arms(np.asarray(d.n), np.asarray(d.mean), np.asarray(d.arm),
-                                                   np.asarray(d.leaf), problem.num_nodes[-1]))
     result = downward.summarise(one_draw, flat, (data, parents, weights), rng_key=draw_key,
                                 num_nodes=problem.num_nodes, real_nodes=problem.real_nodes,
                                 interval=spec.interval, scale=problem.standardisation.y_scale)

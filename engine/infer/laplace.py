@@ -21,8 +21,8 @@ from functools import lru_cache, partial
 import numpy as np
 
 from engine.infer import Posterior, downward, runner
-from engine.infer.summaries import interval_rule
 from engine.infer.nuts import assemble, fit_glm_nuts
+from engine.infer.summaries import interval_rule
 from engine.models import glm
 
 

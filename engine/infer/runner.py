@@ -64,27 +64,43 @@ def static_key(model_fn) -> str:
     return name + repr(sorted(keywords.items()))
 
 
+def _shape_key(model_args) -> tuple:
+    """Shapes and dtypes of the arguments' leaves: part of every compiled program's key.
+
+    NumPyro's MCMC, reused for arguments of another shape, failed inside its vectorised-chain
+    sampler (seen with GLM fits whose quadrature tables differ); the dtype covers x64 on/off."""
+    import jax
+
+    return tuple((tuple(getattr(leaf, "shape", ())), str(getattr(leaf, "dtype", type(leaf).__name__)))
+                 for leaf in jax.tree.leaves(model_args))
+
+
+def _cached(store: dict, key, build_fn, limit: int = 16):
+    """``store[key]``, built by ``build_fn()`` on a miss; the oldest entry goes beyond ``limit``."""
+    value = store.get(key)
+    if value is None:
+        value = build_fn()
+        if len(store) >= limit:
+            store.pop(next(iter(store)))
+        store[key] = value
+    return value
+
+
 def run_nuts(model_fn, model_args: tuple, model_kwargs: dict, *, rng_key, warmup: int, draws: int,
              chains: int, target_accept: float = 0.85, init_params=None):
     """Run NUTS; data travel as ``model_args`` (traced), never as closed-over constants."""
     from numpyro.infer import MCMC, NUTS, init_to_median
 
-    import jax
-
     method = chain_method(chains)
-    # Shapes belong in the key: NumPyro's MCMC, reused for arguments of another shape, failed
-    # inside its vectorised-chain sampler (seen with GLM fits whose quadrature tables differ).
-    shapes = tuple((tuple(getattr(leaf, "shape", ())), str(getattr(leaf, "dtype", type(leaf).__name__)))
-                   for leaf in jax.tree.leaves(model_args))
-    key = (static_key(model_fn), shapes, warmup, draws, chains, target_accept, method, show_progress())
-    mcmc = _SAMPLERS.get(key)
-    if mcmc is None:
+    key = (static_key(model_fn), _shape_key(model_args), warmup, draws, chains, target_accept, method,
+           show_progress())
+
+    def build():
         kernel = NUTS(model_fn, target_accept_prob=target_accept, init_strategy=init_to_median(num_samples=15))
-        mcmc = MCMC(kernel, num_warmup=warmup, num_samples=draws, num_chains=chains, chain_method=method,
+        return MCMC(kernel, num_warmup=warmup, num_samples=draws, num_chains=chains, chain_method=method,
                     progress_bar=show_progress(), jit_model_args=True)
-        if len(_SAMPLERS) > 16:
-            _SAMPLERS.pop(next(iter(_SAMPLERS)))
-        _SAMPLERS[key] = mcmc
+
+    mcmc = _cached(_SAMPLERS, key, build)
     mcmc.run(rng_key, *model_args, init_params=init_params, extra_fields=("diverging",), **model_kwargs)
     samples = mcmc.get_samples(group_by_chain=True)
     divergences = int(mcmc.get_extra_fields()["diverging"].sum())
@@ -112,16 +128,9 @@ def run_hyper_nuts(model_fn, model_args: tuple, *, rng_key, warmup: int, draws: 
     """
     import jax
 
-    shapes = tuple((tuple(getattr(leaf, "shape", ())), str(getattr(leaf, "dtype", type(leaf).__name__)))
-                   for leaf in jax.tree.leaves(model_args))
-    key = (static_key(model_fn), shapes, warmup, draws, chains, target_accept, bool(jax.config.jax_enable_x64))
-    program = _PROGRAMS.get(key)
-    if program is None:
-        program = jax.jit(partial(_nuts_program, model_fn=model_fn, warmup=warmup, draws=draws, chains=chains,
-                                  target_accept=target_accept))
-        if len(_PROGRAMS) > 16:
-            _PROGRAMS.pop(next(iter(_PROGRAMS)))
-        _PROGRAMS[key] = program
+    key = (static_key(model_fn), _shape_key(model_args), warmup, draws, chains, target_accept)
+    program = _cached(_PROGRAMS, key, lambda: jax.jit(partial(
+        _nuts_program, model_fn=model_fn, warmup=warmup, draws=draws, chains=chains, target_accept=target_accept)))
     samples, diverging = program(rng_key, *model_args)
     samples = jax.device_get(samples)
     return samples, int(diverging.sum()), {"warmup": warmup, "draws": draws, "chains": chains,

@@ -1,11 +1,11 @@
-"""Per-group posterior summaries accumulated over batches of draws.
+"""Per-group posterior summaries: intervals, and the summary of draws held in memory.
 
 Storing every group's draws does not scale (10⁶ groups × 4000 draws is 32 GB
-in float64), so group summaries are running sums over batches of draws: the
-mean, second moment and P(effect > 0) use every draw (Rao-Blackwellised where
-the method supplies conditional moments), and interval end points come from a
-retained, evenly thinned subset of draws whose size is bounded by a memory
-budget (all draws when they fit). ``quantile_draws`` records how many were used.
+in float64), so the collapsed methods keep running moments over batches of draws
+(``engine.infer.downward``): the mean, second moment and P(effect > 0) use every
+draw (Rao-Blackwellised where the method supplies conditional moments), and interval
+end points come from a retained, evenly thinned subset of draws whose size is bounded
+by a memory budget (all draws when they fit; ``interval_bounds`` says how few is too few). ``quantile_draws`` records how many were used.
 The retained draws are joint (one row = one posterior draw of every group),
 so decisions and transport can use them; they are saved as ``draws.npz``.
 """
@@ -38,6 +38,10 @@ class GroupSummary(NamedTuple):
                              draws=self.draws[:, :nodes])
 
 
+def _quantiles_suffice(kept_draws: int, interval: float) -> bool:
+    return (kept_draws + 1) * (1 - interval) / 2 >= MIN_TAIL_RANK
+
+
 def interval_bounds(kept: np.ndarray, mean: np.ndarray, sd: np.ndarray, interval: float):
     """Equal-tailed interval end points per node from ``kept`` (draws, nodes).
 
@@ -50,9 +54,8 @@ def interval_bounds(kept: np.ndarray, mean: np.ndarray, sd: np.ndarray, interval
     ``(n + 1)(1 − interval)/2 ≥ 2`` (39 draws for 90%). With fewer kept draws (10⁷ groups
     keep three), the interval is mean ± z·sd from the moments, which use every draw.
     """
-    n = kept.shape[0]
     tail = (1 - interval) / 2
-    if (n + 1) * tail >= MIN_TAIL_RANK:
+    if _quantiles_suffice(kept.shape[0], interval):
         lower, upper = np.quantile(kept, [tail, 1 - tail], axis=0, method="weibull")
         return lower, upper
     z = NormalDist().inv_cdf(1 - tail)
@@ -61,7 +64,7 @@ def interval_bounds(kept: np.ndarray, mean: np.ndarray, sd: np.ndarray, interval
 
 def interval_rule(kept_draws: int, interval: float) -> str:
     """How ``interval_bounds`` forms group intervals for this many kept draws (provenance)."""
-    if (kept_draws + 1) * (1 - interval) / 2 >= MIN_TAIL_RANK:
+    if _quantiles_suffice(kept_draws, interval):
         return f"quantiles (Weibull plotting position) of {kept_draws} retained joint draws"
     return f"mean ± z·sd from moments over every draw ({kept_draws} retained draws are too few for quantiles)"
 
@@ -72,49 +75,11 @@ def retained_stride(total_draws: int, total_nodes: int) -> int:
     return max(1, -(-total_draws // fits))
 
 
-class Accumulator:
-    """Running sums for one level's nodes; feed it batches of (draws, nodes)."""
-
-    def __init__(self, nodes: int, stride: int):
-        self.count = 0
-        self.sum = np.zeros(nodes)
-        self.sum_sq = np.zeros(nodes)
-        self.sum_pos = np.zeros(nodes)
-        self.stride = stride
-        self.kept: list[np.ndarray] = []
-        self._offset = 0
-
-    def add(self, draws: np.ndarray) -> None:
-        """Plain sums over draws (B, nodes)."""
-        draws = np.asarray(draws, dtype=np.float64)
-        self.add_sums(draws, draws.sum(axis=0), (draws**2).sum(axis=0), (draws > 0).sum(axis=0))
-
-    def add_sums(self, draws: np.ndarray, sum_, sum_sq, sum_pos) -> None:
-        """Sums computed elsewhere (on a device, Rao-Blackwellised: Σ E[τ|·], Σ E[τ²|·],
-        Σ P(τ>0|·)) plus the batch's draws (B, nodes) for the retained quantile subset."""
-        self.sum += np.asarray(sum_, dtype=np.float64)
-        self.sum_sq += np.asarray(sum_sq, dtype=np.float64)
-        self.sum_pos += np.asarray(sum_pos, dtype=np.float64)
-        batch = draws.shape[0]
-        first = (-self._offset) % self.stride
-        if first < batch:
-            self.kept.append(np.asarray(draws[first::self.stride], dtype=np.float64))
-        self.count += batch
-        self._offset += batch
-
-    def finish(self, interval: float) -> GroupSummary:
-        mean = self.sum / self.count
-        var = np.maximum(self.sum_sq / self.count - mean**2, 0.0) * self.count / max(self.count - 1, 1)
-        kept = np.concatenate(self.kept, axis=0)
-        lower, upper = interval_bounds(kept, mean, np.sqrt(var), interval)
-        index = np.arange(0, self.count, self.stride)[: kept.shape[0]]
-        return GroupSummary(mean, np.sqrt(var), lower, upper, self.sum_pos / self.count, kept.shape[0],
-                            kept.astype(np.float32), index)
-
-
 def summarise_draws(draws: np.ndarray, interval: float) -> GroupSummary:
-    """Summary of in-memory draws (chains, draws, nodes)."""
-    flat = draws.reshape(-1, draws.shape[-1])
-    acc = Accumulator(flat.shape[1], 1)
-    acc.add(flat)
-    return acc.finish(interval)
+    """Summary of in-memory draws (chains, draws, nodes): every draw is kept."""
+    flat = np.asarray(draws, dtype=np.float64).reshape(-1, draws.shape[-1])
+    mean = flat.mean(axis=0)
+    sd = flat.std(axis=0, ddof=1) if flat.shape[0] > 1 else np.zeros_like(mean)
+    lower, upper = interval_bounds(flat, mean, sd, interval)
+    return GroupSummary(mean, sd, lower, upper, (flat > 0).mean(axis=0), flat.shape[0], flat.astype(np.float32),
+                        np.arange(flat.shape[0]))

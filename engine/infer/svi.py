@@ -61,9 +61,9 @@ from typing import NamedTuple
 import numpy as np
 
 from engine.infer import Posterior, downward, runner
-from engine.infer.summaries import interval_rule
 from engine.infer.laplace import newton_steps_message, newton_steps, one_draw
 from engine.infer.nuts import assemble, fit_glm_nuts
+from engine.infer.summaries import interval_rule
 from engine.models import glm
 
 LEARNING_RATE = 0.02

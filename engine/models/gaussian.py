@@ -256,16 +256,17 @@ def collapsed_model(data, parents, *, levels, num_nodes, priors, covariates):
     numpyro.factor("marginal", log_marginal)
 
 
-def leaf_configurations(problem: "Problem"):
-    """The problem's cells as leaf configurations (kernels/configurations.py), or None where
-    that route does not apply: more than one level, covariates, or summary-level input."""
-    from kernels.configurations import leaf_configurations as compress
+def one_level_statistics(problem: "Problem"):
+    """The problem's cells as leaf configurations (the marginal) and per-leaf arms (the group
+    draws), from kernels/configurations.py; None where that route does not apply: more than
+    one level, covariates, or summary-level input."""
+    from kernels.configurations import one_level
 
     if len(problem.levels) != 1 or problem.covariates or not isinstance(problem.data, CellData):
         return None
     d = problem.data
-    return compress(np.asarray(d.n), np.asarray(d.mean), np.asarray(d.m2), np.asarray(d.arm), np.asarray(d.leaf),
-                    problem.num_nodes[-1], pad_fn=lambda k: bucket(max(k, 1), 8))
+    return one_level(np.asarray(d.n), np.asarray(d.mean), np.asarray(d.m2), np.asarray(d.arm), np.asarray(d.leaf),
+                     problem.num_nodes[-1], pad_fn=lambda k: bucket(max(k, 1), 8))
 
 
 def configuration_model(configs, parents, *, levels, num_nodes, priors, covariates):

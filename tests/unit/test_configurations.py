@@ -114,3 +114,13 @@ def test_leaf_posterior_matches_tree_moments():
     assert np.abs(z).max() < 4.5
     ratio = draws.var(0, ddof=1) / sd**2
     assert np.abs(ratio - 1).max() < 4.5 * np.sqrt(2 / 3999)
+
+
+def test_one_pass_gives_both_forms():
+    rng = np.random.default_rng(11)
+    n, mean, m2, arm, leaf = random_cells(rng, 50)
+    configs, arms = cf.one_level(n, mean, m2, arm, leaf, 50)
+    for got, want in zip(configs, cf.leaf_configurations(n, mean, m2, arm, leaf, 50)):
+        np.testing.assert_array_equal(got, want)
+    for got, want in zip(arms, cf.leaf_arms(n, mean, arm, leaf, 50)):
+        np.testing.assert_array_equal(got, want)
