@@ -31,7 +31,7 @@ Only jax and numpy are imported; nothing here calls ``jax.jit``.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
