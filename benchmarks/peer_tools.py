@@ -130,6 +130,9 @@ class JaxCompileClock:
 # --- causal-engine ------------------------------------------------------------------------
 
 
+KEEP_BYTES = 2**30
+
+
 def fit_engine(experiment: Experiment, settings: dict, method: str) -> GroupFit:
     """``engine.fit`` on the rows as a Polars frame, the group codes as keys."""
     from importlib.metadata import version
@@ -141,12 +144,16 @@ def fit_engine(experiment: Experiment, settings: dict, method: str) -> GroupFit:
     rows = pl.DataFrame({"y": experiment.y, "treated": experiment.treated.astype(np.int8),
                          "group": experiment.group})
     family = "gaussian" if experiment.family == "gaussian" else "bernoulli"
+    # The ESS below is computed over the retained joint draws: keep every draw where they fit
+    # KEEP_BYTES (float32), so that thinning does not understate it; past that, evenly thinned.
+    total = settings["draws"] * settings["chains"]
+    keep = int(min(total, max(KEEP_BYTES // (4 * experiment.groups), 1)))
     started = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")   # short test chains warn; the diagnostics are recorded below
         result = engine.fit(rows, outcome="y", treatment="treated", groups=["group"], family=family,
                             method=method, draws=settings["draws"], warmup=settings["warmup"],
-                            chains=settings["chains"], seed=settings["seed"])
+                            chains=settings["chains"], seed=settings["seed"], keep_draws=keep)
     wall_s = time.perf_counter() - started
 
     table = result.effects("group")

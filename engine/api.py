@@ -1,6 +1,7 @@
 """``fit``: the pipeline, top to bottom — validate → encode → reduce → model → infer → effects → record."""
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -99,7 +100,7 @@ def fit(data, outcome: str | None = None, treatment: str | None = None, groups=(
         family="gaussian", method="auto", interval=0.9, priors=None, treated_value=None, draws=1000,
         warmup=1000, chains=4, seed=0, drop_missing=False, backend="polars", estimate=None,
         stderr=None, noise_by_arm=False, correlated=False, design_share=0.5, trials=None,
-        exposure=None, covariate_bins=16) -> Result:
+        exposure=None, covariate_bins=16, keep_draws=None) -> Result:
     """Fit a hierarchical treatment-effect model to rows.
 
     Parameters
@@ -121,6 +122,9 @@ def fit(data, outcome: str | None = None, treatment: str | None = None, groups=(
         (group, arm) is a cell whose rows share the bin's mean covariate (the "binned" route)
     estimate, stderr : summary-level input instead of rows: one effect estimate and its standard
         error per (leaf) group — meta-analysis of many experiments (``outcome`` and ``treatment`` unset)
+    keep_draws : how many joint posterior draws of every group to retain (``draws.npz``, transport,
+        decisions), evenly thinned over chains × draws; default: as many as 256 MiB holds (every
+        draw when they fit). Means, sds and P(effect > 0) use every draw either way.
 
     Example
     -------
@@ -134,7 +138,7 @@ def fit(data, outcome: str | None = None, treatment: str | None = None, groups=(
                      chains=chains, seed=seed, drop_missing=drop_missing, backend=backend,
                      estimate=estimate, stderr=stderr, noise_by_arm=noise_by_arm, correlated=correlated,
                      design_share=design_share, trials=trials, exposure=exposure,
-                     covariate_bins=covariate_bins)
+                     covariate_bins=covariate_bins, keep_draws=keep_draws)
     return fit_spec(data, spec)
 
 
@@ -158,6 +162,7 @@ def fit_spec(data, spec: Spec, cell_paths=None) -> Result:
     encoding = encode(cells)
     problem, priors = _model(cells, encoding, spec)
     method, reason = choose_method(spec.method, spec.family, cells.table.height)
+    _check_kept_memory(spec, sum(problem.real_nodes))
     posterior = _infer(method, reason, problem, spec)
 
     group_table = effects_stage.group_effects(posterior, encoding)
@@ -218,6 +223,21 @@ def _model(cells: Cells, encoding: Encoding, spec: Spec):
                                  spec.noise_by_arm, spec.correlated)
     priors = resolve_priors(defaults, spec.priors, spec.levels, list(spec.covariates))
     return gaussian.build(cells, encoding, priors, y_mean, y_sd, x_means, x_sds), priors
+
+
+def _check_kept_memory(spec: Spec, nodes: int) -> None:
+    """Refuse ``keep_draws`` that would need more than half this machine's memory, before
+    any compute."""
+    if spec.keep_draws is None:
+        return
+    kept = min(spec.keep_draws, spec.draws * spec.chains)
+    need = kept * nodes * 4
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
+    if total and need > total / 2:
+        fits = max(int(total / 2 // (nodes * 4)), 1)
+        raise SpecError(f"keep_draws={spec.keep_draws}: {kept} retained draws of {nodes} groups need "
+                        f"{need / 2**30:.1f} GiB (float32), more than half of this machine's "
+                        f"{total / 2**30:.1f} GiB; pass keep_draws ≤ {fits} (--keep-draws {fits}) or leave it unset")
 
 
 def _check_arms(cells: Cells, spec: Spec) -> None:

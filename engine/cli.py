@@ -57,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--warmup", type=int, default=1000, help="warm-up iterations per chain")
     fit.add_argument("--chains", type=int, default=4)
     fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--keep-draws", type=_keep_draws, default=None, metavar="N|all",
+                     help="joint draws of every group to retain in draws.npz (default: as many as 256 MiB holds)")
     fit.add_argument("--design-share", type=float, default=0.5, metavar="P",
                      help="share of rows the design assigned to treatment, for the sample ratio check (default 0.5)")
     fit.add_argument("--out", required=True, metavar="DIR")
@@ -126,6 +128,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _keep_draws(text: str):
+    """``--keep-draws``: a positive integer or ``all``."""
+    if text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of draws or 'all', found {text!r}") from None
+
+
 def _spec(args, outcome=None, treatment=None):
     from engine.priors import parse_prior_assignment
     from engine.spec import Spec
@@ -135,6 +147,8 @@ def _spec(args, outcome=None, treatment=None):
                                               "seed", "noise_by_arm", "correlated", "design_share", "trials",
                                               "exposure", "covariate_bins")
                if hasattr(args, k)}
+    if getattr(args, "keep_draws", None) is not None:
+        options["keep_draws"] = args.draws * args.chains if args.keep_draws == "all" else args.keep_draws
     summary = {k: getattr(args, k) for k in ("estimate", "stderr") if getattr(args, k, None)}
     return Spec(outcome=outcome or args.outcome, treatment=treatment or args.treatment, **summary,
                 groups=tuple(args.group), covariates=tuple(args.covariate), treated_value=args.treated_value,

@@ -62,6 +62,7 @@ class Spec:
     trials: str | None = None     # binomial: column of trials per row (the outcome counts successes)
     exposure: str | None = None   # poisson: column of exposure per row (rate = count / exposure)
     covariate_bins: int = 16      # GLM with covariates: quantile bins per covariate (cells keyed by bin)
+    keep_draws: int | None = None  # joint draws of every group to retain; None: what 256 MiB holds
 
     def __post_init__(self):
         if self.estimate is not None or self.stderr is not None:
@@ -105,6 +106,10 @@ class Spec:
                                  ("chains", self.chains, 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise SpecError(f"{name}: expected an integer ≥ {low}, found {value!r}")
+        if self.keep_draws is not None and (not isinstance(self.keep_draws, int) or isinstance(self.keep_draws, bool)
+                                            or self.keep_draws < 1):
+            raise SpecError(f"keep_draws: expected an integer ≥ 1 (joint draws to retain), found {self.keep_draws!r}; "
+                            "leave it unset for as many as 256 MiB holds, or pass draws × chains for all")
         if (not isinstance(self.design_share, (int, float)) or isinstance(self.design_share, bool)
                 or not math.isfinite(self.design_share) or not 0.0 < self.design_share < 1.0):
             raise SpecError(f"design_share {self.design_share!r} is outside (0, 1); pass the share of rows the "

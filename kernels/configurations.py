@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["LeafArms", "LeafConfigurations", "leaf_arms", "leaf_configurations", "one_level", "configuration_log_marginal",
-           "leaf_effect_draw"]
+           "effect_coefficients", "effect_mean", "leaf_effect_draw", "effect_sums"]
 
 
 class LeafConfigurations(NamedTuple):
@@ -78,10 +78,21 @@ def _padded(values: np.ndarray, size: int, fill: float) -> np.ndarray:
 
 
 class LeafArms(NamedTuple):
-    """Each leaf's rows and mean per arm (0 where the arm has no rows)."""
+    """Each leaf's rows and mean per arm (0 where the arm has no rows), and its arm
+    configuration: the distinct ``(n_0, n_1)`` pairs, which fix a leaf's conditional
+    posterior up to its arm means (:func:`effect_coefficients`)."""
 
-    rows: np.ndarray   # (leaves, 2) float  n_g0, n_g1
-    mean: np.ndarray   # (leaves, 2) float  ȳ_g0, ȳ_g1
+    rows: np.ndarray         # (leaves, 2) float  n_g0, n_g1
+    mean: np.ndarray         # (leaves, 2) float  ȳ_g0, ȳ_g1
+    config: np.ndarray       # (leaves,) int32  the leaf's row of config_rows
+    config_rows: np.ndarray  # (K,) float  distinct (n_0, n_1), padded with (0, 0)
+
+
+def _arms(rows, pair_mean, pad_fn) -> LeafArms:
+    key = rows[:, 0].astype(np.int64) * (int(rows[:, 1].max(initial=0)) + 1) + rows[:, 1].astype(np.int64)
+    _, first, index = np.unique(key, return_index=True, return_inverse=True)
+    config_rows = _padded(rows[first], (pad_fn or (lambda k: max(k, 1)))(first.size), 0.0)
+    return LeafArms(rows, pair_mean, index.astype(np.int32).reshape(-1), config_rows)
 
 
 def _pairs(n, mean, m2, arm, leaf, num_leaves: int):
@@ -101,16 +112,16 @@ def _pairs(n, mean, m2, arm, leaf, num_leaves: int):
     return rows.reshape(num_leaves, 2), pair_mean.reshape(num_leaves, 2), within.reshape(num_leaves, 2)
 
 
-def leaf_arms(n, mean, arm, leaf, num_leaves: int) -> LeafArms:
+def leaf_arms(n, mean, arm, leaf, num_leaves: int, *, pad_fn=None) -> LeafArms:
     """Cells (any order, any number per (leaf, arm)) pooled to each leaf's arms, float64."""
     rows, pair_mean, _ = _pairs(n, mean, np.zeros(np.shape(n)), arm, leaf, num_leaves)
-    return LeafArms(rows, pair_mean)
+    return _arms(rows, pair_mean, pad_fn)
 
 
 def one_level(n, mean, m2, arm, leaf, num_leaves: int, *, pad_fn=None) -> tuple[LeafConfigurations, LeafArms]:
     """``leaf_configurations`` and ``leaf_arms`` of the same cells from one pooling pass."""
     rows, pair_mean, within = _pairs(n, mean, m2, arm, leaf, num_leaves)
-    return _configurations(rows, pair_mean, within, pad_fn), LeafArms(rows, pair_mean)
+    return _configurations(rows, pair_mean, within, pad_fn), _arms(rows, pair_mean, pad_fn)
 
 
 def leaf_configurations(n, mean, m2, arm, leaf, num_leaves: int, *,
@@ -227,34 +238,79 @@ def configuration_count(configs: LeafConfigurations) -> int:
     return int((np.asarray(configs.both_count) > 0).sum() + (np.asarray(configs.one_count) > 0).sum())
 
 
+def effect_coefficients(rows, prior_cov, prior_mean, noise_var):
+    """Each arm configuration's conditional posterior of the effect, as a linear map.
+
+    Given ``(μ, Σ, σ²)``, a leaf with rows ``(n_0, n_1)`` and arm means ``z = (ȳ_0, ȳ_1)``
+    has ``θ | z ~ N(P⁻¹ (h + Σ⁻¹μ), P⁻¹)`` with ``P = J + Σ⁻¹``, ``J`` and ``h`` from its
+    rows. Its effect ``τ`` is therefore ``N(a_0 ȳ_0 + a_1 ȳ_1 + k, v)`` where ``a``, ``k``
+    and ``v`` depend on the leaf only through ``(n_0, n_1)``: a configuration's
+    coefficients serve all its leaves (an arm without rows has ``a = 0``).
+
+    Parameters
+    ----------
+    rows : (K, 2) float
+        ``(n_0, n_1)`` per configuration (or per leaf).
+    prior_cov, prior_mean, noise_var
+        ``Σ`` (2, 2) or (1, 2, 2), ``μ`` (2,), ``σ²`` scalar or (control, treated).
+
+    Returns
+    -------
+    (coef, var) : ((K, 3), (K,))
+        ``(a_0, a_1, k)`` and ``v``.
+    """
+    cov = jnp.reshape(prior_cov, (2, 2))
+    dtype = jnp.result_type(rows)
+    variance = jnp.broadcast_to(jnp.asarray(noise_var, dtype), (2,))
+    det_prior = cov[0, 0] * cov[1, 1] - cov[0, 1] ** 2
+    l00, l01, l11 = cov[1, 1] / det_prior, -cov[0, 1] / det_prior, cov[0, 0] / det_prior  # Σ⁻¹
+    w0 = rows[:, 0] / variance[0]
+    w1 = rows[:, 1] / variance[1]
+    p00, p01, p11 = w0 + w1 + l00, w1 + l01, w1 + l11
+    det = p00 * p11 - p01 * p01
+    c01, c11 = -p01 / det, p00 / det                                   # (P⁻¹)₀₁, (P⁻¹)₁₁
+    q0, q1 = l00 * prior_mean[0] + l01 * prior_mean[1], l01 * prior_mean[0] + l11 * prior_mean[1]
+    # E[τ] = c01 b0 + c11 b1 with b0 = w0 ȳ0 + w1 ȳ1 + q0 and b1 = w1 ȳ1 + q1.
+    coef = jnp.stack([c01 * w0, (c01 + c11) * w1, c01 * q0 + c11 * q1], axis=-1)
+    return coef, c11
+
+
+def effect_mean(coef, mean):
+    """``a_0 ȳ_0 + a_1 ȳ_1 + k`` for coefficients and arm means of matching leading shape."""
+    return coef[..., 0] * mean[..., 0] + coef[..., 1] * mean[..., 1] + coef[..., 2]
+
+
 def leaf_effect_draw(rng_key, arms: LeafArms, prior_cov, prior_mean, noise_var):
     """One posterior draw of every leaf's effect ``τ_g`` given ``(μ, Σ, σ²)``, one level.
 
     Leaves are independent given the hyperparameters, so this is elementwise over
-    leaves (no scatter): ``θ_g | · ~ N(P⁻¹ (h_g + Σ⁻¹μ), P⁻¹)`` with ``P = J_g + Σ⁻¹``.
-    Only ``τ_g`` is drawn (its marginal, one normal a leaf): nothing downstream reads the
-    baseline, and the random numbers were two thirds of the cost. The normals are drawn
-    in float32 (ample for Monte Carlo noise) and cast.
+    leaves (no scatter), through their configurations' :func:`effect_coefficients`.
+    The normals are drawn in float32 (ample for Monte Carlo noise) and cast.
 
     Returns
     -------
-    (draw, mean, cov) : ((leaves,), (leaves, 2), (leaves, 3))
-        The effect draw, the conditional mean of (α, τ) and its covariance entries (00, 01, 11).
+    (draw, mean, var) : each (leaves,)
+        The effect draw and its conditional mean and variance.
     """
     import jax
 
-    cov = jnp.reshape(prior_cov, (2, 2))
-    dtype = jnp.result_type(arms.mean)
-    variance = jnp.broadcast_to(jnp.asarray(noise_var, dtype), (2,))
-    det_prior = cov[0, 0] * cov[1, 1] - cov[0, 1] ** 2
-    l00, l01, l11 = cov[1, 1] / det_prior, -cov[0, 1] / det_prior, cov[0, 0] / det_prior  # Σ⁻¹
-    w0 = arms.rows[:, 0] / variance[0]
-    w1 = arms.rows[:, 1] / variance[1]
-    p00, p01, p11 = w0 + w1 + l00, w1 + l01, w1 + l11
-    b0 = w0 * arms.mean[:, 0] + w1 * arms.mean[:, 1] + l00 * prior_mean[0] + l01 * prior_mean[1]
-    b1 = w1 * arms.mean[:, 1] + l01 * prior_mean[0] + l11 * prior_mean[1]
-    det = p00 * p11 - p01 * p01
-    c00, c01, c11 = p11 / det, -p01 / det, p00 / det
-    m0, m1 = c00 * b0 + c01 * b1, c01 * b0 + c11 * b1
-    eps = jax.random.normal(rng_key, (arms.rows.shape[0],), jnp.float32).astype(dtype)
-    return m1 + jnp.sqrt(c11) * eps, jnp.stack([m0, m1], -1), jnp.stack([c00, c01, c11], -1)
+    coef, var = effect_coefficients(arms.config_rows, prior_cov, prior_mean, noise_var)
+    mean = effect_mean(coef[arms.config], arms.mean)
+    var = var[arms.config]
+    eps = jax.random.normal(rng_key, mean.shape, jnp.float32).astype(mean.dtype)
+    return mean + jnp.sqrt(var) * eps, mean, var
+
+
+def effect_sums(arms: LeafArms, weights) -> np.ndarray:
+    """Per configuration ``(Σ w ȳ_0, Σ w ȳ_1, Σ w, Σ w²)`` over its leaves (K, 4), float64.
+
+    With them a draw of ``Σ_g w_g τ_g`` given ``(μ, Σ, σ²)`` costs O(configurations): the
+    leaves are conditionally independent, so it is normal with mean
+    ``Σ_k (a_0 Σ w ȳ_0 + a_1 Σ w ȳ_1 + k Σ w)`` and variance ``Σ_k v_k Σ w²``.
+    """
+    index = np.asarray(arms.config)
+    size = np.shape(arms.config_rows)[0]
+    w = np.asarray(weights, dtype=np.float64)
+    mean = np.asarray(arms.mean, dtype=np.float64)
+    return np.stack([np.bincount(index, w * mean[:, 0], size), np.bincount(index, w * mean[:, 1], size),
+                     np.bincount(index, w, size), np.bincount(index, w * w, size)], axis=1)

@@ -4,7 +4,10 @@ every group's (baseline, effect) drawn from its exact conditional, down the tree
 Cost per gradient O(cells + nodes); no per-group parameter enters the sampler.
 Group summaries are Rao-Blackwellised: each posterior draw of the
 hyperparameters contributes the conditional mean, variance and P(τ > 0) of
-every group given its drawn parent, not only one noisy draw.
+every group given its drawn parent, not only one noisy draw. With one level and no
+covariates (the long-tail case) both halves go through leaf configurations
+(kernels/configurations.py): the marginal costs O(configurations) per gradient, and
+every group's mean and sd O(configurations) per draw plus O(groups) once.
 """
 from __future__ import annotations
 
@@ -33,17 +36,10 @@ def _one_draw(rng_key, hyper: dict, data, parents, leaf_weights, *, levels, num_
     return downward.DrawOut(downward.link_summaries(draws, upward, parents, prior_cov, prior_mean), [], ate, ate)
 
 
-def _one_draw_leaves(rng_key, hyper: dict, arms, parents, leaf_weights, *, levels, num_nodes, covariates):
-    """``_one_draw`` for one level without covariates: leaves are independent given the
-    hyperparameters, so each draw is elementwise over leaves (no pass over cells)."""
-    import jax.numpy as jnp
-
-    from kernels.configurations import leaf_effect_draw
-
+def _leaf_prior(hyper: dict, *, levels):
+    """``(Σ, μ, σ²)`` of one hyperparameter draw, for ``downward.summarise_leaves``."""
     prior_cov, prior_mean, noise = gaussian.hyper_prior(hyper, levels)
-    effect, mean, cov = leaf_effect_draw(rng_key, arms, prior_cov, prior_mean, noise**2)
-    ate = jnp.dot(effect, leaf_weights)
-    return downward.DrawOut([(effect, mean[:, 1], cov[:, 2])], [], ate, ate)
+    return prior_cov, prior_mean, noise**2
 
 
 def fit_exact(problem, spec, method_reason: str) -> Posterior:
@@ -63,19 +59,23 @@ def fit_exact(problem, spec, method_reason: str) -> Posterior:
     model = partial(model_fn, levels=levels, num_nodes=problem.num_nodes, priors=problem.std_priors,
                     covariates=covs)
     names = gaussian.hyper_names(problem.std_priors)
-    run = downward.sample_hyper(model, problem, spec, names, model_data=configs, draw_data=arms)
+    run = downward.sample_hyper(model, problem, spec, names, model_data=configs)
     samples, divergences, sampler, flat = run.samples, run.divergences, run.sampler, run.flat
     data, parents, draw_key = run.data, run.parents, run.draw_key
     chains, draws = np.asarray(samples["effect_mean"]).shape
 
-    weights = jnp.asarray(problem.leaf_rows / problem.leaf_rows.sum())
+    weights = problem.leaf_rows / problem.leaf_rows.sum()
     if configs is None:
         one_draw = partial(_one_draw, levels=levels, num_nodes=problem.num_nodes, covariates=covs)
+        result = downward.summarise(one_draw, flat, (data, parents, jnp.asarray(weights)), rng_key=draw_key,
+                                    num_nodes=problem.num_nodes, real_nodes=problem.real_nodes,
+                                    interval=spec.interval, scale=problem.standardisation.y_scale,
+                                    keep=spec.keep_draws)
     else:
-        one_draw = partial(_one_draw_leaves, levels=levels, num_nodes=problem.num_nodes, covariates=covs)
-    result = downward.summarise(one_draw, flat, (data, parents, weights), rng_key=draw_key,
-                                num_nodes=problem.num_nodes, real_nodes=problem.real_nodes,
-                                interval=spec.interval, scale=problem.standardisation.y_scale)
+        result = downward.summarise_leaves(partial(_leaf_prior, levels=levels), flat, arms, weights,
+                                           rng_key=draw_key, real_nodes=problem.real_nodes[0],
+                                           interval=spec.interval, scale=problem.standardisation.y_scale,
+                                           keep=spec.keep_draws)
     groups, ate, batch = result.link, result.ate, result.batch
     std = problem.standardisation
     hyper = {name: gaussian.to_original_units(name, np.asarray(samples[name]), std, covs) for name in names}

@@ -63,7 +63,7 @@ def fit_laplace(problem, spec, method_reason: str) -> Posterior:
     draw = partial(one_draw, levels=levels, num_nodes=problem.num_nodes, link=link, covariates=covariates)
     result = downward.summarise(draw, flat, (data, parents, jnp.asarray(problem.leaf_rows)),
                                 rng_key=draw_key, num_nodes=problem.num_nodes, real_nodes=problem.real_nodes,
-                                interval=spec.interval)
+                                interval=spec.interval, keep=spec.keep_draws)
     hyper = glm.original_units(problem, samples)
     steps = newton_steps(flat, data, parents, levels=levels, num_nodes=problem.num_nodes, link=link,
                           covariates=covariates)

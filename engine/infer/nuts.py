@@ -48,7 +48,7 @@ def _assemble(problem, spec, method, reason, hyper, effect_draws, leaf_tau, dive
     weights = problem.leaf_rows / problem.leaf_rows.sum()
     ate = np.tensordot(leaf_tau, weights, axes=([-1], [0]))
     named = {f"effect[{level}]": draws for level, draws in zip(problem.levels, effect_draws)}
-    groups = tuple(summarise_draws(d, spec.interval) for d in effect_draws)
+    groups = tuple(summarise_draws(d, spec.interval, spec.keep_draws) for d in effect_draws)
     return assemble(problem, spec, method, reason, hyper, groups, ate, divergences, sampler, seconds, named)
 
 
@@ -119,7 +119,7 @@ def fit_glm_nuts(problem, spec, method_reason: str, method: str = "nuts") -> Pos
     outcome_draws = tuple(np.asarray(o)[..., :n] for o, n in zip(outcome, real)) if levels else ()
     named = {f"effect[{level}]": draws for level, draws in zip(levels, link_draws)}
     return assemble(problem, spec, method, method_reason, hyper,
-                    tuple(summarise_draws(d, spec.interval) for d in outcome_draws), np.asarray(ate),
+                    tuple(summarise_draws(d, spec.interval, spec.keep_draws) for d in outcome_draws), np.asarray(ate),
                     divergences, sampler, time.perf_counter() - start, named,
-                    link_groups=tuple(summarise_draws(d, spec.interval) for d in link_draws),
+                    link_groups=tuple(summarise_draws(d, spec.interval, spec.keep_draws) for d in link_draws),
                     ate_link=ate_link)

@@ -69,17 +69,20 @@ def interval_rule(kept_draws: int, interval: float) -> str:
     return f"mean ± z·sd from moments over every draw ({kept_draws} retained draws are too few for quantiles)"
 
 
-def retained_stride(total_draws: int, total_nodes: int) -> int:
-    """Keep every k-th draw for quantiles so that the kept draws fit the budget."""
-    fits = max(QUANTILE_BUDGET_BYTES // (8 * max(total_nodes, 1)), 1)
+def retained_stride(total_draws: int, total_nodes: int, keep: int | None = None) -> int:
+    """Keep every k-th draw: ``keep`` draws when given (``--keep-draws``), else as many as
+    fit the budget."""
+    fits = keep if keep else max(QUANTILE_BUDGET_BYTES // (8 * max(total_nodes, 1)), 1)
     return max(1, -(-total_draws // fits))
 
 
-def summarise_draws(draws: np.ndarray, interval: float) -> GroupSummary:
-    """Summary of in-memory draws (chains, draws, nodes): every draw is kept."""
+def summarise_draws(draws: np.ndarray, interval: float, keep: int | None = None) -> GroupSummary:
+    """Summary of in-memory draws (chains, draws, nodes): moments and intervals from every
+    draw; every draw is retained unless ``keep`` asks for fewer (evenly thinned)."""
     flat = np.asarray(draws, dtype=np.float64).reshape(-1, draws.shape[-1])
     mean = flat.mean(axis=0)
     sd = flat.std(axis=0, ddof=1) if flat.shape[0] > 1 else np.zeros_like(mean)
     lower, upper = interval_bounds(flat, mean, sd, interval)
-    return GroupSummary(mean, sd, lower, upper, (flat > 0).mean(axis=0), flat.shape[0], flat.astype(np.float32),
-                        np.arange(flat.shape[0]))
+    stride = -(-flat.shape[0] // keep) if keep else 1
+    return GroupSummary(mean, sd, lower, upper, (flat > 0).mean(axis=0), flat.shape[0],
+                        flat[::stride].astype(np.float32), np.arange(0, flat.shape[0], stride))

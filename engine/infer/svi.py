@@ -370,7 +370,8 @@ def fit_svi(problem, spec, method_reason: str, *, guide: str | None = None) -> P
     parents = tuple(jnp.asarray(p) for p in problem.parents)
     draw = partial(one_draw, levels=levels, num_nodes=problem.num_nodes, link=link, covariates=covariates)
     summaries = downward.summarise(draw, flat, (data, parents, jnp.asarray(problem.leaf_rows)), rng_key=draw_key,
-                                   num_nodes=problem.num_nodes, real_nodes=problem.real_nodes, interval=spec.interval)
+                                   num_nodes=problem.num_nodes, real_nodes=problem.real_nodes, interval=spec.interval,
+                                   keep=spec.keep_draws)
     hyper = glm.original_units(problem, {name: value.reshape(spec.chains, spec.draws) for name, value in flat.items()})
     steps = newton_steps(flat, data, parents, levels=levels, num_nodes=problem.num_nodes, link=link,
                          covariates=covariates)

@@ -261,3 +261,21 @@ def test_summary_level_duplicate_group_and_mixed_inputs():
         engine.fit(table, estimate="est", stderr="se")
     with pytest.raises(SpecError, match="does not apply to summary-level input"):
         engine.fit(table, estimate="est", stderr="se", groups=["site"], priors={"noise": "halfnormal(1)"})
+
+
+def test_keep_draws_is_checked_before_any_compute(tmp_path, capsys):
+    frame = small_rows()
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(SpecError, match="keep_draws"):
+            engine.fit(frame, outcome="y", treatment="treated", keep_draws=bad)
+    # Asking to retain more than half the machine's memory is refused before sampling.
+    with pytest.raises(SpecError, match="more than half of this machine's"):
+        engine.fit(frame, outcome="y", treatment="treated", groups=["group"], draws=10**9, chains=4,
+                   keep_draws=10**9)
+    frame.write_parquet(tmp_path / "rows.parquet")
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", str(tmp_path / "rows.parquet"), "--outcome", "y", "--treatment", "treated",
+              "--keep-draws", "some", "--out", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    assert "expected a number of draws or 'all'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

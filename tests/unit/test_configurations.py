@@ -101,16 +101,16 @@ def test_leaf_posterior_matches_tree_moments():
     upward = gt.integrate(leaf_j, leaf_h, (), cov, mu)
     (tree_mean,), (tree_cov,) = gt.posterior_moments(upward, (), cov, mu)
     arms = jax.tree.map(jnp.asarray, cf.leaf_arms(n, mean, arm, leaf, leaves))
-    _, cond_mean, cond_cov = cf.leaf_effect_draw(jax.random.PRNGKey(0), arms, cov, mu, variance)
-    np.testing.assert_allclose(cond_mean, tree_mean, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(cond_cov, tree_cov.reshape(-1, 4)[:, [0, 1, 3]], rtol=1e-10, atol=1e-12)
+    _, cond_mean, cond_var = cf.leaf_effect_draw(jax.random.PRNGKey(0), arms, cov, mu, variance)
+    np.testing.assert_allclose(cond_mean, np.asarray(tree_mean)[:, 1], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(cond_var, np.asarray(tree_cov)[:, 1, 1], rtol=1e-10, atol=1e-12)
 
     draws = np.asarray(jax.vmap(lambda k: cf.leaf_effect_draw(k, arms, cov, mu, variance)[0])(
         jax.random.split(jax.random.PRNGKey(1), 4000)))
-    sd = np.sqrt(np.asarray(cond_cov)[:, 2])
+    sd = np.sqrt(np.asarray(cond_var))
     # Each leaf's effect draws: mean within 4.5 Monte Carlo standard errors, and variance
     # within 4.5 standard errors of a normal sample variance (sd · sqrt(2/(n − 1))), 60 leaves.
-    z = (draws.mean(0) - np.asarray(cond_mean)[:, 1]) / (sd / np.sqrt(4000))
+    z = (draws.mean(0) - np.asarray(cond_mean)) / (sd / np.sqrt(4000))
     assert np.abs(z).max() < 4.5
     ratio = draws.var(0, ddof=1) / sd**2
     assert np.abs(ratio - 1).max() < 4.5 * np.sqrt(2 / 3999)
@@ -124,3 +124,64 @@ def test_one_pass_gives_both_forms():
         np.testing.assert_array_equal(got, want)
     for got, want in zip(arms, cf.leaf_arms(n, mean, arm, leaf, 50)):
         np.testing.assert_array_equal(got, want)
+
+
+def test_leaves_route_summaries_match_tree_route():
+    """The per-configuration downward pass (``summarise_leaves``) against the generic one over
+    the Gaussian tree (``summarise``), on the same hyperparameter draws: every group's
+    Rao-Blackwellised mean, sd and P(τ > 0) are the same numbers; the ATE and the retained
+    joint draws are random, so they are checked within Monte Carlo error."""
+    from functools import partial
+
+    import engine
+    from engine import api, validate
+    from engine.encode import encode
+    from engine.infer import downward, exact
+    from engine.models import gaussian
+    from engine.reduce import reduce
+    from engine.spec import make_spec
+
+    spec = make_spec("y", "treated", ["group"])
+    rows = engine.simulate(rows=1500, groups=300, seed=5).rows
+    cells = reduce(validate.check(validate.resolve_source(rows), spec), spec)
+    problem, _ = api._model(cells, encode(cells), spec)
+    configs, arms = gaussian.one_level_statistics(problem)
+    rng = np.random.default_rng(0)
+    total = 400
+    flat = {}
+    for name in gaussian.hyper_names(problem.std_priors):
+        if "correlation" in name:
+            flat[name] = rng.uniform(-0.5, 0.5, total)
+        elif "scale" in name or "noise" in name:
+            flat[name] = np.exp(rng.normal(np.log(0.6), 0.3, total))
+        else:
+            flat[name] = rng.normal(0.0, 0.3, total)
+    levels, real = tuple(problem.levels), problem.real_nodes[0]
+    weights = problem.leaf_rows / problem.leaf_rows.sum()
+    tree = downward.summarise(
+        partial(exact._one_draw, levels=levels, num_nodes=problem.num_nodes, covariates=()), flat,
+        (jax.tree.map(jnp.asarray, problem.data), tuple(jnp.asarray(p) for p in problem.parents),
+         jnp.asarray(weights)), rng_key=jax.random.PRNGKey(1), num_nodes=problem.num_nodes,
+        real_nodes=problem.real_nodes, interval=0.9)
+    leaves = downward.summarise_leaves(partial(exact._leaf_prior, levels=levels), flat, arms, weights,
+                                       rng_key=jax.random.PRNGKey(2), real_nodes=real, interval=0.9, keep=100)
+    want, got = tree.link[0], leaves.link[0]
+    for field in ("mean", "sd"):
+        np.testing.assert_allclose(getattr(got, field), getattr(want, field), rtol=1e-9, atol=1e-12, err_msg=field)
+    # Φ is evaluated in float32 on this route: absolute error below 1e-7 per draw.
+    np.testing.assert_allclose(got.prob_positive, want.prob_positive, rtol=0, atol=2e-7)
+
+    # Retained joint draws: every 4th of 400; each group's draw mean within 4.5 standard errors.
+    assert got.draws.shape == (100, real) and got.draw_index.tolist() == list(range(0, total, 4))
+    z = (got.draws.mean(0) - got.mean) / (got.sd / np.sqrt(100))
+    assert np.abs(z).max() < 4.5
+    # ATE: per draw both are exact draws from N(m_s, v_s) with the same m_s = Σ_g w_g E[τ_g | s]
+    # and v_s, independently (the leaves route's from per-configuration sums, except at the
+    # retained draws), so their difference has mean 0 and variance 2 v_s; and the mean of the
+    # draws is Σ_g w_g E[τ_g] within (√v̄ / √draws) Monte Carlo error.
+    d = leaves.ate - tree.ate
+    noise_sd = d.std(ddof=1) / np.sqrt(2)
+    assert abs(d.mean()) < 4.5 * d.std(ddof=1) / np.sqrt(total)
+    assert abs(leaves.ate.mean() - weights[:real] @ got.mean) < 4.5 * noise_sd / np.sqrt(total)
+    # Retained rows are joint: their ATE is their own weighted mean.
+    np.testing.assert_allclose(leaves.ate[got.draw_index], got.draws @ weights[:real], rtol=1e-5, atol=1e-6)
