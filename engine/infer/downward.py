@@ -197,7 +197,8 @@ def summarise(one_draw, flat_hyper: dict, args: tuple, *, rng_key, num_nodes, re
     slots = np.where((position % stride == 0) & (position < total), position // stride, kept)
     keys = jax.random.split(rng_key, total)[index]
     hyper = {name: jnp.asarray(values[index].reshape(batches, batch)) for name, values in flat_hyper.items()}
-    link_acc, outcome_acc, ate, ate_link = _compiled(_scan_draws, "one_draw", one_draw, num_nodes=tuple(num_nodes), kept=kept)(
+    loop = _compiled(_scan_draws, "one_draw", one_draw, num_nodes=tuple(num_nodes), kept=kept)
+    link_acc, outcome_acc, ate, ate_link = loop(
         keys.reshape((batches, batch) + keys.shape[1:]), hyper, weight,
         jnp.asarray(slots.reshape(batches, batch), dtype=jnp.int32), *args)
 
@@ -250,7 +251,8 @@ def _scan_leaves(hyper, eps, arms, sums, *, prior_of):
              + scaled[:, 2][arms.config])
         acc = LeafMoments(count, acc.mean + delta / count, m2, acc.var_sum + var,
                           acc.pos_sum + ndtr(z.astype(jnp.float32)).astype(dtype))
-        ate = coef[:, 0] @ sums[:, 0] + coef[:, 1] @ sums[:, 1] + coef[:, 2] @ sums[:, 2] + jnp.sqrt(var @ sums[:, 3]) * eps_s
+        ate = (coef[:, 0] @ sums[:, 0] + coef[:, 1] @ sums[:, 1] + coef[:, 2] @ sums[:, 2]
+               + jnp.sqrt(var @ sums[:, 3]) * eps_s)
         return acc, ate
 
     init = LeafMoments(jnp.zeros((), dtype), jnp.zeros((size, 3), dtype), jnp.zeros((size, 3, 3), dtype),
@@ -287,7 +289,7 @@ def summarise_leaves(prior_of, flat_hyper: dict, arms, leaf_weights, *, rng_key,
     are exact, O(configurations) each (``effect_sums``), except at the retained draws,
     where they are those draws' own weighted means (the rows stay joint).
 
-    ``prior_of(hyper)`` gives ``(Σ, μ, σ)``; ``arms`` is a host ``LeafArms``.
+    ``prior_of(hyper)`` gives ``(Σ, μ, σ²)``; ``arms`` is a host ``LeafArms``.
     """
     import jax
     import jax.numpy as jnp

@@ -185,8 +185,8 @@ def test_keep_draws_thins_the_saved_draws_only(tmp_path, capsys):
     np.testing.assert_allclose(saved["ate"], saved["effect.group"] @ weights, rtol=1e-4, atol=1e-4)
     # Same seed, same hyperparameter draws: every draw still feeds the means and sds.
     for column in ("mean", "sd", "prob_positive"):
-        np.testing.assert_allclose(thinned.effects("group")[column].to_numpy(), full.effects("group")[column].to_numpy(),
-                                   rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(thinned.effects("group")[column].to_numpy(),
+                                   full.effects("group")[column].to_numpy(), rtol=1e-9, atol=1e-12)
 
     sim.rows.write_parquet(tmp_path / "rows.parquet")
     assert main(["fit", str(tmp_path / "rows.parquet"), "--outcome", "y", "--treatment", "treated", "--group", "group",
