@@ -78,21 +78,20 @@ def _padded(values: np.ndarray, size: int, fill: float) -> np.ndarray:
 
 
 class LeafArms(NamedTuple):
-    """Each leaf's rows and mean per arm (0 where the arm has no rows), and its arm
-    configuration: the distinct ``(n_0, n_1)`` pairs, which fix a leaf's conditional
-    posterior up to its arm means (:func:`effect_coefficients`)."""
+    """Each leaf's mean per arm (0 where the arm has no rows) and its arm configuration: the
+    distinct ``(n_0, n_1)`` pairs, which fix a leaf's conditional posterior up to its arm
+    means (:func:`effect_coefficients`). A leaf's rows are ``config_rows[config]``."""
 
-    rows: np.ndarray         # (leaves, 2) float  n_g0, n_g1
     mean: np.ndarray         # (leaves, 2) float  ȳ_g0, ȳ_g1
     config: np.ndarray       # (leaves,) int32  the leaf's row of config_rows
-    config_rows: np.ndarray  # (K,) float  distinct (n_0, n_1), padded with (0, 0)
+    config_rows: np.ndarray  # (K, 2) float  distinct (n_0, n_1), padded with (0, 0)
 
 
 def _arms(rows, pair_mean, pad_fn) -> LeafArms:
     key = rows[:, 0].astype(np.int64) * (int(rows[:, 1].max(initial=0)) + 1) + rows[:, 1].astype(np.int64)
     _, first, index = np.unique(key, return_index=True, return_inverse=True)
     config_rows = _padded(rows[first], (pad_fn or (lambda k: max(k, 1)))(first.size), 0.0)
-    return LeafArms(rows, pair_mean, index.astype(np.int32).reshape(-1), config_rows)
+    return LeafArms(pair_mean, index.astype(np.int32).reshape(-1), config_rows)
 
 
 def _pairs(n, mean, m2, arm, leaf, num_leaves: int):

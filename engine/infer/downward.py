@@ -47,25 +47,21 @@ class HyperDraws(NamedTuple):
     draw_key: object        # the PRNG key for the downward passes
 
 
-def sample_hyper(model, problem, spec, names, model_data=None, draw_data=None) -> HyperDraws:
+def sample_hyper(model, problem, spec, names, model_data=None) -> HyperDraws:
     """Run NUTS on ``model(data, parents)`` (data as traced arguments) and flatten ``names``.
 
-    ``model_data`` replaces ``problem.data`` as the model's data and ``draw_data`` the
-    model's data as the returned ``data`` (for the downward passes): compressed forms of
-    it. Only what is used goes to the device."""
+    ``model_data`` replaces ``problem.data`` as the model's data (a compressed form of it);
+    the returned ``data`` is the model's, on the device, for downward passes that read it."""
     import jax
     import jax.numpy as jnp
 
     from engine.infer import runner
 
-    model_input = problem.data if model_data is None else model_data
-    draw_input = model_input if draw_data is None else draw_data
-    model_input_on_device = jax.tree.map(jnp.asarray, model_input)
-    data = model_input_on_device if draw_input is model_input else jax.tree.map(jnp.asarray, draw_input)
+    data = jax.tree.map(jnp.asarray, problem.data if model_data is None else model_data)
     parents = tuple(jnp.asarray(p) for p in problem.parents)
     started = time.perf_counter()
     hyper_key, draw_key = jax.random.split(jax.random.PRNGKey(spec.seed))
-    model_args = (model_input_on_device, parents)
+    model_args = (data, parents)
     samples, divergences, sampler = runner.run_hyper_nuts(
         model, model_args, rng_key=hyper_key, warmup=spec.warmup, draws=spec.draws, chains=spec.chains)
     flat = {name: np.asarray(samples[name]).reshape(-1) for name in names}

@@ -5,7 +5,8 @@ in float64), so the collapsed methods keep running moments over batches of draws
 (``engine.infer.downward``): the mean, second moment and P(effect > 0) use every
 draw (Rao-Blackwellised where the method supplies conditional moments), and interval
 end points come from a retained, evenly thinned subset of draws whose size is bounded
-by a memory budget (all draws when they fit; ``interval_bounds`` says how few is too few). ``quantile_draws`` records how many were used.
+by a memory budget or ``keep_draws`` (all draws when they fit; ``interval_bounds`` says
+how few is too few). ``quantile_draws`` records how many were used.
 The retained draws are joint (one row = one posterior draw of every group),
 so decisions and transport can use them; they are saved as ``draws.npz``.
 """
