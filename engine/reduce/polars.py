@@ -3,11 +3,20 @@
 Polars' streaming group-by merges partial sums in whatever order its threads
 finish, so the last bits of a cell mean can differ between runs on the same
 file; that breaks ``--seed`` reproducibility and the cell hash. Here the rows
-stream in order (``collect_batches(maintain_order=True)``), are cut into
-batches of exactly ``batch_rows`` rows, each batch is reduced by the
-in-memory engine (deterministic), and the batch cells are merged pairwise in
-a binary-counter tree (Chan et al. 1979), so the same rows give the same
-bits. Memory holds one batch and O(log batches) cell tables.
+stream in order (``collect_batches(maintain_order=True)``) and are cut into
+batches of exactly ``batch_rows`` rows. Each batch is reduced one of two ways,
+both deterministic:
+
+- one integer group column whose keys span a narrow range (at most twice the
+  batch's rows, or ``DENSE_MIN_KEYS``): ``kernels.host``, NumPy ``bincount``
+  passes over segments ``2·(key − low) + arm``, no hashing; successive such
+  batches fold into one set of arrays over their joint key range
+  (``_DenseRun``), with no table joins;
+- any other keys: Polars' in-memory group-by (``cell_aggregates``).
+
+The batch (or run) cell tables are merged pairwise in a binary-counter tree
+(Chan et al. 1979), so the same rows give the same bits. Memory holds one
+batch, one run and O(log batches) cell tables.
 """
 from __future__ import annotations
 
@@ -59,7 +68,11 @@ def cell_aggregates(outcome: str, covariates) -> list[pl.Expr]:
 
 
 def reduce_batch(batch: pl.DataFrame, groups, outcome: str, covariates) -> pl.DataFrame:
+    """One batch of rows (with ``arm``) → its cell table, sorted by (keys, arm); deterministic."""
     keys = [*groups, "arm"]
+    span = _dense_integer_span(batch, groups, outcome, covariates)
+    if span is not None:
+        return _reduce_dense(batch, groups[0], outcome, covariates, span)
     rows = batch.lazy().with_columns(sum_columns(covariates, outcome))
     if _one_integer_key(batch, groups):
         # One integer group column: group on (group·2 + arm), one Int64 key, which Polars'
@@ -72,6 +85,133 @@ def reduce_batch(batch: pl.DataFrame, groups, outcome: str, covariates) -> pl.Da
                         pl.exclude("_cell"))
                 .collect(engine="in-memory"))
     return (rows.group_by(keys).agg(cell_aggregates(outcome, covariates)).sort(keys).collect(engine="in-memory"))
+
+
+#: The dense route indexes a segment per (key, arm) over the batch's key range; it is taken
+#: while that range is at most this many keys, or twice the batch's rows, whichever is larger
+#: (beyond, most segments would be empty), and never beyond ``DENSE_MAX_KEYS``.
+DENSE_MIN_KEYS = 1 << 16
+DENSE_MAX_KEYS = 1 << 23
+
+
+def _dense_integer_span(batch: pl.DataFrame, groups, outcome: str, covariates) -> tuple[int, int] | None:
+    """(lowest key, key range) when one integer group column spans few enough keys, else None.
+
+    The route also needs an Int8 0/1 arm and no nulls in the columns it reads (the validated
+    rows have none; a null would be counted by ``np.bincount``).
+    """
+    if len(groups) != 1 or batch.height == 0 or batch.schema["arm"] != pl.Int8:
+        return None
+    group = groups[0]
+    if not batch.schema[group].is_integer():
+        return None
+    if any(batch[c].null_count() for c in (group, "arm", outcome, *covariates)):
+        return None
+    low, high = batch.select(pl.col(group).min().alias("low"), pl.col(group).max().alias("high")).row(0)
+    span = int(high) - int(low) + 1
+    if span > min(max(2 * batch.height, DENSE_MIN_KEYS), DENSE_MAX_KEYS):
+        return None
+    return int(low), span
+
+
+def _reduce_dense(batch: pl.DataFrame, group: str, outcome: str, covariates, span) -> pl.DataFrame:
+    """Cells by ``kernels.host`` over segments ``2·(key − low) + arm``: no hashing, no sort."""
+    return _dense_table(_dense_moments(batch, group, outcome, covariates, span), span[0],
+                        group, batch.schema[group], covariates)
+
+
+def _dense_moments(batch: pl.DataFrame, group: str, outcome: str, covariates, span):
+    """The corrected two-pass moments in fixed row order (see ``kernels.host``): the same
+    statistics as ``cell_aggregates`` up to rounding, and the same bits on every run."""
+    import numpy as np
+
+    from kernels import host
+
+    low, keys = span
+    dtype = batch.schema[group]
+    frame = batch.select(
+        ((pl.col(group) - pl.lit(low, dtype=dtype)).cast(pl.Int64) * 2
+         + pl.col("arm").cast(pl.Int64)).alias("_segment"),
+        pl.col(outcome).cast(pl.Float64).alias("_y"),
+        *[pl.col(c).cast(pl.Float64) for c in covariates])
+    x = (frame.select(covariates).to_numpy(order="fortran") if covariates
+         else np.zeros((frame.height, 0)))
+    return host.reduce(frame["_segment"].to_numpy(), frame["_y"].to_numpy(), x, 2 * keys)
+
+
+def _dense_table(moments, low: int, group: str, dtype, covariates) -> pl.DataFrame:
+    """Moments over segments ``2·(key − low) + arm`` → the cell table of the present cells."""
+    import numpy as np
+
+    from engine.cells import covariate_columns
+
+    m = moments
+    present = np.flatnonzero(m.count)   # ascending: key, then arm
+    columns = {group: (pl.Series(present // 2).cast(dtype) + pl.Series([low]).cast(dtype)).alias(group),
+               "arm": pl.Series("arm", present % 2, pl.Int8),
+               "n": pl.Series("n", m.count[present], pl.Int64),
+               "mean": m.mean[present], "m2": m.m2[present]}
+    names = iter(covariate_columns(covariates))
+    for j in range(len(covariates)):
+        columns[next(names)] = m.x_mean[present, j]
+    for j in range(len(covariates)):
+        columns[next(names)] = m.xy_m2[present, j]
+    for a in range(len(covariates)):
+        for b in range(a, len(covariates)):
+            columns[next(names)] = m.xx_m2[present, a, b]
+    return pl.DataFrame(columns)
+
+
+class _DenseRun:
+    """Successive dense batches folded in NumPy over their joint key range, no table joins.
+
+    Batches whose keys fall in one range at most ``DENSE_MAX_KEYS`` wide (and at most twice
+    the rows seen, or ``DENSE_MIN_KEYS``) are merged array-to-array in arrival order;
+    ``table()`` hands the run to the tree merger. Which batches form a run depends only on
+    the data, so the result is the same bits on every run.
+    """
+
+    def __init__(self, group: str, dtype, covariates):
+        self.group, self.dtype, self.covariates = group, dtype, list(covariates)
+        self.low = self.keys = self.rows = 0
+        self.moments = None
+
+    def fits(self, span, rows: int) -> bool:
+        if self.moments is None:
+            return True
+        low = min(self.low, span[0])
+        keys = max(self.low + self.keys, span[0] + span[1]) - low
+        return keys <= min(max(2 * (self.rows + rows), DENSE_MIN_KEYS), DENSE_MAX_KEYS)
+
+    def add(self, moments, span, rows: int) -> None:
+        from kernels import host
+
+        if self.moments is None:
+            self.moments, (self.low, self.keys), self.rows = moments, span, rows
+            return
+        low = min(self.low, span[0])
+        keys = max(self.low + self.keys, span[0] + span[1]) - low
+        self.moments = host.merge(_widen(self.moments, 2 * (self.low - low), 2 * keys),
+                                  _widen(moments, 2 * (span[0] - low), 2 * keys))
+        self.low, self.keys, self.rows = low, keys, self.rows + rows
+
+    def table(self) -> pl.DataFrame:
+        table = _dense_table(self.moments, self.low, self.group, self.dtype, self.covariates)
+        self.moments, self.rows = None, 0
+        return table
+
+
+def _widen(moments, before: int, size: int):
+    """Moments over ``size`` segments: these ones from segment ``before`` on, empty elsewhere."""
+    import numpy as np
+
+    from kernels import host
+
+    def place(array):
+        pad = [(before, size - before - array.shape[0])] + [(0, 0)] * (array.ndim - 1)
+        return np.pad(array, pad)
+
+    return host.Moments(*(place(a) for a in moments))
 
 
 def _one_integer_key(batch: pl.DataFrame, groups) -> bool:
@@ -125,10 +265,20 @@ def _exact_batches(rows: pl.LazyFrame, batch_rows: int):
 def reduce_polars(rows: pl.LazyFrame, groups, outcome: str, covariates, *,
                   batch_rows: int = BATCH_ROWS) -> Cells:
     merger = _TreeMerger(groups, covariates)
-    empty = True
+    empty, run = True, None
     for batch in _exact_batches(rows, batch_rows):
-        merger.push(reduce_batch(batch, groups, outcome, covariates))
         empty = False
+        span = _dense_integer_span(batch, groups, outcome, covariates)
+        if span is None:
+            merger.push(reduce_batch(batch, groups, outcome, covariates))
+            continue
+        if run is None:
+            run = _DenseRun(groups[0], batch.schema[groups[0]], covariates)
+        elif not run.fits(span, batch.height):
+            merger.push(run.table())
+        run.add(_dense_moments(batch, groups[0], outcome, covariates, span), span, batch.height)
+    if run is not None and run.moments is not None:
+        merger.push(run.table())
     if empty:
         table = reduce_batch(rows.head(0).collect(), groups, outcome, covariates)
     else:

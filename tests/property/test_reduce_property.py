@@ -77,7 +77,7 @@ def test_backends_agree(client, dataset):
     spec = Spec(outcome="y", treatment="treated", groups=levels, covariates=covariates)
     checked = validate.check(validate.resolve_source(frame), spec)
 
-    polars_cells = reduce_polars(checked.rows, levels, "y", covariates)
+    polars_cells = reduce_polars(checked.rows, levels, "y", covariates, batch_rows=options["batch_rows"])
     traces = jax_backend.TRACES["accumulate"]
     jax_cells = reduce_jax(checked.rows, levels, "y", covariates, block_rows=JAX_BLOCK_ROWS)
     key = (segments.bucket(2 * max(frame.select(levels).n_unique() if levels else 1, 1),

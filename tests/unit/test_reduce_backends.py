@@ -444,28 +444,80 @@ def test_binned_cells_agree_on_every_backend(kind, cluster, tmp_path):
     assert np.all(np.abs(shares - 0.2) < 0.03), shares
 
 
-@pytest.mark.parametrize("dtype", [pl.Int64, pl.Int32, pl.UInt16])
-def test_one_integer_key_path_gives_the_same_bits(dtype):
-    """reduce_batch's single-integer-key route (group·2 + arm as one key) against grouping on
-    the (group, arm) pair: the same cells, bit for bit, including negative keys, one-arm
-    groups and keys too large for the route (which fall back)."""
-    from engine.reduce.polars import cell_aggregates, reduce_batch, sum_columns
+def _pair_route(batch):
+    """The reference group-by: Polars' in-memory engine on the (group, arm) pair."""
+    from engine.reduce.polars import cell_aggregates, sum_columns
 
-    rng = np.random.default_rng(7)
-    low = 0 if dtype == pl.UInt16 else -50
-    key = rng.integers(low, 60, 20_000)
+    keys = ["g", "arm"]
+    return (batch.lazy().with_columns(sum_columns(["x"], "y")).group_by(keys)
+            .agg(cell_aggregates("y", ["x"])).sort(keys).collect(engine="in-memory"))
+
+
+def _integer_key_rows(dtype, spacing=1, size=20_000, seed=7):
+    rng = np.random.default_rng(seed)
+    low = 0 if dtype in (pl.UInt16, pl.UInt64) else -50
+    key = rng.integers(low, 60, size)
     arm = rng.integers(0, 2, key.size)
     arm[key == 3] = 0                                   # a one-arm group
-    frame = pl.DataFrame({"g": pl.Series(key).cast(dtype), "arm": pl.Series(arm).cast(pl.Int8),
-                          "y": rng.normal(1e9, 1.0, key.size), "x": rng.normal(size=key.size)})
+    return pl.DataFrame({"g": pl.Series(key * spacing).cast(dtype), "arm": pl.Series(arm).cast(pl.Int8),
+                         "y": rng.normal(1e9, 1.0, key.size), "x": rng.normal(size=key.size)})
 
-    def pair(batch):
-        keys = ["g", "arm"]
-        return (batch.lazy().with_columns(sum_columns(["x"], "y")).group_by(keys)
-                .agg(cell_aggregates("y", ["x"])).sort(keys).collect(engine="in-memory"))
 
+@pytest.mark.parametrize("dtype", [pl.Int64, pl.Int32])
+def test_one_integer_key_path_gives_the_same_bits(dtype):
+    """reduce_batch's single-integer-key route for keys too spread out to index (group·2 + arm
+    as one hashed key) against grouping on the (group, arm) pair: the same cells, bit for bit,
+    including negative keys, one-arm groups and keys too large for the route (which fall back)."""
+    from engine.reduce.polars import _dense_integer_span, reduce_batch
+
+    frame = _integer_key_rows(dtype, spacing=1_000_003)
+    assert _dense_integer_span(frame, ["g"], "y", ["x"]) is None      # not the dense route
     got = reduce_batch(frame, ["g"], "y", ["x"])
-    assert got.schema == pair(frame).schema and got.equals(pair(frame))
+    assert got.schema == _pair_route(frame).schema and got.equals(_pair_route(frame))
     if dtype == pl.Int64:
-        huge = frame.with_columns(pl.col("g") + 2**62)
-        assert reduce_batch(huge, ["g"], "y", ["x"]).equals(pair(huge))
+        huge = frame.with_columns(pl.col("g") * 1000 + 2**62)
+        assert reduce_batch(huge, ["g"], "y", ["x"]).equals(_pair_route(huge))
+
+
+@pytest.mark.parametrize("dtype", [pl.Int64, pl.Int32, pl.UInt16, pl.UInt64])
+def test_dense_integer_route_agrees_and_repeats(dtype):
+    """Keys in a narrow range go through kernels.host (segment 2·(key − low) + arm): the same
+    keys, arms and counts as the group-by, moments equal to float64 rounding at offset 1e9,
+    the same schema, and the same bits on every call. Keys near the top of the type too."""
+    from engine.reduce.polars import _dense_integer_span, reduce_batch
+
+    frame = _integer_key_rows(dtype)
+    if dtype == pl.UInt64:
+        frame = frame.with_columns(pl.col("g") + (2**64 - 100))       # beyond Int64
+    elif dtype == pl.Int64:
+        frame = frame.with_columns(pl.col("g") + (2**63 - 100))
+    assert _dense_integer_span(frame, ["g"], "y", ["x"]) is not None
+    got, want = reduce_batch(frame, ["g"], "y", ["x"]), _pair_route(frame)
+    assert got.schema == want.schema
+    assert_cells_agree(got, reference_cells(frame, ["g"], ["x"], arm="arm"), ["g"], ["x"])
+    assert_cells_agree(got, want, ["g"], ["x"])
+    assert all(reduce_batch(frame, ["g"], "y", ["x"]).equals(got) for _ in range(3))
+
+
+def test_dense_runs_split_and_merge(monkeypatch):
+    """Sorted keys (each batch a new range) overflow a dense run, which is handed to the tree
+    merger and a new run begins; batches too wide for the route (a far key) interleave. The result
+    equals one reduction of all rows, to rounding, whatever the batch size."""
+    from engine.reduce import polars as backend
+
+    monkeypatch.setattr(backend, "DENSE_MIN_KEYS", 8)
+    monkeypatch.setattr(backend, "DENSE_MAX_KEYS", 60)  # a run holds at most 60 keys
+    rng = np.random.default_rng(3)
+    key = np.sort(rng.integers(0, 400, 6_000))
+    key[::500] += 10**9                                  # a few far keys make some batches wide
+    frame = pl.DataFrame({"g": key, "arm": rng.integers(0, 2, key.size).astype(np.int8),
+                          "y": rng.normal(5.0, 2.0, key.size), "x": rng.normal(size=key.size)})
+    pushed = []
+    original = backend._DenseRun.table
+    monkeypatch.setattr(backend._DenseRun, "table", lambda self: pushed.append(1) or original(self))
+    want = reference_cells(frame, ["g"], ["x"], arm="arm")
+    for batch_rows in (97, 300):
+        pushed.clear()
+        got = backend.reduce_polars(frame.lazy(), ["g"], "y", ["x"], batch_rows=batch_rows)
+        assert len(pushed) > 1
+        assert_cells_agree(got, want, ["g"], ["x"])

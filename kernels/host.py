@@ -1,0 +1,182 @@
+"""Rows → per-segment moments on the host, with NumPy: the CPU reduction of the row backends.
+
+The same statistics as ``kernels.segments`` (count, mean, M2 and, with ``k``
+covariates, the covariate means, Σ(x − x̄)(y − ȳ) and Σ(x − x̄)(x − x̄)ᵀ), for
+rows whose segment ids are dense integers in ``[0, num_segments)``.
+
+How
+---
+The corrected two-pass algorithm (Chan, Golub & LeVeque 1983, "Algorithms for
+computing the sample variance: analysis and recommendations", eq. 1.7), with
+every per-segment sum a ``np.bincount``:
+
+1. ``n`` and a first mean ``m₁ = Σy / n`` per segment;
+2. per row ``d = y − m₁[segment]``, then ``Σd`` and ``Σd²`` per segment:
+   ``ȳ = m₁ + Σd/n`` and ``M2 = Σd² − (Σd)²/n``.
+
+The first mean carries the rounding of a plain float64 sum (about √n·ε·|y|:
+2e-4 for four million rows near 1e9); the correction ``Σd/n`` removes it and
+the deviations ``d`` are of the order of the spread, so data with mean 1e9
+and sd 1 keep their M2 to float64 rounding (tested against exact rational
+sums). Covariates go the same way, and the cross moments are
+``Σd_x d_y − (Σd_x)(Σd_y)/n``.
+
+Deterministic: ``bincount`` adds in row order, so the same rows give the same
+bits. ``reduce`` splits each pass into fixed contiguous parts on a thread pool
+(``np.bincount`` and the ufuncs release the GIL) and adds the parts' sums in
+part order; the split depends only on the row count, never on the machine.
+``merge`` is the pairwise update of finished moments (Chan et al. 1979), for
+callers that combine batches.
+
+Cost: one covariate takes 8 ``bincount`` passes, 2 gathers and 5 element-wise
+passes over the rows; a ``bincount`` adds ~1.1–2.5 ns a row into ≤ 2·10⁵
+segments on machine A (~5 ns at 2·10⁶). See benchmarks/RESULTS.md, "Reduce".
+"""
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
+
+import numpy as np
+
+#: Rows below which one thread does the whole batch (splitting costs more than it saves).
+SPLIT_ROWS = 1 << 18
+
+
+class Moments(NamedTuple):
+    """Per-segment moments; every array's first axis is the segment (float64, count int64)."""
+
+    count: np.ndarray   # (S,)
+    mean: np.ndarray    # (S,)
+    m2: np.ndarray      # (S,)
+    x_mean: np.ndarray  # (S, k)
+    xy_m2: np.ndarray   # (S, k)
+    xx_m2: np.ndarray   # (S, k, k)
+
+
+def moments(segment_ids: np.ndarray, y: np.ndarray, x: np.ndarray, num_segments: int) -> Moments:
+    """One thread's corrected two-pass moments of ``y`` (rows,) and ``x`` (rows, k)."""
+    return reduce(segment_ids, y, x, num_segments, threads=1)
+
+
+def _first_sums(ids, y, x, num_segments):
+    """Pass 1 over some rows: the count, Σy and Σx per segment."""
+    count = np.bincount(ids, minlength=num_segments)
+    if count.shape[0] > num_segments:
+        raise ValueError(f"segment id {int(ids.max())} is outside [0, {num_segments})")
+    sums = [np.bincount(ids, y, num_segments)]
+    sums += [np.bincount(ids, x[:, j], num_segments) for j in range(x.shape[1])]
+    return count, np.stack(sums)
+
+
+def _deviation_sums(ids, y, x, first, num_segments):
+    """Pass 2 over some rows: with d = value − first[segment] for y and each covariate,
+    Σd (k+1, S) and the products Σdᵤd_v (k+1, k+1, S), y first."""
+    k = x.shape[1]
+    columns = [y] + [x[:, j] for j in range(k)]
+    buffers = _buffers(ids.shape[0], k + 2)
+    scratch = buffers.pop()
+    deviations = []
+    for column, means, out in zip(columns, first, buffers):
+        np.take(means, ids, out=out)
+        deviations.append(np.subtract(column, out, out=out))
+    sums = np.stack([np.bincount(ids, d, num_segments) for d in deviations])
+    products = np.empty((k + 1, k + 1, num_segments))
+    for a in range(k + 1):
+        for b in range(a, k + 1):
+            products[a, b] = products[b, a] = np.bincount(
+                ids, np.multiply(deviations[a], deviations[b], out=scratch), num_segments)
+    return sums, products
+
+
+_LOCAL = threading.local()
+
+
+def _buffers(rows: int, count: int) -> list[np.ndarray]:
+    """``count`` float64 row buffers, this thread's own, reused from call to call.
+
+    Written in place by every pass: a fresh temporary per pass costs ~0.6 ns a row in page
+    faults on machine A, as much as the pass itself. A thread keeps the largest it was asked
+    for (three buffers of a 2²¹-row half batch with one covariate: 48 MiB).
+    """
+    held = getattr(_LOCAL, "buffers", [])
+    if len(held) < count or held[0].shape[0] < rows:
+        held = [np.empty(max(rows, held[0].shape[0] if held else 0)) for _ in range(max(count, len(held)))]
+        _LOCAL.buffers = held
+    return [b[:rows] for b in held[:count]]
+
+
+def merge(a: Moments, b: Moments) -> Moments:
+    """Chan et al.'s pairwise update of two partial results over the same segments."""
+    count = a.count + b.count
+    total = np.maximum(count, 1).astype(np.float64)
+    share = b.count / total                      # 0 where b is empty, 1 where a is
+    cross = a.count * (b.count / total)          # nₐn_b/n
+    delta = b.mean - a.mean
+    delta_x = b.x_mean - a.x_mean
+    return Moments(
+        count=count,
+        mean=np.where(b.count == 0, a.mean, np.where(a.count == 0, b.mean, a.mean + delta * share)),
+        m2=a.m2 + b.m2 + delta * delta * cross,
+        x_mean=np.where((b.count == 0)[:, None], a.x_mean,
+                        np.where((a.count == 0)[:, None], b.x_mean, a.x_mean + delta_x * share[:, None])),
+        xy_m2=a.xy_m2 + b.xy_m2 + delta_x * (delta * cross)[:, None],
+        xx_m2=a.xx_m2 + b.xx_m2 + delta_x[:, :, None] * delta_x[:, None, :] * cross[:, None, None],
+    )
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    if threads not in _POOLS:
+        _POOLS[threads] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="causal-engine-reduce")
+    return _POOLS[threads]
+
+
+def reduce(segment_ids: np.ndarray, y: np.ndarray, x: np.ndarray, num_segments: int, *,
+           threads: int = 2) -> Moments:
+    """Moments of the rows; each pass split into ``threads`` fixed contiguous parts.
+
+    Both passes add the parts' per-segment sums in part order, and the split depends only
+    on the row count, so the result is the same bits on any machine; the second pass's
+    deviations are from the first pass's means *of all the rows*, so splitting costs no
+    precision (merging finished moments instead would round the difference of two means
+    near 1e9 to ~1e-7). ``threads=1`` adds in one pass; its bits differ in the last places.
+    """
+    rows = len(y)
+    if x.ndim != 2 or x.shape[0] != rows or len(segment_ids) != rows:
+        raise ValueError(f"y has {rows} rows, x {x.shape}, segment_ids {len(segment_ids)}: expected "
+                         "y (rows,), x (rows, k) and segment_ids (rows,)")
+    ids, y = np.asarray(segment_ids), np.asarray(y, np.float64)
+    x = np.asarray(x, np.float64)
+    parts = 1 if threads <= 1 or rows < SPLIT_ROWS else threads
+    bounds = np.linspace(0, rows, parts + 1).astype(np.int64)
+    slices = [slice(bounds[i], bounds[i + 1]) for i in range(parts)]
+
+    def each(fn, *args):
+        if parts == 1:
+            return [fn(ids, y, x, *args)]
+        return list(_pool(parts).map(lambda part: fn(ids[part], y[part], x[part], *args), slices))
+
+    first = each(_first_sums, num_segments)
+    count = _ordered_sum([c for c, _ in first])
+    per = 1.0 / np.maximum(count, 1)
+    means = _ordered_sum([s for _, s in first]) * per
+    second = each(_deviation_sums, means, num_segments)
+    sums = _ordered_sum([s for s, _ in second])
+    products = _ordered_sum([p for _, p in second])
+    # Corrected two-pass: Σ(u − ū)(v − v̄) = Σdᵤd_v − (Σdᵤ)(Σd_v)/n, ū = first + Σdᵤ/n.
+    centred = products - sums[:, None, :] * sums[None, :, :] * per
+    mean = means + sums * per
+    return Moments(count=count, mean=mean[0], m2=np.maximum(centred[0, 0], 0.0),
+                   x_mean=np.ascontiguousarray(mean[1:].T), xy_m2=np.ascontiguousarray(centred[1:, 0].T),
+                   xx_m2=np.ascontiguousarray(centred[1:, 1:].transpose(2, 0, 1)))
+
+
+def _ordered_sum(parts):
+    total = parts[0].copy()
+    for part in parts[1:]:
+        total += part
+    return total
