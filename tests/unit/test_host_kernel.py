@@ -29,11 +29,12 @@ def exact_moments(ids, y, x, segments):
     return out
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_moments_match_exact_sums_at_offset_1e9(threads, monkeypatch):
+@pytest.mark.parametrize("threads, chunk_rows", [(1, 1 << 18), (2, 1 << 18), (2, 256)])
+def test_moments_match_exact_sums_at_offset_1e9(threads, chunk_rows, monkeypatch):
     """Mean 1e9, sd 1 (a float64 sum of the raw values is off by ~√n·ε·1e9): the corrected
     two-pass moments equal exact rational ones to a few ulps of the mean and of n·sd²."""
     monkeypatch.setattr(host, "SPLIT_ROWS", 16)
+    monkeypatch.setattr(host, "CHUNK_ROWS", chunk_rows)   # 256: passes run in chunks of 256 rows
     rng = np.random.default_rng(0)
     rows, segments = 3_000, 7
     ids = rng.integers(0, segments - 1, rows)         # the last segment stays empty
