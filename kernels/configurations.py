@@ -31,10 +31,13 @@ Only jax and numpy are imported; nothing here calls ``jax.jit``.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_derivatives import SymbolicZero
 
 __all__ = ["LeafArms", "LeafConfigurations", "leaf_arms", "leaf_configurations", "one_level", "configuration_log_marginal",
            "effect_coefficients", "effect_mean", "leaf_effect_draw", "effect_sums"]
@@ -199,37 +202,96 @@ def configuration_log_marginal(configs: LeafConfigurations, prior_cov, prior_mea
     Returns
     -------
     jax.Array
-        The scalar log marginal likelihood; its gradient costs O(configurations).
+        The scalar log marginal likelihood; its gradient costs O(configurations), in one
+        fused pass (``_log_marginal``'s JVP rule), not the ~20 passes reverse-mode
+        differentiation of the formula makes.
     """
     cov = jnp.reshape(prior_cov, (2, 2))
-    c = configs
-    dtype = jnp.result_type(c.both_mean)
+    dtype = jnp.result_type(configs.both_mean)
     variance = jnp.broadcast_to(jnp.asarray(noise_var, dtype), (2,))
+    mean = jnp.asarray(prior_mean, dtype)
+    return _log_marginal(configs, cov[0, 0], cov[0, 1], cov[1, 1], mean[0], mean[1], variance[0], variance[1])
+
+
+def _log_marginal_terms(c: LeafConfigurations, s00, s01, s11, mu0, mu1, var0, var1, *, partials: bool):
+    """The log marginal and, with ``partials``, its derivatives in (s00, s01, s11, μ0, μ1, σ0², σ1²).
+
+    Per both-arm configuration, with V = AΣAᵀ + diag(σ²/n), W = V⁻¹, S = scatter + m d dᵀ:
+    ℓ = −m log 2π − ½ m log det V − ½ tr(W S), ∂ℓ/∂V = −½ m W + ½ W S W (the off-diagonal
+    entry counted twice, V being symmetric), ∂ℓ/∂d = −m W d. One-arm configurations are the
+    scalar case. Every per-configuration term is one row of a stack summed once.
+    """
+    dtype = jnp.result_type(c.both_mean)
     log_2pi = jnp.log(2 * jnp.pi).astype(dtype)
-
-    rows_term = jnp.sum(-0.5 * (c.arm_rows - c.arm_pairs) * (log_2pi + jnp.log(variance))
-                        - 0.5 * c.arm_within / variance) - 0.5 * c.log_rows
-
-    # Both arms: V = A Σ Aᵀ + diag(σ²/n).
-    s00, s01, s11 = cov[0, 0], cov[0, 1], cov[1, 1]
-    v00 = s00 + variance[0] / c.both_rows[:, 0]
+    # Both arms.
+    m, inv0, inv1 = c.both_count, 1.0 / c.both_rows[:, 0], 1.0 / c.both_rows[:, 1]
+    v00 = s00 + var0 * inv0
     v01 = s00 + s01
-    v11 = s00 + 2 * s01 + s11 + variance[1] / c.both_rows[:, 1]
+    v11 = s00 + 2 * s01 + s11 + var1 * inv1
     det = v00 * v11 - v01 * v01
-    d0 = c.both_mean[:, 0] - prior_mean[0]
-    d1 = c.both_mean[:, 1] - prior_mean[0] - prior_mean[1]
-    m = c.both_count
-    quad = (v11 * (c.both_scatter[:, 0] + m * d0 * d0) - 2 * v01 * (c.both_scatter[:, 1] + m * d0 * d1)
-            + v00 * (c.both_scatter[:, 2] + m * d1 * d1)) / det
-    both_term = jnp.sum(-m * log_2pi - 0.5 * m * jnp.log(det) - 0.5 * quad)
-
+    inv_det = 1.0 / det
+    w00, w01, w11 = v11 * inv_det, -v01 * inv_det, v00 * inv_det
+    d0 = c.both_mean[:, 0] - mu0
+    d1 = c.both_mean[:, 1] - mu0 - mu1
+    a = c.both_scatter[:, 0] + m * d0 * d0
+    b = c.both_scatter[:, 1] + m * d0 * d1
+    cc = c.both_scatter[:, 2] + m * d1 * d1
+    both = [-m * log_2pi - 0.5 * m * jnp.log(det) - 0.5 * (w00 * a + 2 * w01 * b + w11 * cc)]
     # One arm t: v = xᵀ Σ x + σ_t²/n with x = (1, t).
-    t = c.one_arm
-    v = s00 + 2 * t * s01 + t * s11 + jnp.where(t > 0.5, variance[1], variance[0]) / c.one_rows
-    d = c.one_mean - prior_mean[0] - t * prior_mean[1]
-    m1 = c.one_count
-    one_term = jnp.sum(-0.5 * m1 * (log_2pi + jnp.log(v)) - 0.5 * (c.one_scatter + m1 * d * d) / v)
-    return rows_term + both_term + one_term
+    t, m1, inv = c.one_arm, c.one_count, 1.0 / c.one_rows
+    v = s00 + 2 * t * s01 + t * s11 + jnp.where(t > 0.5, var1, var0) * inv
+    d = c.one_mean - mu0 - t * mu1
+    q = c.one_scatter + m1 * d * d
+    one = [-0.5 * m1 * (log_2pi + jnp.log(v)) - 0.5 * q / v]
+    # The rows within each (leaf, arm).
+    extra = c.arm_rows - c.arm_pairs
+    rows = (-0.5 * extra[0] * (log_2pi + jnp.log(var0)) - 0.5 * c.arm_within[0] / var0
+            - 0.5 * extra[1] * (log_2pi + jnp.log(var1)) - 0.5 * c.arm_within[1] / var1 - 0.5 * c.log_rows)
+    if not partials:
+        return jnp.sum(both[0]) + jnp.sum(one[0]) + rows
+
+    # ∂ℓ/∂V = G = −½ m W + ½ W S W.
+    ws00, ws01 = w00 * a + w01 * b, w00 * b + w01 * cc
+    ws10, ws11 = w01 * a + w11 * b, w01 * b + w11 * cc
+    g00 = -0.5 * m * w00 + 0.5 * (ws00 * w00 + ws01 * w01)
+    g01 = 2 * (-0.5 * m * w01 + 0.5 * (ws00 * w01 + ws01 * w11))
+    g11 = -0.5 * m * w11 + 0.5 * (ws10 * w01 + ws11 * w11)
+    e0 = -m * (w00 * d0 + w01 * d1)          # ∂ℓ/∂d0
+    e1 = -m * (w01 * d0 + w11 * d1)          # ∂ℓ/∂d1
+    both += [g00 + g01 + g11, g01 + 2 * g11, g11, -e0 - e1, -e1, g00 * inv0, g11 * inv1]
+    inv_v = 1.0 / v
+    gv = (-0.5 * m1 + 0.5 * q * inv_v) * inv_v   # ∂ℓ/∂v
+    ed = m1 * d * inv_v                          # −∂ℓ/∂d
+    one += [gv, 2 * t * gv, t * gv, ed, t * ed, (1 - t) * gv * inv, t * gv * inv]
+    sums = jnp.sum(jnp.stack(both), axis=1) + jnp.sum(jnp.stack(one), axis=1)
+    d_var0 = -0.5 * extra[0] / var0 + 0.5 * c.arm_within[0] / (var0 * var0)
+    d_var1 = -0.5 * extra[1] / var1 + 0.5 * c.arm_within[1] / (var1 * var1)
+    return sums[0] + rows, sums[1:] + jnp.stack([0, 0, 0, 0, 0, d_var0, d_var1]).astype(dtype)
+
+
+@jax.custom_jvp
+def _log_marginal(c, s00, s01, s11, mu0, mu1, var0, var1):
+    return _log_marginal_terms(c, s00, s01, s11, mu0, mu1, var0, var1, partials=False)
+
+
+def _is_zero(x):
+    return isinstance(x, SymbolicZero)
+
+
+@partial(_log_marginal.defjvp, symbolic_zeros=True)
+def _log_marginal_jvp(primals, tangents):
+    if not all(_is_zero(t) for t in jax.tree.leaves(tangents[0], is_leaf=_is_zero)):
+        # A tangent in the data themselves (never in NUTS): differentiate the formula.
+        concrete = jax.tree.map(lambda t: jnp.zeros(t.aval.shape, t.aval.dtype) if _is_zero(t) else t,
+                                tangents, is_leaf=_is_zero)
+        plain = partial(_log_marginal_terms, partials=False)
+        return jax.jvp(plain, primals, concrete)
+    value, grad = _log_marginal_terms(*primals, partials=True)
+    tangent = jnp.zeros_like(value)
+    for i, t in enumerate(tangents[1:]):
+        if not _is_zero(t):
+            tangent = tangent + grad[i] * t
+    return value, tangent
 
 
 def configuration_count(configs: LeafConfigurations) -> int:
