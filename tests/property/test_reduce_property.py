@@ -80,8 +80,8 @@ def test_backends_agree(client, dataset):
     polars_cells = reduce_polars(checked.rows, levels, "y", covariates, batch_rows=options["batch_rows"])
     traces = jax_backend.TRACES["accumulate"]
     jax_cells = reduce_jax(checked.rows, levels, "y", covariates, block_rows=JAX_BLOCK_ROWS)
-    key = (segments.bucket(2 * max(frame.select(levels).n_unique() if levels else 1, 1),
-                           jax_backend.MIN_SEGMENTS), len(covariates))
+    encoded_keys, _ = jax_backend.encode_cells(checked.rows.select([*levels, "arm"]).collect(), levels)
+    key = (segments.bucket(2 * max(encoded_keys.height, 1), jax_backend.MIN_SEGMENTS), len(covariates))
     # A new trace only for a (segment bucket, covariate count) this test has not compiled yet.
     assert jax_backend.TRACES["accumulate"] - traces <= (key not in COMPILED)
     COMPILED.add(key)
