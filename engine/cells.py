@@ -34,6 +34,24 @@ def covariate_columns(covariates) -> list[str]:
     return names
 
 
+def stat_columns(present, count, mean, m2, x_mean, xy_m2, xx_m2, covariates) -> pl.DataFrame:
+    """The ``arm`` and statistic columns of the cells at segment indices ``present``
+    (segment = 2·leaf code + arm), from per-segment moment arrays: ``x_mean``, ``xy_m2``
+    (segments, k) and ``xx_m2`` (segments, k, k). The key columns are the caller's."""
+    columns = {"arm": pl.Series("arm", present % 2, pl.Int8), "n": pl.Series("n", count[present], pl.Int64),
+               "mean": mean[present], "m2": m2[present]}
+    names = iter(covariate_columns(covariates))
+    k = len(covariates)
+    for j in range(k):
+        columns[next(names)] = x_mean[present, j]
+    for j in range(k):
+        columns[next(names)] = xy_m2[present, j]
+    for a in range(k):
+        for b in range(a, k):
+            columns[next(names)] = xx_m2[present, a, b]
+    return pl.DataFrame(columns)
+
+
 @dataclass(frozen=True)
 class Cells:
     """Sufficient statistics per (leaf group, arm), plus which columns are which."""

@@ -25,7 +25,7 @@ import functools
 import numpy as np
 import polars as pl
 
-from engine.cells import Cells, covariate_columns
+from engine.cells import Cells, stat_columns
 
 #: Rows per block at most (powers of two); smaller inputs use a smaller bucket. On CPU, blocks
 #: of 2¹⁸ rows keep the per-block temporaries small (XLA's CPU scatters slow down ~5× when the
@@ -134,18 +134,7 @@ def reduce_jax(rows: pl.LazyFrame, groups, outcome: str, covariates, *, block_ro
     count, mean, m2, x_mean, xy_m2, xx_m2 = reduce_arrays(
         y, x, segment_ids, num_segments, block_rows=block_rows, precision=precision)
     present = np.flatnonzero(count[:num_segments] > 0)   # ascending: keys, then arm
-    columns = {"arm": pl.Series("arm", present % 2, pl.Int8),
-               "n": pl.Series("n", count[present], pl.Int64),
-               "mean": mean[present], "m2": m2[present]}
-    names = iter(covariate_columns(covariates))
-    for j in range(len(covariates)):
-        columns[next(names)] = x_mean[present, j]
-    for j in range(len(covariates)):
-        columns[next(names)] = xy_m2[present, j]
-    for a in range(len(covariates)):
-        for b in range(a, len(covariates)):
-            columns[next(names)] = xx_m2[present, a, b]
-    table = pl.DataFrame(columns)
+    table = stat_columns(present, count, mean, m2, x_mean, xy_m2, xx_m2, covariates)
     if groups:
         table = pl.concat([keys[present // 2], table], how="horizontal")
     return Cells(table=table, levels=tuple(groups), covariates=tuple(covariates))

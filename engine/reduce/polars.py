@@ -143,23 +143,11 @@ def _dense_table(moments, low: int, group: str, dtype, covariates) -> pl.DataFra
     """Moments over segments ``2·(key − low) + arm`` → the cell table of the present cells."""
     import numpy as np
 
-    from engine.cells import covariate_columns
+    from engine.cells import stat_columns
 
-    m = moments
-    present = np.flatnonzero(m.count)   # ascending: key, then arm
-    columns = {group: (pl.Series(present // 2).cast(dtype) + pl.Series([low]).cast(dtype)).alias(group),
-               "arm": pl.Series("arm", present % 2, pl.Int8),
-               "n": pl.Series("n", m.count[present], pl.Int64),
-               "mean": m.mean[present], "m2": m.m2[present]}
-    names = iter(covariate_columns(covariates))
-    for j in range(len(covariates)):
-        columns[next(names)] = m.x_mean[present, j]
-    for j in range(len(covariates)):
-        columns[next(names)] = m.xy_m2[present, j]
-    for a in range(len(covariates)):
-        for b in range(a, len(covariates)):
-            columns[next(names)] = m.xx_m2[present, a, b]
-    return pl.DataFrame(columns)
+    present = np.flatnonzero(moments.count)   # ascending: key, then arm
+    keys = (pl.Series(present // 2).cast(dtype) + pl.Series([low]).cast(dtype)).alias(group)
+    return stat_columns(present, *moments, covariates).insert_column(0, keys)
 
 
 class _DenseRun:
