@@ -110,22 +110,26 @@ def _buffers(rows: int, count: int) -> list[np.ndarray]:
 
 
 def merge(a: Moments, b: Moments) -> Moments:
-    """Chan et al.'s pairwise update of two partial results over the same segments."""
+    """Chan et al.'s pairwise update of two partial results over the same segments.
+
+    An empty segment must hold zeros (``moments`` gives them, and so does zero padding):
+    then its side's share is 0 or 1 and the update returns the other side's values exactly.
+    """
     count = a.count + b.count
-    total = np.maximum(count, 1).astype(np.float64)
-    share = b.count / total                      # 0 where b is empty, 1 where a is
-    cross = a.count * (b.count / total)          # nₐn_b/n
+    share = b.count / np.maximum(count, 1)          # 0 where b is empty, 1 where a is
+    cross = a.count * share                         # nₐn_b/n
     delta = b.mean - a.mean
     delta_x = b.x_mean - a.x_mean
-    return Moments(
-        count=count,
-        mean=np.where(b.count == 0, a.mean, np.where(a.count == 0, b.mean, a.mean + delta * share)),
-        m2=a.m2 + b.m2 + delta * delta * cross,
-        x_mean=np.where((b.count == 0)[:, None], a.x_mean,
-                        np.where((a.count == 0)[:, None], b.x_mean, a.x_mean + delta_x * share[:, None])),
-        xy_m2=a.xy_m2 + b.xy_m2 + delta_x * (delta * cross)[:, None],
-        xx_m2=a.xx_m2 + b.xx_m2 + delta_x[:, :, None] * delta_x[:, None, :] * cross[:, None, None],
-    )
+    mean = a.mean + delta * share
+    m2 = a.m2 + b.m2
+    m2 += delta * delta * cross
+    x_mean = a.x_mean + delta_x * share[:, None]
+    weighted = delta_x * cross[:, None]             # δ_x nₐn_b/n
+    xy_m2 = a.xy_m2 + b.xy_m2
+    xy_m2 += weighted * delta[:, None]
+    xx_m2 = a.xx_m2 + b.xx_m2
+    xx_m2 += weighted[:, :, None] * delta_x[:, None, :]
+    return Moments(count, mean, m2, x_mean, xy_m2, xx_m2)
 
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}

@@ -125,6 +125,14 @@ def run_hyper_nuts(model_fn, model_args: tuple, *, rng_key, warmup: int, draws: 
     functional ``hmc()`` inside one ``jax.jit``, so a later fit with the same shapes (SBC,
     batch jobs, benchmarks) reuses the program. No progress bar: with the hyperparameters
     alone the run is short; the compile is most of it.
+
+    The adapted mass matrix is not regularised. NumPyro (like Stan) shrinks each window's
+    variance estimate toward ``1e-3·I`` with weight ``5/(n+5)``, an absolute floor of ~1e-5
+    on every diagonal entry; with 10⁶ groups the hyperparameters' posterior variances are
+    1e-7–1e-6 (noise, the means), so the floor set the mass matrix 10–100× off, the step size
+    to 0.1 and ~21 leapfrog steps an iteration. Unregularised: step 0.6, ~6.4 steps, and the
+    variances matched (benchmarks/RESULTS.md). Every window still has ≥ 25 draws of a handful
+    of parameters.
     """
     import jax
 
@@ -152,7 +160,8 @@ def _nuts_program(rng_key, *model_args, model_fn, warmup, draws, chains, target_
             init_strategy=init_to_median(num_samples=15))
         init_kernel, sample_kernel = hmc(potential_fn_gen=potential_fn_gen, algo="NUTS")
         state = init_kernel(init_params, num_warmup=warmup, target_accept_prob=target_accept,
-                            max_tree_depth=10, model_args=model_args, rng_key=run_key)
+                            max_tree_depth=10, regularize_mass_matrix=False, model_args=model_args,
+                            rng_key=run_key)
 
         def step(state, _):
             state = sample_kernel(state, model_args=model_args)

@@ -196,6 +196,8 @@ def _widen(moments, before: int, size: int):
     from kernels import host
 
     def place(array):
+        if before == 0 and array.shape[0] == size:
+            return array
         pad = [(before, size - before - array.shape[0])] + [(0, 0)] * (array.ndim - 1)
         return np.pad(array, pad)
 
