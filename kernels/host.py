@@ -62,11 +62,13 @@ def moments(segment_ids: np.ndarray, y: np.ndarray, x: np.ndarray, num_segments:
     return reduce(segment_ids, y, x, num_segments, threads=1)
 
 
-def _first_sums(ids, y, x, num_segments):
-    """Pass 1 over some rows: the count, Σy and Σx per segment."""
+def _first_sums(ids, y, x, num_segments, with_sums=True):
+    """Pass 1 over some rows: the count, and (``with_sums``) Σy and Σx per segment."""
     count = np.bincount(ids, minlength=num_segments)
     if count.shape[0] > num_segments:
         raise ValueError(f"segment id {int(ids.max())} is outside [0, {num_segments})")
+    if not with_sums:
+        return count, np.zeros((1 + x.shape[1], 0))
     sums = [np.bincount(ids, y, num_segments)]
     sums += [np.bincount(ids, x[:, j], num_segments) for j in range(x.shape[1])]
     return count, np.stack(sums)
@@ -141,6 +143,19 @@ def _pool(threads: int) -> ThreadPoolExecutor:
     return _POOLS[threads]
 
 
+class Sums(NamedTuple):
+    """Deviation sums about a per-segment shift: additive over rows that share the shift.
+
+    ``shift`` and ``sums`` are (k+1, S), y first then the covariates; ``products`` is
+    (k+1, k+1, S), Σ dᵤ d_v; ``count`` (S,) int64. ``finish`` turns them into moments.
+    """
+
+    count: np.ndarray
+    shift: np.ndarray
+    sums: np.ndarray
+    products: np.ndarray
+
+
 def reduce(segment_ids: np.ndarray, y: np.ndarray, x: np.ndarray, num_segments: int, *,
            threads: int = 2) -> Moments:
     """Moments of the rows; each pass split into ``threads`` fixed contiguous parts.
@@ -150,6 +165,18 @@ def reduce(segment_ids: np.ndarray, y: np.ndarray, x: np.ndarray, num_segments: 
     deviations are from the first pass's means *of all the rows*, so splitting costs no
     precision (merging finished moments instead would round the difference of two means
     near 1e9 to ~1e-7). ``threads=1`` adds in one pass; its bits differ in the last places.
+    """
+    return finish(accumulate(segment_ids, y, x, num_segments, threads=threads))
+
+
+def accumulate(segment_ids: np.ndarray, y: np.ndarray, x: np.ndarray, num_segments: int, *,
+               shift: np.ndarray | None = None, seen: np.ndarray | None = None, threads: int = 2) -> Sums:
+    """The rows' deviation sums about ``shift`` (k+1, S) where ``seen`` (S,) is true, and about
+    these rows' own first-pass means elsewhere (the corrected two-pass algorithm).
+
+    A caller folding batches passes its running shifts and which segments have one, then
+    adds the returned sums to its own (``Sums`` over one shift are additive): no merge of
+    finished moments. Where every segment is ``seen`` the first pass only counts.
     """
     rows = len(y)
     if x.ndim != 2 or x.shape[0] != rows or len(segment_ids) != rows:
@@ -176,17 +203,25 @@ def reduce(segment_ids: np.ndarray, y: np.ndarray, x: np.ndarray, num_segments: 
             return [over(fn, slice(0, rows), *args)]
         return list(_pool(parts).map(lambda part: over(fn, part, *args), slices))
 
-    first = each(_first_sums, num_segments)
+    everywhere = seen is not None and bool(np.all(seen))
+    first = each(_first_sums, num_segments, not everywhere)
     count = _ordered_sum([c for c, _ in first])
-    per = 1.0 / np.maximum(count, 1)
-    means = _ordered_sum([s for _, s in first]) * per
+    if everywhere:
+        means = shift
+    else:
+        means = _ordered_sum([s for _, s in first]) / np.maximum(count, 1)
+        if seen is not None:
+            means = np.where(seen, shift, means)
     second = each(_deviation_sums, means, num_segments)
-    sums = _ordered_sum([s for s, _ in second])
-    products = _ordered_sum([p for _, p in second])
-    # Corrected two-pass: Σ(u − ū)(v − v̄) = Σdᵤd_v − (Σdᵤ)(Σd_v)/n, ū = first + Σdᵤ/n.
-    centred = products - sums[:, None, :] * sums[None, :, :] * per
-    mean = means + sums * per
-    return Moments(count=count, mean=mean[0], m2=np.maximum(centred[0, 0], 0.0),
+    return Sums(count, means, _ordered_sum([s for s, _ in second]), _ordered_sum([p for _, p in second]))
+
+
+def finish(s: Sums) -> Moments:
+    """Corrected two-pass: ū = shift + Σdᵤ/n and Σ(u − ū)(v − v̄) = Σdᵤd_v − (Σdᵤ)(Σd_v)/n."""
+    per = 1.0 / np.maximum(s.count, 1)
+    centred = s.products - s.sums[:, None, :] * s.sums[None, :, :] * per
+    mean = s.shift + s.sums * per
+    return Moments(count=s.count, mean=mean[0], m2=np.maximum(centred[0, 0], 0.0),
                    x_mean=np.ascontiguousarray(mean[1:].T), xy_m2=np.ascontiguousarray(centred[1:, 0].T),
                    xx_m2=np.ascontiguousarray(centred[1:, 1:].transpose(2, 0, 1)))
 

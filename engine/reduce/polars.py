@@ -115,19 +115,20 @@ def _dense_integer_span(batch: pl.DataFrame, groups, outcome: str, covariates) -
 
 
 def _reduce_dense(batch: pl.DataFrame, group: str, outcome: str, covariates, span) -> pl.DataFrame:
-    """Cells by ``kernels.host`` over segments ``2·(key − low) + arm``: no hashing, no sort."""
-    return _dense_table(_dense_moments(batch, group, outcome, covariates, span), span[0],
-                        group, batch.schema[group], covariates)
+    """Cells by ``kernels.host`` over segments ``2·(key − low) + arm``: no hashing, no sort.
 
-
-def _dense_moments(batch: pl.DataFrame, group: str, outcome: str, covariates, span):
-    """The corrected two-pass moments in fixed row order (see ``kernels.host``): the same
+    The corrected two-pass moments in fixed row order (see ``kernels.host``): the same
     statistics as ``cell_aggregates`` up to rounding, and the same bits on every run."""
-    import numpy as np
-
     from kernels import host
 
-    low, keys = span
+    return _dense_table(host.reduce(*_dense_arrays(batch, group, outcome, covariates, span[0]), 2 * span[1]),
+                        span[0], group, batch.schema[group], covariates)
+
+
+def _dense_arrays(batch: pl.DataFrame, group: str, outcome: str, covariates, low: int):
+    """(segment ids ``2·(key − low) + arm``, y, x (rows, k) Fortran order) as NumPy arrays."""
+    import numpy as np
+
     dtype = batch.schema[group]
     frame = batch.select(
         ((pl.col(group) - pl.lit(low, dtype=dtype)).cast(pl.Int64) * 2
@@ -136,7 +137,7 @@ def _dense_moments(batch: pl.DataFrame, group: str, outcome: str, covariates, sp
         *[pl.col(c).cast(pl.Float64) for c in covariates])
     x = (frame.select(covariates).to_numpy(order="fortran") if covariates
          else np.zeros((frame.height, 0)))
-    return host.reduce(frame["_segment"].to_numpy(), frame["_y"].to_numpy(), x, 2 * keys)
+    return frame["_segment"].to_numpy(), frame["_y"].to_numpy(), x
 
 
 def _dense_table(moments, low: int, group: str, dtype, covariates) -> pl.DataFrame:
@@ -153,55 +154,70 @@ def _dense_table(moments, low: int, group: str, dtype, covariates) -> pl.DataFra
 class _DenseRun:
     """Successive dense batches folded in NumPy over their joint key range, no table joins.
 
-    Batches whose keys fall in one range at most ``DENSE_MAX_KEYS`` wide (and at most twice
-    the rows seen, or ``DENSE_MIN_KEYS``) are merged array-to-array in arrival order;
-    ``table()`` hands the run to the tree merger. Which batches form a run depends only on
-    the data, so the result is the same bits on every run.
+    The run keeps ``kernels.host.Sums``: deviation sums about a shift per segment, the
+    first-pass mean of the first batch that had the segment. A later batch's sums about the
+    same shifts just add, in place (O(batch key range), no merge of finished moments), and
+    a batch whose segments all have shifts skips its first pass but for the count. Batches
+    whose keys fall in one range at most ``DENSE_MAX_KEYS`` wide (and at most twice the rows
+    seen, or ``DENSE_MIN_KEYS``) join the run; ``table()`` hands it to the tree merger.
+    Which batches form a run depends only on the data, so the result is the same bits on
+    every run.
     """
 
     def __init__(self, group: str, dtype, covariates):
         self.group, self.dtype, self.covariates = group, dtype, list(covariates)
         self.low = self.keys = self.rows = 0
-        self.moments = None
+        self.state = None
 
     def fits(self, span, rows: int) -> bool:
-        if self.moments is None:
+        if self.state is None:
             return True
         low = min(self.low, span[0])
         keys = max(self.low + self.keys, span[0] + span[1]) - low
         return keys <= min(max(2 * (self.rows + rows), DENSE_MIN_KEYS), DENSE_MAX_KEYS)
 
-    def add(self, moments, span, rows: int) -> None:
+    def add(self, batch: pl.DataFrame, outcome: str, span) -> None:
         from kernels import host
 
-        if self.moments is None:
-            self.moments, (self.low, self.keys), self.rows = moments, span, rows
+        arrays = _dense_arrays(batch, self.group, outcome, self.covariates, span[0])
+        if self.state is None:
+            self.state = host.accumulate(*arrays, 2 * span[1])
+            (self.low, self.keys), self.rows = span, batch.height
             return
+        self._cover(span)
+        window = slice(2 * (span[0] - self.low), 2 * (span[0] - self.low + span[1]))
+        count, shift, sums, products = self.state
+        part = host.accumulate(*arrays, 2 * span[1], shift=shift[:, window], seen=count[window] > 0)
+        shift[:, window] = part.shift        # unchanged where seen; the batch's means elsewhere
+        count[window] += part.count
+        sums[:, window] += part.sums
+        products[:, :, window] += part.products
+        self.rows += batch.height
+
+    def _cover(self, span) -> None:
+        """Widen the arrays (zeros) to the union of the run's key range and ``span``'s."""
+        import numpy as np
+
+        from kernels import host
+
         low = min(self.low, span[0])
         keys = max(self.low + self.keys, span[0] + span[1]) - low
-        self.moments = host.merge(_widen(self.moments, 2 * (self.low - low), 2 * keys),
-                                  _widen(moments, 2 * (span[0] - low), 2 * keys))
-        self.low, self.keys, self.rows = low, keys, self.rows + rows
+        if (low, keys) == (self.low, self.keys):
+            return
+        before, after = 2 * (self.low - low), 2 * (low + keys - self.low - self.keys)
+
+        def widen(array):
+            return np.pad(array, [(0, 0)] * (array.ndim - 1) + [(before, after)])
+
+        self.state = host.Sums(*(widen(a) for a in self.state))
+        self.low, self.keys = low, keys
 
     def table(self) -> pl.DataFrame:
-        table = _dense_table(self.moments, self.low, self.group, self.dtype, self.covariates)
-        self.moments, self.rows = None, 0
+        from kernels import host
+
+        table = _dense_table(host.finish(self.state), self.low, self.group, self.dtype, self.covariates)
+        self.state, self.rows = None, 0
         return table
-
-
-def _widen(moments, before: int, size: int):
-    """Moments over ``size`` segments: these ones from segment ``before`` on, empty elsewhere."""
-    import numpy as np
-
-    from kernels import host
-
-    def place(array):
-        if before == 0 and array.shape[0] == size:
-            return array
-        pad = [(before, size - before - array.shape[0])] + [(0, 0)] * (array.ndim - 1)
-        return np.pad(array, pad)
-
-    return host.Moments(*(place(a) for a in moments))
 
 
 def _one_integer_key(batch: pl.DataFrame, groups) -> bool:
@@ -261,13 +277,15 @@ def reduce_polars(rows: pl.LazyFrame, groups, outcome: str, covariates, *,
         span = _dense_integer_span(batch, groups, outcome, covariates)
         if span is None:
             merger.push(reduce_batch(batch, groups, outcome, covariates))
+            del batch
             continue
         if run is None:
             run = _DenseRun(groups[0], batch.schema[groups[0]], covariates)
         elif not run.fits(span, batch.height):
             merger.push(run.table())
-        run.add(_dense_moments(batch, groups[0], outcome, covariates, span), span, batch.height)
-    if run is not None and run.moments is not None:
+        run.add(batch, outcome, span)
+        del batch   # before the next batch is read, not after: one batch in memory, not two
+    if run is not None and run.state is not None:
         merger.push(run.table())
     if empty:
         table = reduce_batch(rows.head(0).collect(), groups, outcome, covariates)

@@ -521,3 +521,77 @@ def test_dense_runs_split_and_merge(monkeypatch):
         got = backend.reduce_polars(frame.lazy(), ["g"], "y", ["x"], batch_rows=batch_rows)
         assert len(pushed) > 1
         assert_cells_agree(got, want, ["g"], ["x"])
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e9])
+def test_dense_run_of_repeated_keys_skips_the_first_pass(offset, monkeypatch):
+    """Every batch after the first sees only keys the run has shifts for, so its first pass
+    only counts; the sums about the first batch's means still give the exact moments, at
+    offset 1e9 too, and a level that drifts between batches (by 50 sds) costs nothing."""
+    from engine.reduce import polars as backend
+    from kernels import host
+
+    calls = []
+    original = host.accumulate
+    monkeypatch.setattr(host, "accumulate", lambda *a, **k: calls.append(k.get("seen")) or original(*a, **k))
+    rng = np.random.default_rng(11)
+    rows = 6_000
+    key = rng.integers(0, 20, rows)
+    drift = 50.0 * np.arange(rows) / rows                 # later batches sit 50 sds higher
+    frame = pl.DataFrame({"g": key, "arm": rng.integers(0, 2, rows).astype(np.int8),
+                          "y": offset + drift + rng.normal(size=rows), "x": offset + rng.normal(size=rows)})
+    got = backend.reduce_polars(frame.lazy(), ["g"], "y", ["x"], batch_rows=500)
+    assert calls[0] is None and all(seen is not None and seen.all() for seen in calls[1:])
+    assert_cells_agree(got, reference_cells(frame, ["g"], ["x"], arm="arm"), ["g"], ["x"])
+
+
+_MEMORY_CHILD = r"""
+import resource, sys
+import polars as pl
+from engine.reduce.polars import reduce_polars
+
+folder, limit_mib, batch_rows = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+
+
+def status(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
+
+
+warm = pl.scan_parquet(f"{folder}/part000.parquet").head(1000)
+reduce_polars(warm, ["key"], "y", [], batch_rows=batch_rows)       # imports, pools, buffers
+base_rss = status("VmRSS")
+# From here the process may not grow its data segment by more than the limit (enforced).
+resource.setrlimit(resource.RLIMIT_DATA, (status("VmData") + limit_mib * 2**20, resource.RLIM_INFINITY))
+cells = reduce_polars(pl.scan_parquet(f"{folder}/*.parquet"), ["key"], "y", [], batch_rows=batch_rows)
+print(int(cells.table["n"].sum()), cells.table.height, (status("VmHWM") - base_rss) / 2**20)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc for RSS")
+def test_polars_backend_streams_a_dataset_larger_than_its_memory_limit(tmp_path):
+    """40e6 rows in 20 Parquet files, 680 MB as in-memory columns, reduced by a process whose
+    data segment may grow by at most 200 MiB beyond its warmed-up size (RLIMIT_DATA, enforced
+    by the kernel: an allocation past it fails). Every row is counted, and the peak RSS stays
+    under the limit: the backend holds one batch (2¹⁸ rows here; the default 2²² rows peak
+    at ~650 MB) and the cells, never the data."""
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(5)
+    files, rows_per_file = 20, 2_000_000
+    for i in range(files):
+        pl.DataFrame({"key": rng.integers(0, 50_000, rows_per_file),
+                      "arm": rng.integers(0, 2, rows_per_file).astype(np.int8),
+                      "y": 1e9 + rng.standard_normal(rows_per_file)}).write_parquet(
+            tmp_path / f"part{i:03d}.parquet", row_group_size=1 << 17)
+    data_mib = files * rows_per_file * (8 + 1 + 8) / 2**20
+    limit_mib = 200
+    assert data_mib > 3 * limit_mib
+    done = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, str(tmp_path), str(limit_mib), str(1 << 18)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows, cells, peak_mib = done.stdout.split()
+    assert int(rows) == files * rows_per_file and int(cells) == 100_000
+    assert float(peak_mib) < limit_mib
