@@ -16,7 +16,10 @@ both deterministic:
 
 The batch (or run) cell tables are merged pairwise in a binary-counter tree
 (Chan et al. 1979), so the same rows give the same bits. Memory holds one
-batch, one run and O(log batches) cell tables.
+batch, one run and O(log batches) cell tables: with the default 2²²-row
+batches of four columns the process peaks ~650 MB above its start on machine
+A, whatever the data's size (a test holds a 2¹⁸-row-batch reduction of 680 MB
+of rows to a 200 MiB data-segment limit).
 """
 from __future__ import annotations
 
