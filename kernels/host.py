@@ -34,6 +34,7 @@ segments on machine A (~5 ns at 2·10⁶). See benchmarks/RESULTS.md, "Reduce".
 """
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
@@ -135,12 +136,25 @@ def merge(a: Moments, b: Moments) -> Moments:
 
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
 
 
 def _pool(threads: int) -> ThreadPoolExecutor:
-    if threads not in _POOLS:
-        _POOLS[threads] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="causal-engine-reduce")
-    return _POOLS[threads]
+    with _POOLS_LOCK:
+        if threads not in _POOLS:
+            _POOLS[threads] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="causal-engine-reduce")
+        return _POOLS[threads]
+
+
+def _forget_pools() -> None:
+    # A forked child inherits the pool objects but not their threads.
+    global _POOLS_LOCK
+    _POOLS.clear()
+    _POOLS_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools)
 
 
 class Sums(NamedTuple):
@@ -221,9 +235,23 @@ def finish(s: Sums) -> Moments:
     per = 1.0 / np.maximum(s.count, 1)
     centred = s.products - s.sums[:, None, :] * s.sums[None, :, :] * per
     mean = s.shift + s.sums * per
-    return Moments(count=s.count, mean=mean[0], m2=np.maximum(centred[0, 0], 0.0),
+    k = s.sums.shape[0] - 1
+    diagonal = np.arange(k + 1)
+    centred[diagonal, diagonal] = np.maximum(centred[diagonal, diagonal], 0.0)   # sums of squares
+    return Moments(count=s.count, mean=mean[0], m2=centred[0, 0],
                    x_mean=np.ascontiguousarray(mean[1:].T), xy_m2=np.ascontiguousarray(centred[1:, 0].T),
                    xx_m2=np.ascontiguousarray(centred[1:, 1:].transpose(2, 0, 1)))
+
+
+def as_sums(m: Moments) -> Sums:
+    """Finished moments as ``Sums`` about their own means (Σd = 0): the inverse of ``finish``."""
+    k = m.x_mean.shape[1]
+    products = np.empty((k + 1, k + 1, m.count.shape[0]))
+    products[0, 0] = m.m2
+    products[0, 1:] = products[1:, 0] = m.xy_m2.T
+    products[1:, 1:] = m.xx_m2.transpose(1, 2, 0)
+    shift = np.concatenate([m.mean[None, :], m.x_mean.T])
+    return Sums(m.count.copy(), shift, np.zeros_like(shift), products)
 
 
 def _ordered_sum(parts):

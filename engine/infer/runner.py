@@ -131,8 +131,11 @@ def run_hyper_nuts(model_fn, model_args: tuple, *, rng_key, warmup: int, draws: 
     on every diagonal entry; with 10⁶ groups the hyperparameters' posterior variances are
     1e-7–1e-6 (noise, the means), so the floor set the mass matrix 10–100× off, the step size
     to 0.1 and ~21 leapfrog steps an iteration. Unregularised: step 0.6, ~6.4 steps, and the
-    variances matched (benchmarks/RESULTS.md). Every window still has ≥ 25 draws of a handful
-    of parameters.
+    variances matched (benchmarks/RESULTS.md). The estimate comes from a window's draws of a
+    handful of parameters (≥ 25 a window from ~150 warm-up iterations on; NumPyro shrinks the
+    windows below that); a parameter that did not move in a whole window (every proposal
+    rejected) would get a zero variance, and its chain then stays stuck, which R-hat and
+    ESS report, where the regularised matrix would have hidden it.
     """
     import jax
 

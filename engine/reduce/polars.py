@@ -18,8 +18,10 @@ The batch (or run) cell tables are merged pairwise in a binary-counter tree
 (Chan et al. 1979), so the same rows give the same bits. Memory holds one
 batch, one run and O(log batches) cell tables: with the default 2²²-row
 batches of four columns the process peaks ~650 MB above its start on machine
-A, whatever the data's size (a test holds a 2¹⁸-row-batch reduction of 680 MB
-of rows to a 200 MiB data-segment limit).
+A, whatever the data's rows (a test holds a 2¹⁸-row-batch reduction of 680 MB
+of rows to a 200 MiB data-segment limit). The cells themselves grow with the
+keys: a dense run holds ``1 + 2(k+1) + (k+1)²`` float64 a segment (two per
+key), up to ``DENSE_MAX_KEYS`` keys, and briefly twice that while it widens.
 """
 from __future__ import annotations
 
@@ -95,6 +97,9 @@ def reduce_batch(batch: pl.DataFrame, groups, outcome: str, covariates) -> pl.Da
 #: (beyond, most segments would be empty), and never beyond ``DENSE_MAX_KEYS``.
 DENSE_MIN_KEYS = 1 << 16
 DENSE_MAX_KEYS = 1 << 23
+#: A dense run refolds a segment whose sums about its shift would leave this relative rounding
+#: error in its M2 (see ``_DenseRun._far``).
+SHIFT_TOLERANCE = 1e-11
 
 
 def _dense_integer_span(batch: pl.DataFrame, groups, outcome: str, covariates) -> tuple[int, int] | None:
@@ -117,6 +122,25 @@ def _dense_integer_span(batch: pl.DataFrame, groups, outcome: str, covariates) -
     return int(low), span
 
 
+def key_offsets(group: str, dtype, low: int) -> pl.Expr:
+    """``key − low`` as Int64, never wrapping: signed keys are widened to Int64 first (an Int8
+    range from −100 to 100 does not fit an Int8 difference), unsigned ones subtract in
+    their own type (``key ≥ low``; UInt64 keys above 2⁶³ do not fit an Int64)."""
+    if dtype.is_unsigned_integer():
+        return (pl.col(group) - pl.lit(low, dtype=dtype)).cast(pl.Int64)
+    return pl.col(group).cast(pl.Int64) - low
+
+
+def keys_at(offsets, low: int, dtype) -> pl.Series:
+    """The keys ``low + offset`` in the group column's own type (the inverse of ``key_offsets``)."""
+    import numpy as np
+
+    offsets = pl.Series(np.asarray(offsets, dtype=np.int64))
+    if dtype.is_unsigned_integer():
+        return offsets.cast(dtype) + pl.Series([low]).cast(dtype)
+    return (offsets + low).cast(dtype)
+
+
 def _reduce_dense(batch: pl.DataFrame, group: str, outcome: str, covariates, span) -> pl.DataFrame:
     """Cells by ``kernels.host`` over segments ``2·(key − low) + arm``: no hashing, no sort.
 
@@ -134,8 +158,7 @@ def _dense_arrays(batch: pl.DataFrame, group: str, outcome: str, covariates, low
 
     dtype = batch.schema[group]
     frame = batch.select(
-        ((pl.col(group) - pl.lit(low, dtype=dtype)).cast(pl.Int64) * 2
-         + pl.col("arm").cast(pl.Int64)).alias("_segment"),
+        (key_offsets(group, dtype, low) * 2 + pl.col("arm").cast(pl.Int64)).alias("_segment"),
         pl.col(outcome).cast(pl.Float64).alias("_y"),
         *[pl.col(c).cast(pl.Float64) for c in covariates])
     x = (frame.select(covariates).to_numpy(order="fortran") if covariates
@@ -150,7 +173,7 @@ def _dense_table(moments, low: int, group: str, dtype, covariates) -> pl.DataFra
     from engine.cells import stat_columns
 
     present = np.flatnonzero(moments.count)   # ascending: key, then arm
-    keys = (pl.Series(present // 2).cast(dtype) + pl.Series([low]).cast(dtype)).alias(group)
+    keys = keys_at(present // 2, low, dtype).alias(group)
     return stat_columns(present, *moments, covariates).insert_column(0, keys)
 
 
@@ -191,11 +214,50 @@ class _DenseRun:
         window = slice(2 * (span[0] - self.low), 2 * (span[0] - self.low + span[1]))
         count, shift, sums, products = self.state
         part = host.accumulate(*arrays, 2 * span[1], shift=shift[:, window], seen=count[window] > 0)
+        far = self._far(part, window)
+        rebased = self._rebase(far, arrays, window) if far.any() else None
         shift[:, window] = part.shift        # unchanged where seen; the batch's means elsewhere
         count[window] += part.count
         sums[:, window] += part.sums
         products[:, :, window] += part.products
+        if rebased is not None:
+            for mine, theirs in zip(self.state, rebased):
+                mine[..., window][..., far] = theirs[..., far]
         self.rows += batch.height
+
+    def _far(self, part, window):
+        """Segments whose sums about their shift would cost M2 more than ``SHIFT_TOLERANCE``.
+
+        ``finish`` forms M2 = Σd² − (Σd)²/n from row-order sums whose rounding is ~ε·√n·Σd²,
+        so the relative error of M2 is ~ε·√n·Σd²/M2: ~ε·√n for rows near their shift, but
+        Σd²/M2 grows with the squared distance of the rows from the shift. A level that
+        drifts (sorted or time-ordered data) or jumps that far is refolded (``_rebase``).
+        """
+        import numpy as np
+
+        count, _, sums, products = self.state
+        n = np.maximum(count[window] + part.count, 1)
+        total = sums[:, window] + part.sums
+        square = (products[:, :, window] + part.products).diagonal().T      # Σd² (k+1, S)
+        m2 = square - total * total / n
+        with np.errstate(invalid="ignore"):
+            far = np.finfo(np.float64).eps * np.sqrt(n) * square > SHIFT_TOLERANCE * m2
+        return far.any(axis=0) & (part.count > 0)
+
+    def _rebase(self, far, arrays, window):
+        """The run's moments of the ``far`` segments merged with this batch's, by Chan's update
+        of finished moments (the batch's by its own two-pass), as sums about the new means;
+        they replace whatever the in-place add gave those segments.
+        """
+        from kernels import host
+
+        ids, y, x = arrays
+        rows = far[ids]
+        own = host.reduce(ids[rows], y[rows], x[rows], far.shape[0], threads=1)
+        count, shift, sums, products = self.state
+        before = host.finish(host.Sums(count[window].copy(), shift[:, window].copy(),
+                                       sums[:, window].copy(), products[:, :, window].copy()))
+        return host.as_sums(host.merge(before, own))
 
     def _cover(self, span) -> None:
         """Widen the arrays (zeros) to the union of the run's key range and ``span``'s."""

@@ -57,7 +57,7 @@ def test_moments_match_exact_sums_at_offset_1e9(threads, chunk_rows, monkeypatch
                 assert got.xx_m2[s, i, j] == got.xx_m2[s, j, i]
 
 
-def test_split_is_deterministic_and_merge_is_the_whole():
+def test_split_is_deterministic_and_close_to_one_pass():
     rng = np.random.default_rng(1)
     ids = rng.integers(0, 50, 400_000)
     y, x = rng.normal(3.0, 1.0, ids.size), rng.normal(size=(ids.size, 1))

@@ -479,7 +479,7 @@ def test_one_integer_key_path_gives_the_same_bits(dtype):
         assert reduce_batch(huge, ["g"], "y", ["x"]).equals(_pair_route(huge))
 
 
-@pytest.mark.parametrize("dtype", [pl.Int64, pl.Int32, pl.UInt16, pl.UInt64])
+@pytest.mark.parametrize("dtype", [pl.Int64, pl.Int32, pl.Int16, pl.Int8, pl.UInt16, pl.UInt64])
 def test_dense_integer_route_agrees_and_repeats(dtype):
     """Keys in a narrow range go through kernels.host (segment 2·(key − low) + arm): the same
     keys, arms and counts as the group-by, moments equal to float64 rounding at offset 1e9,
@@ -491,12 +491,20 @@ def test_dense_integer_route_agrees_and_repeats(dtype):
         frame = frame.with_columns(pl.col("g") + (2**64 - 100))       # beyond Int64
     elif dtype == pl.Int64:
         frame = frame.with_columns(pl.col("g") + (2**63 - 100))
+    elif dtype in (pl.Int8, pl.Int16):
+        # A range wider than the type's half: key − low would wrap in the key's own type.
+        top, step = (120, 2) if dtype == pl.Int8 else (30_000, 400)   # −100…120, −20000…30000
+        frame = frame.with_columns(pl.when(pl.col("g") > 0).then(pl.lit(top, dtype))
+                                   .otherwise(pl.col("g").cast(dtype) * step).alias("g"))
     assert _dense_integer_span(frame, ["g"], "y", ["x"]) is not None
     got, want = reduce_batch(frame, ["g"], "y", ["x"]), _pair_route(frame)
     assert got.schema == want.schema
     assert_cells_agree(got, reference_cells(frame, ["g"], ["x"], arm="arm"), ["g"], ["x"])
     assert_cells_agree(got, want, ["g"], ["x"])
     assert all(reduce_batch(frame, ["g"], "y", ["x"]).equals(got) for _ in range(3))
+    cells = jax_backend.reduce_jax(frame.lazy(), ["g"], "y", ["x"])   # the jax backend's key encoding
+    assert cells.table.schema == want.schema
+    assert_cells_agree(cells, want, ["g"], ["x"])
 
 
 def test_dense_runs_split_and_merge(monkeypatch):
@@ -595,3 +603,37 @@ def test_polars_backend_streams_a_dataset_larger_than_its_memory_limit(tmp_path)
     rows, cells, peak_mib = done.stdout.split()
     assert int(rows) == files * rows_per_file and int(cells) == 100_000
     assert float(peak_mib) < limit_mib
+
+
+def test_dense_run_refolds_a_segment_that_jumps_far_from_its_shift(monkeypatch):
+    """Segment 0 has one row at 1e7 in the first batch, then 1.5e5 rows near 0 (1e7 sds
+    away): summed about that first row, its M2 would carry a rounding of ~ε·√n·Σd², ~1e-8
+    of itself. The run refolds such segments by Chan's update, so every cell matches exact
+    rational moments to 1e-12; the other segments never need it."""
+    from fractions import Fraction
+
+    from engine.reduce import polars as backend
+
+    rebased = []
+    original = backend._DenseRun._rebase
+    monkeypatch.setattr(backend._DenseRun, "_rebase", lambda self, far, *a: rebased.append(np.flatnonzero(far))
+                        or original(self, far, *a))
+    rng = np.random.default_rng(12)
+    rows, batch_rows = 200_000, 50_000
+    key = rng.integers(0, 3, rows)
+    key[:batch_rows] = rng.integers(1, 3, batch_rows)            # segment 0 absent from batch 1 …
+    key[0] = 0                                                   # … but for one row at 1e7
+    y, x = rng.normal(size=rows), rng.normal(size=rows)
+    y[0], x[0] = 1e7, -5e6
+    frame = pl.DataFrame({"g": key, "arm": np.zeros(rows, np.int8), "y": y, "x": x})
+    got = backend.reduce_polars(frame.lazy(), ["g"], "y", ["x"], batch_rows=batch_rows).table
+    assert len(rebased) == 1 and rebased[0].tolist() == [0]      # segment 0 (key 0, arm 0), batch 2
+    for g in range(3):
+        mask = key == g
+        ys, xs = [Fraction(float(v)) for v in y[mask]], [Fraction(float(v)) for v in x[mask]]
+        my, mx = sum(ys) / len(ys), sum(xs) / len(xs)
+        row = got.filter(pl.col("g") == g)
+        assert row["n"].item() == mask.sum()
+        for column, exact in [("m2", sum((v - my) ** 2 for v in ys)), ("xx_m2__x__x", sum((v - mx) ** 2 for v in xs)),
+                              ("xy_m2__x", sum((a - mx) * (b - my) for a, b in zip(xs, ys)))]:
+            assert abs(row[column].item() - float(exact)) <= 1e-12 * abs(float(exact)), (g, column)
