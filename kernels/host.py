@@ -58,11 +58,6 @@ class Moments(NamedTuple):
     xx_m2: np.ndarray   # (S, k, k)
 
 
-def moments(segment_ids: np.ndarray, y: np.ndarray, x: np.ndarray, num_segments: int) -> Moments:
-    """One thread's corrected two-pass moments of ``y`` (rows,) and ``x`` (rows, k)."""
-    return reduce(segment_ids, y, x, num_segments, threads=1)
-
-
 def _first_sums(ids, y, x, num_segments, with_sums=True):
     """Pass 1 over some rows: the count, and (``with_sums``) Σy and Σx per segment."""
     count = np.bincount(ids, minlength=num_segments)
@@ -115,7 +110,7 @@ def _buffers(rows: int, count: int) -> list[np.ndarray]:
 def merge(a: Moments, b: Moments) -> Moments:
     """Chan et al.'s pairwise update of two partial results over the same segments.
 
-    An empty segment must hold zeros (``moments`` gives them, and so does zero padding):
+    An empty segment must hold zeros (``reduce`` gives them, and so does zero padding):
     then its side's share is 0 or 1 and the update returns the other side's values exactly.
     """
     count = a.count + b.count

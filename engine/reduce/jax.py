@@ -64,20 +64,16 @@ def encode_cells(frame: pl.DataFrame, groups) -> tuple[pl.DataFrame, np.ndarray]
     arm = frame["arm"].cast(pl.Int64).to_numpy()
     if not groups:
         return pl.DataFrame(), arm
-    if (len(groups) == 1 and frame.height and frame.schema[groups[0]].is_integer()
-            and frame[groups[0]].null_count() == 0):
-        # A narrow integer range (as in engine.reduce.polars' dense route, with its cap): the
-        # code is the key minus the lowest, no hash join; absent keys are empty segments,
-        # dropped afterwards.
-        from engine.reduce.polars import DENSE_MAX_KEYS, DENSE_MIN_KEYS, key_offsets, keys_at
+    from engine.reduce.polars import dense_key_span, key_offsets, keys_at
 
+    span = dense_key_span(frame, groups)
+    if span is not None:
+        # A narrow integer range (the polars backend's dense route): the code is the key minus
+        # the lowest, no hash join; absent keys are empty segments, dropped afterwards.
         group, dtype = groups[0], frame.schema[groups[0]]
-        low, high = frame.select(pl.col(group).min(), pl.col(group).max().alias("_high")).row(0)
-        span = int(high) - int(low) + 1
-        if span <= min(max(2 * frame.height, DENSE_MIN_KEYS), DENSE_MAX_KEYS):
-            keys = keys_at(np.arange(span), int(low), dtype).alias(group).to_frame()
-            codes = frame.select(key_offsets(group, dtype, int(low)))[group].to_numpy()
-            return keys, 2 * codes + arm
+        keys = keys_at(np.arange(span[1]), span[0], dtype).alias(group).to_frame()
+        codes = frame.select(key_offsets(group, dtype, span[0]))[group].to_numpy()
+        return keys, 2 * codes + arm
     keys = frame.select(groups).unique().sort(groups).with_row_index("_code")
     codes = (frame.select(groups).join(keys, on=groups, how="left", maintain_order="left")["_code"]
              .cast(pl.Int64).to_numpy())

@@ -74,10 +74,15 @@ def cell_aggregates(outcome: str, covariates) -> list[pl.Expr]:
 
 def reduce_batch(batch: pl.DataFrame, groups, outcome: str, covariates) -> pl.DataFrame:
     """One batch of rows (with ``arm``) → its cell table, sorted by (keys, arm); deterministic."""
-    keys = [*groups, "arm"]
     span = _dense_integer_span(batch, groups, outcome, covariates)
     if span is not None:
         return _reduce_dense(batch, groups[0], outcome, covariates, span)
+    return _grouped_batch(batch, groups, outcome, covariates)
+
+
+def _grouped_batch(batch: pl.DataFrame, groups, outcome: str, covariates) -> pl.DataFrame:
+    """``reduce_batch`` by Polars' in-memory group-by (keys the dense route does not take)."""
+    keys = [*groups, "arm"]
     rows = batch.lazy().with_columns(sum_columns(covariates, outcome))
     if _one_integer_key(batch, groups):
         # One integer group column: group on (group·2 + arm), one Int64 key, which Polars'
@@ -108,16 +113,23 @@ def _dense_integer_span(batch: pl.DataFrame, groups, outcome: str, covariates) -
     The route also needs an Int8 0/1 arm and no nulls in the columns it reads (the validated
     rows have none; a null would be counted by ``np.bincount``).
     """
-    if len(groups) != 1 or batch.height == 0 or batch.schema["arm"] != pl.Int8:
+    if batch.schema["arm"] != pl.Int8 or any(batch[c].null_count() for c in ("arm", outcome, *covariates)):
+        return None
+    return dense_key_span(batch, groups)
+
+
+def dense_key_span(frame: pl.DataFrame, groups) -> tuple[int, int] | None:
+    """(lowest key, key range) of one null-free integer group column whose range is at most
+    twice the rows (or ``DENSE_MIN_KEYS``) and ``DENSE_MAX_KEYS``; None for any other keys.
+    The reduce backends index cells by ``key − low`` over such a range, without hashing."""
+    if len(groups) != 1 or frame.height == 0:
         return None
     group = groups[0]
-    if not batch.schema[group].is_integer():
+    if not frame.schema[group].is_integer() or frame[group].null_count():
         return None
-    if any(batch[c].null_count() for c in (group, "arm", outcome, *covariates)):
-        return None
-    low, high = batch.select(pl.col(group).min().alias("low"), pl.col(group).max().alias("high")).row(0)
+    low, high = frame.select(pl.col(group).min().alias("low"), pl.col(group).max().alias("high")).row(0)
     span = int(high) - int(low) + 1
-    if span > min(max(2 * batch.height, DENSE_MIN_KEYS), DENSE_MAX_KEYS):
+    if span > min(max(2 * frame.height, DENSE_MIN_KEYS), DENSE_MAX_KEYS):
         return None
     return int(low), span
 
@@ -254,9 +266,7 @@ class _DenseRun:
         ids, y, x = arrays
         rows = far[ids]
         own = host.reduce(ids[rows], y[rows], x[rows], far.shape[0], threads=1)
-        count, shift, sums, products = self.state
-        before = host.finish(host.Sums(count[window].copy(), shift[:, window].copy(),
-                                       sums[:, window].copy(), products[:, :, window].copy()))
+        before = host.finish(host.Sums(*(a[..., window] for a in self.state)))
         return host.as_sums(host.merge(before, own))
 
     def _cover(self, span) -> None:
@@ -341,7 +351,7 @@ def reduce_polars(rows: pl.LazyFrame, groups, outcome: str, covariates, *,
         empty = False
         span = _dense_integer_span(batch, groups, outcome, covariates)
         if span is None:
-            merger.push(reduce_batch(batch, groups, outcome, covariates))
+            merger.push(_grouped_batch(batch, groups, outcome, covariates))
             del batch
             continue
         if run is None:

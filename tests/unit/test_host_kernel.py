@@ -73,14 +73,14 @@ def test_merge_with_empty_sides_is_exact():
     rng = np.random.default_rng(2)
     ids = rng.integers(0, 3, 100)
     y, x = rng.normal(size=100), rng.normal(size=(100, 1))
-    part = host.moments(ids, y, x, 4)
-    empty = host.moments(np.zeros(0, np.int64), np.zeros(0), np.zeros((0, 1)), 4)
+    part = host.reduce(ids, y, x, 4, threads=1)
+    empty = host.reduce(np.zeros(0, np.int64), np.zeros(0), np.zeros((0, 1)), 4, threads=1)
     for merged in (host.merge(part, empty), host.merge(empty, part)):
         assert all(np.array_equal(a, b) for a, b in zip(merged, part))
 
 
 def test_out_of_range_segment_and_bad_shapes_are_refused():
     with pytest.raises(ValueError, match="outside"):
-        host.moments(np.array([0, 5]), np.zeros(2), np.zeros((2, 0)), 3)
+        host.reduce(np.array([0, 5]), np.zeros(2), np.zeros((2, 0)), 3, threads=1)
     with pytest.raises(ValueError, match="rows"):
         host.reduce(np.array([0, 1]), np.zeros(2), np.zeros((3, 1)), 3)
