@@ -167,7 +167,7 @@ def fit_spec(data, spec: Spec, cell_paths=None) -> Result:
 
     group_table = effects_stage.group_effects(posterior, encoding)
     population = effects_stage.population(posterior, spec.interval)
-    trust = checks_stage.trust_checks(cells, spec)
+    trust = checks_stage.trust_checks(cells, spec, encoding.nodes[-1] if encoding.nodes else None)
     covariates = checks_stage.covariate_profile(cells, checked)
     total_seconds = time.perf_counter() - started
     timings = {"reduce_s": round(reduce_seconds, 3), "fit_s": round(posterior.fit_seconds, 3),

@@ -42,9 +42,10 @@ def chi2_p_value(n_treated: np.ndarray, n: np.ndarray, share: float):
     expected = n * share
     with np.errstate(divide="ignore", invalid="ignore"):
         chi2 = np.where(n > 0, (n_treated - expected) ** 2 / (n * share * (1.0 - share)), 0.0)
-    # P(χ²₁ > c) = erfc(√(c/2)).
-    p = np.vectorize(lambda c: math.erfc(math.sqrt(c / 2.0)), otypes=[np.float64])(chi2)
-    return chi2, p
+    # P(χ²₁ > c) = erfc(√(c/2)), vectorised: one per group (a Python call each took 5 s at 10⁷ groups).
+    from scipy.special import erfc
+
+    return chi2, erfc(np.sqrt(chi2 / 2.0))
 
 
 def sample_ratio(n_control: int, n_treated: int, design_share: float, groups: pl.DataFrame | None = None,
@@ -62,12 +63,13 @@ def sample_ratio(n_control: int, n_treated: int, design_share: float, groups: pl
         g_chi2, g_p = chi2_p_value(groups["n_treated"].to_numpy(), groups["n"].to_numpy(), design_share)
         threshold = SRM_ALPHA / groups.height
         order = np.argsort(g_p, kind="stable")[:WORST_GROUPS]
-        keys, ns, nts = groups[level].cast(pl.String).to_list(), groups["n"].to_list(), groups["n_treated"].to_list()
+        worst = groups[order]
+        keys, ns, nts = worst[level].cast(pl.String).to_list(), worst["n"].to_list(), worst["n_treated"].to_list()
         out["groups_tested"] = groups.height
         out["groups_flagged"] = int((g_p < threshold).sum())
         out["group_alpha"] = threshold
-        out["worst_groups"] = [{"level": level, "group": keys[i], "n": ns[i], "observed_share": nts[i] / ns[i],
-                                "p_value": float(g_p[i])} for i in order if g_p[i] < threshold]
+        out["worst_groups"] = [{"level": level, "group": keys[j], "n": ns[j], "observed_share": nts[j] / ns[j],
+                                "p_value": float(g_p[i])} for j, i in enumerate(order) if g_p[i] < threshold]
     return out
 
 
@@ -111,8 +113,11 @@ def placebo_pointer() -> dict:
                    "permuted within groups and writes DIR/refute.json"}
 
 
-def trust_checks(cells, spec) -> dict:
-    """Every check that the cell table allows, with plain-language messages."""
+def trust_checks(cells, spec, leaf_groups: pl.DataFrame | None = None) -> dict:
+    """Every check that the cell table allows, with plain-language messages.
+
+    ``leaf_groups`` (the leaf level's key, ``n`` and ``n_treated``, e.g. the encoding's last
+    node table) saves grouping the cells again."""
     if spec.summary_level:
         return {"ok": True, "sample_ratio": None, "balance": None, "placebo": None,
                 "messages": ["summary-level input (one estimate per group) has no arms: sample ratio, balance "
@@ -120,7 +125,9 @@ def trust_checks(cells, spec) -> dict:
     control, treated = cells.arm_rows()
     groups = None
     level = cells.levels[-1] if cells.levels else None
-    if level is not None:
+    if level is not None and leaf_groups is not None:
+        groups = leaf_groups.select(level, "n", "n_treated")
+    elif level is not None:
         treated_rows = pl.when(pl.col("arm") == 1).then(pl.col("n")).otherwise(0)
         groups = cells.table.group_by(level).agg(pl.col("n").sum(), treated_rows.sum().alias("n_treated")).sort(level)
     srm = sample_ratio(control, treated, float(spec.design_share), groups, level)

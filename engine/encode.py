@@ -48,7 +48,8 @@ def encode(cells: Cells) -> Encoding:
         node = (table.group_by(keys)
                 .agg(pl.col("n").sum().alias("n"), treated_rows.sum().alias("n_treated"))
                 .sort(level))
-        duplicated = node.filter(pl.col(level).is_duplicated())
+        # The top level's keys are unique by construction; below it a key may sit under two parents.
+        duplicated = node.filter(pl.col(level).is_duplicated()) if depth else node.clear()
         if duplicated.height:
             key = duplicated[level][0]
             parents = duplicated.filter(pl.col(level) == key)[levels[depth - 1]].to_list()

@@ -83,13 +83,14 @@ FULL = {
                     "tree_leaves": [100_000, 1_000_000]},
     "bandwidth": {"budget": 30, "elements": 1 << 28, "repeats": 10, "h2d_elements": 1 << 26},
     "reduce": {"budget": 80, "rows": [10**7, 10**8],
-               "groups": {"10000000": [10**2, 10**3, 10**4, 10**5, 10**6, 10**7],
-                          "100000000": [10**2, 10**4, 10**6, 10**7]},
-               "float64_groups": [10**2, 10**4, 10**6], "probe_rows": 10**7, "probe_segments": 10**4},
+               "groups": {"10000000": [10**2, 10**4, 10**5, 10**6],
+                          "100000000": [10**2, 10**4, 10**5, 10**7]},
+               "paths": ["unsorted", "sums-fused", "sums-columns"],
+               "float64_groups": [], "probe_rows": 10**7, "probe_segments": 10**4},
     "tree": {"budget": 60, "leaves": [10**5, 10**6, 10**7], "dtypes": ["float32", "float64"],
              "impls": ["current", "blocked"]},
     "fits": {"groups": [10**5, 10**6, 10**7], "methods": ["exact", "laplace"], "rows_per_group": 5,
-             "draws": 500, "warmup": 500, "chains": 4},
+             "draws": 500, "warmup": 500, "chains": 4, "hyper_devices": ["auto"], "repeat_last": 1},
     "nuts": {"budget": 90, "groups": 1000, "rows_per_group": 5, "draws": 300, "warmup": 300, "chains": 4,
              "cpu_compare": True},
 }
@@ -99,10 +100,11 @@ SMOKE = {
                     "tree_leaves": [1_000]},
     "bandwidth": {"budget": 30, "elements": 1 << 20, "repeats": 5, "h2d_elements": 1 << 18},
     "reduce": {"budget": 60, "rows": [1 << 14], "groups": {str(1 << 14): [10**2, 10**3]},
+               "paths": ["unsorted", "sorted", "sums-fused", "sums-columns"],
                "float64_groups": [10**2], "probe_rows": 1 << 14, "probe_segments": 100},
     "tree": {"budget": 60, "leaves": [1_000], "dtypes": ["float32", "float64"], "impls": ["current", "blocked"]},
     "fits": {"groups": [100], "methods": ["exact", "laplace"], "rows_per_group": 5, "draws": 40, "warmup": 40,
-             "chains": 2},
+             "chains": 2, "hyper_devices": ["auto"], "repeat_last": 1},
     "nuts": {"budget": 100, "groups": 12, "rows_per_group": 5, "draws": 30, "warmup": 30, "chains": 2,
              "cpu_compare": True},
 }
@@ -306,6 +308,10 @@ def _apply_overrides(sizes: dict, opts) -> None:
         fits["groups"] = [int(float(g)) for g in opts.fit_groups.split(",") if g]
     if opts.fit_methods:
         fits["methods"] = [m for m in opts.fit_methods.split(",") if m]
+    if opts.hyper_devices:
+        fits["hyper_devices"] = [d for d in opts.hyper_devices.split(",") if d]
+    if opts.repeat_last:
+        fits["repeat_last"] = opts.repeat_last
     for name in ("draws", "warmup", "chains"):
         value = getattr(opts, name)
         if value is not None:
@@ -405,15 +411,19 @@ def summary_table(report: dict) -> list[str]:
     fits = sections.get("fits", {})
     if fits.get("items"):
         lines.append("")
-        lines.append(f"fits:   {'method':<8} {'groups':>8} {'prec':<8} {'total s':>8} {'fit s':>7} {'compile':>7} {'R-hat':>6} "
+        lines.append(f"fits:   {'method':<8} {'groups':>8} {'hyper':<7} {'prec':<8} {'total s':>8} {'reduce':>6} "
+                     f"{'fit s':>7} {'sample':>6} {'down':>6} {'compile':>7} {'R-hat':>6} "
                      f"{'ESS':>6} {'div':>4} {'rmse':>8} {'cover90':>7} {'ate err/sd':>10}")
         for r in fits["items"]:
             if r.get("status") != "ok":
                 lines.append(f"        {r.get('method', ''):<8} {r.get('groups', 0):>8.0e} "
                              f"{r.get('status')}: {r.get('reason') or r.get('error', '')}"[:160])
                 continue
-            lines.append(f"        {r['method']:<8} {r['groups']:>8.0e} {r.get('precision', ''):<8} "
-                         f"{_fmt(r.get('wall_s'), '.1f'):>8} {_fmt(r.get('fit_s'), '.1f'):>7} {_fmt(r.get('compile_s'), '.1f'):>7} "
+            hyper = (r.get("sampler_device") or "-").split(":")[0] + ("+" if r.get("repeat") else "")
+            lines.append(f"        {r['method']:<8} {r['groups']:>8.0e} {hyper:<7} {r.get('precision', ''):<8} "
+                         f"{_fmt(r.get('wall_s'), '.1f'):>8} {_fmt(r.get('reduce_s'), '.1f'):>6} "
+                         f"{_fmt(r.get('fit_s'), '.1f'):>7} {_fmt(r.get('sample_s'), '.1f'):>6} "
+                         f"{_fmt(r.get('downward_s'), '.1f'):>6} {_fmt(r.get('compile_s'), '.1f'):>7} "
                          f"{_fmt(r.get('max_rhat'), '.3f'):>6} {_fmt(r.get('min_ess_bulk'), '.0f'):>6} "
                          f"{_fmt(r.get('divergences'), 'd'):>4} {_fmt(r.get('rmse'), '.4f'):>8} "
                          f"{_fmt(r.get('coverage'), '.3f'):>7} {_fmt(r.get('ate_z'), '+.2f'):>10}")
@@ -687,6 +697,8 @@ def section_correctness(config: dict, rec: Recorder) -> None:
     rng = np.random.default_rng(config["seed"] + 11)
     k = 2
     reduce_fn = jax.jit(segments.reduce_blocks, static_argnums=(4, 5), static_argnames=("indices_are_sorted",))
+    # One read and one float64-accumulated scatter of raw sums about a fixed shift (segments.reduce_sums).
+    sums_fn = jax.jit(segments.reduce_sums, static_argnums=(4,), static_argnames=("accumulate_dtype", "fused"))
     # Tolerances: float64 as tests/unit/test_segments.py at offset 1e9 (means to 2.5e-16·1e9, one ulp
     # there); float32 after a float64 shift as kernels/segments.py states (2e-5·sd, 2e-4·n·sd²).
     tolerances = {"float64": (1e-12 + 2.5e-16 * 1e9, 1e-11), "float32-shifted": (2e-5, 2e-4),
@@ -912,6 +924,8 @@ def section_reduce(config: dict, rec: Recorder) -> None:
     _scatter_probe(sizes, rec)
 
     reduce_fn = jax.jit(segments.reduce_blocks, static_argnums=(4, 5), static_argnames=("indices_are_sorted",))
+    # One read and one float64-accumulated scatter of raw sums about a fixed shift (segments.reduce_sums).
+    sums_fn = jax.jit(segments.reduce_sums, static_argnums=(4,), static_argnames=("accumulate_dtype", "fused"))
     rate: dict = {}   # (path, dtype) -> (rows/s, compile s) of the last run, for projections
     plan = [(int(r), int(g), dtype) for r in sizes["rows"] for g in sizes["groups"].get(str(int(r)), [])
             for dtype in ("float32",)]
@@ -928,7 +942,8 @@ def section_reduce(config: dict, rec: Recorder) -> None:
                      "reason": f"needs ~{need / 2**30:.1f} GiB of {memory / 2**30:.0f}"})
             continue
         data = None
-        for path in ("unsorted", "sorted"):
+        blocks_result = None
+        for path in sizes.get("paths", ("unsorted", "sorted")):
             item = {"rows": rows, "groups": groups, "segments": num_segments, "padded_segments": padded,
                     "block_rows": block, "blocks": blocks, "path": path, "dtype": dtype}
             known = rate.get((path, dtype))
@@ -944,11 +959,31 @@ def section_reduce(config: dict, rec: Recorder) -> None:
                     data = _reduce_rows(rows, blocks * block, num_segments, padded, dtype, config["seed"])
                 rec.begin(f"reduce {rows:.0e} rows {groups:.0e} groups {path} {dtype}")
                 ids = data["sorted_ids"] if path == "sorted" else data["ids"]
-                args = (data["y"], data["x"], ids, data["mask"], padded, block)
                 t0 = time.perf_counter()
-                compiled = reduce_fn.lower(*args, indices_are_sorted=path == "sorted").compile()
+                if path.startswith("sums"):
+                    args = (data["y"], data["x"], ids, data["mask"], padded,
+                            jax.numpy.zeros((1,), data["y"].dtype))
+                    compiled = sums_fn.lower(*args, accumulate_dtype=jax.numpy.float64,
+                                             fused=path == "sums-fused").compile()
+                    call = (lambda c: lambda *a: c(*a[:4], a[5]))(compiled)
+                else:
+                    args = (data["y"], data["x"], ids, data["mask"], padded, block)
+                    compiled = reduce_fn.lower(*args, indices_are_sorted=path == "sorted").compile()
+                    call = (lambda c: lambda *a: c(*a[:4]))(compiled)
                 compile_s = time.perf_counter() - t0
-                timing = _timed_calls(lambda *a: compiled(*a[:4]), args, min_calls=3, min_seconds=0.5)
+                timing = _timed_calls(call, args, min_calls=3, min_seconds=0.5)
+                result = call(*args)
+                result = result[0] if path.startswith("sums") else result
+                if path == "unsorted":
+                    blocks_result = result
+                elif blocks_result is not None and path != "sorted":   # "sorted" reads other rows
+                    # Agreement with the block scan's moments (same rows): means in sds, M2 relative.
+                    item["vs_blocks_mean_abs"] = float(jax.numpy.max(jax.numpy.abs(
+                        result.mean.astype(jax.numpy.float64) - blocks_result.mean.astype(jax.numpy.float64))))
+                    ref_m2 = blocks_result.m2.astype(jax.numpy.float64)
+                    item["vs_blocks_m2_rel"] = float(jax.numpy.max(jax.numpy.abs(
+                        result.m2.astype(jax.numpy.float64) - ref_m2) / jax.numpy.maximum(ref_m2, 1e-30)))
+                    item["vs_blocks_count_mismatch"] = int(jax.numpy.sum(result.count != blocks_result.count))
                 seconds = timing["median_s"]
                 bytes_per_row = itemsize + 4 + 1   # outcome, int32 segment id, mask
                 item.update(status="ok", compile_s=compile_s, seconds=seconds, min_s=timing["min_s"],
@@ -956,7 +991,7 @@ def section_reduce(config: dict, rec: Recorder) -> None:
                             gb_per_s=rows * bytes_per_row / seconds / 1e9)
                 item["bandwidth_fraction"] = item["gb_per_s"] / bandwidth if bandwidth else None
                 rate[(path, dtype)] = (rows / max(timing["warm_s"], seconds), compile_s)
-                rec.say(f"{rows:.0e} rows {groups:.0e} groups {path:<8} {dtype}: {seconds * 1e3:9.2f} ms, "
+                rec.say(f"{rows:.0e} rows {groups:.0e} groups {path:<12} {dtype}: {seconds * 1e3:9.2f} ms, "
                         f"{rows / seconds / 1e6:9.1f} Mrow/s, {item['gb_per_s']:7.1f} GB/s "
                         f"({_fmt(item['bandwidth_fraction'], '.1%')} of bw), compile {compile_s:.2f} s")
                 rec.add(item)
@@ -1233,6 +1268,7 @@ def _fit_once(frame, truth, true_ate, family, method, sizes, backend, seed):
            "precision": "float64" if jax.config.jax_enable_x64 else "float32",
            "chain_method": sampler.get("chain_method"), "downward_batch": sampler.get("downward_batch"),
            "marginal": sampler.get("marginal"), "group_intervals": sampler.get("group_intervals"),
+           "sampler_device": sampler.get("sampler_device"),
            "devices": sampler.get("devices"), "cells": result.cells.table.height,
            "compile_s": compile_s, "compile_top": compile_top, "wall_minus_compile_s": wall - compile_s}
     if out["min_ess_bulk"] and wall:
@@ -1259,15 +1295,27 @@ def section_fits(config: dict, rec: Recorder) -> None:
     cache: dict = {}
     # Each method through every size before the next method: `exact` at the largest size is the
     # headline (issue 4's GPU target), so a slow `laplace` must not take its budget.
+    hyper_devices = list(sizes.get("hyper_devices") or ["auto"])
+    all_groups = [int(g) for g in sizes["groups"]]
     for method in sizes["methods"]:
         family = families[method]
-        for groups in sizes["groups"]:
-            groups = int(groups)
+        best: dict = {}   # hyper device -> wall seconds at the first size
+        runs = []
+        for index, groups in enumerate(all_groups):
+            choices = hyper_devices if index == 0 else [None]   # None: the fastest at the first size
+            repeats = int(sizes.get("repeat_last") or 1) if index == len(all_groups) - 1 else 1
+            runs += [(groups, choice, repeat) for choice in choices for repeat in range(repeats)]
+        for groups, choice, repeat in runs:
+            if choice is None:
+                choice = min(best, key=best.get) if best else hyper_devices[0]
+            os.environ["CAUSAL_ENGINE_HYPER_DEVICE"] = choice
             rows = int(sizes["rows_per_group"]) * groups
             item = {"method": method, "family": family, "groups": groups, "rows": rows,
                     "draws": sizes["draws"], "warmup": sizes["warmup"], "chains": sizes["chains"],
-                    "backend": config["fit_backend"]}
+                    "backend": config["fit_backend"], "hyper_device": choice, "repeat": repeat}
             projected = _projection(history, method, groups)
+            if repeat and history.get(method):
+                projected = history[method][-1][1] - history[method][-1][2]   # warm: no compiling
             if projected is not None:
                 if projected > rec.left() - 5:
                     rec.add({**item, "status": "skipped",
@@ -1288,8 +1336,12 @@ def section_fits(config: dict, rec: Recorder) -> None:
                 out = _fit_once(frame, truth, true_ate, family, method, sizes, config["fit_backend"], config["seed"])
                 item.update(status="ok", sim_s=sim_s, **out)
                 history.setdefault(method, []).append((groups, sim_s + out["wall_s"], out["compile_s"]))
-                rec.say(f"{method} {groups:.0e} groups: {out['wall_s']:.1f} s (reduce {_fmt(out['reduce_s'], '.1f')}, "
-                        f"fit {_fmt(out['fit_s'], '.1f')}, compiling {out['compile_s']:.1f}), {out['precision']}, R-hat {_fmt(out['max_rhat'], '.3f')}, "
+                if groups == all_groups[0] and not repeat:
+                    best[choice] = out["wall_s"]
+                rec.say(f"{method} {groups:.0e} groups [hyper {choice} -> {out['sampler_device']}, run {repeat + 1}]: "
+                        f"{out['wall_s']:.1f} s (reduce {_fmt(out['reduce_s'], '.1f')}, "
+                        f"fit {_fmt(out['fit_s'], '.1f')}, sample {_fmt(out['sample_s'], '.1f')}, downward "
+                        f"{_fmt(out['downward_s'], '.1f')}, compiling {out['compile_s']:.1f}), {out['precision']}, R-hat {_fmt(out['max_rhat'], '.3f')}, "
                         f"ESS {_fmt(out['min_ess_bulk'], '.0f')}, div {out['divergences']}, RMSE {out['rmse']:.4f}, "
                         f"coverage {out['coverage']:.3f}, ATE {out['ate']['mean']:.4f} vs {true_ate:.4f} "
                         f"(z {_fmt(out['ate_z'], '+.2f')})")
@@ -1411,6 +1463,12 @@ def main(argv=None) -> int:
     parser.add_argument("--fit-precision", choices=("engine", "float32", "float64"), default="engine",
                         help="fits and nuts: 'engine' leaves the engine's choice (float64 unless "
                              "CAUSAL_ENGINE_X64=0); float32/float64 force it")
+    parser.add_argument("--hyper-devices", default="",
+                        help="comma-separated CAUSAL_ENGINE_HYPER_DEVICE values (auto, cpu, default) to fit at the "
+                             "first size; later sizes use the fastest (default: auto only)")
+    parser.add_argument("--repeat-last", type=int, default=None,
+                        help="fit the largest size this many times in the same process: the later fits reuse the "
+                             "compiled programs (a warm batch job)")
     parser.add_argument("--fit-backend", choices=("polars", "jax"), default="polars",
                         help="the engine's reduce backend for fits (jax: kernels/segments.py on the device)")
     parser.add_argument("--reduce-rows", default="", help="comma-separated row counts for the reduce section")

@@ -63,7 +63,8 @@ def sample_hyper(model, problem, spec, names, model_data=None) -> HyperDraws:
     hyper_key, draw_key = jax.random.split(jax.random.PRNGKey(spec.seed))
     model_args = (data, parents)
     samples, divergences, sampler = runner.run_hyper_nuts(
-        model, model_args, rng_key=hyper_key, warmup=spec.warmup, draws=spec.draws, chains=spec.chains)
+        model, model_args, rng_key=hyper_key, warmup=spec.warmup, draws=spec.draws, chains=spec.chains,
+        device=runner.hyper_device(small=model_data is not None))
     flat = {name: np.asarray(samples[name]).reshape(-1) for name in names}
     sampler = dict(sampler, sample_s=round(time.perf_counter() - started, 3))
     return HyperDraws(samples, flat, divergences, sampler, data, parents, draw_key)

@@ -112,8 +112,28 @@ def run_nuts(model_fn, model_args: tuple, model_kwargs: dict, *, rng_key, warmup
 _PROGRAMS: dict = {}
 
 
+def hyper_device(small: bool):
+    """The device for the hyperparameter NUTS, or ``None`` for JAX's default device.
+
+    ``CAUSAL_ENGINE_HYPER_DEVICE``: ``cpu`` (the host), ``default`` (JAX's default device, a
+    GPU when there is one) or ``auto`` (the default): the host when the marginal is ``small``
+    (O(leaf configurations), a few thousand numbers a gradient whatever the group count) and
+    the default device is an accelerator. Such a NUTS is a long chain of tiny steps, which a
+    GPU runs no faster than a CPU core while every loop turn costs it a kernel launch and a
+    host round trip; the group-sized work (the downward passes) stays on the accelerator.
+    """
+    import jax
+
+    choice = os.environ.get("CAUSAL_ENGINE_HYPER_DEVICE", "auto")
+    if choice not in ("auto", "cpu", "default"):
+        raise ValueError(f"CAUSAL_ENGINE_HYPER_DEVICE={choice!r}: expected auto, cpu or default")
+    if choice == "default" or jax.default_backend() == "cpu" or (choice == "auto" and not small):
+        return None
+    return jax.devices("cpu")[0]
+
+
 def run_hyper_nuts(model_fn, model_args: tuple, *, rng_key, warmup: int, draws: int, chains: int,
-                   target_accept: float = 0.85):
+                   target_accept: float = 0.85, device=None):
     """NUTS for the few hyperparameters of a collapsed model: initialisation, warm-up and
     sampling of every chain in one compiled program, cached per model and shapes.
 
@@ -136,21 +156,31 @@ def run_hyper_nuts(model_fn, model_args: tuple, *, rng_key, warmup: int, draws: 
     windows below that); a parameter that did not move in a whole window (every proposal
     rejected) would get a zero variance, and its chain then stays stuck, which R-hat and
     ESS report, where the regularised matrix would have hidden it.
+
+    ``device`` (see ``hyper_device``): run there, the arguments moved to it; ``None``: JAX's
+    default device.
     """
     import jax
 
-    key = (static_key(model_fn), _shape_key(model_args), warmup, draws, chains, target_accept)
+    platform = device.platform if device is not None else jax.default_backend()
+    in_turn = _chains_in_turn(platform)
+    if device is not None:
+        rng_key, model_args = jax.device_put((rng_key, model_args), device)
+    key = (static_key(model_fn), _shape_key(model_args), warmup, draws, chains, target_accept, platform)
     program = _cached(_PROGRAMS, key, lambda: jax.jit(partial(
-        _nuts_program, model_fn=model_fn, warmup=warmup, draws=draws, chains=chains, target_accept=target_accept)))
+        _nuts_program, model_fn=model_fn, warmup=warmup, draws=draws, chains=chains, target_accept=target_accept,
+        in_turn=in_turn)))
     samples, diverging = program(rng_key, *model_args)
     samples = jax.device_get(samples)
+    where = device if device is not None else jax.devices()[0]
     return samples, int(diverging.sum()), {"warmup": warmup, "draws": draws, "chains": chains,
-                                           "chain_method": "sequential" if _chains_in_turn() else "vectorized",
+                                           "chain_method": "sequential" if in_turn else "vectorized",
                                            "target_accept": target_accept,
+                                           "sampler_device": f"{where.platform}:{where.id}",
                                            "driver": "one compiled program (numpyro.infer.hmc.hmc)"}
 
 
-def _nuts_program(rng_key, *model_args, model_fn, warmup, draws, chains, target_accept):
+def _nuts_program(rng_key, *model_args, model_fn, warmup, draws, chains, target_accept, in_turn):
     import jax
     from numpyro.infer import init_to_median
     from numpyro.infer.hmc import hmc
@@ -178,15 +208,13 @@ def _nuts_program(rng_key, *model_args, model_fn, warmup, draws, chains, target_
         return jax.vmap(constrain)(z), diverging
 
     keys = jax.random.split(rng_key, chains)
-    return jax.lax.map(one_chain, keys) if _chains_in_turn() else jax.vmap(one_chain)(keys)
+    return jax.lax.map(one_chain, keys) if in_turn else jax.vmap(one_chain)(keys)
 
 
-def _chains_in_turn() -> bool:
+def _chains_in_turn(platform: str) -> bool:
     """On a CPU the chains run one after another inside the program (``lax.map``), elsewhere
     side by side (``vmap``). Vectorised chains step in lock-step, so every iteration costs the
     longest chain's tree, and on a CPU the arithmetic of the four is not free: at 10⁶ groups
     on machine A the sampling took 8.4 s vectorised and 5.8 s in turn, and compiled ~2.5 s
     faster (benchmarks/RESULTS.md). On a GPU the four chains cost about one."""
-    import jax
-
-    return jax.default_backend() == "cpu"
+    return platform == "cpu"

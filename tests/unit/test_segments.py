@@ -208,3 +208,48 @@ def test_float32_at_offset_1e9():
         raw = accumulate(raw, *block)
     m2_error = np.abs(np.asarray(raw.m2, np.float64) - ref["m2"]) / ref["count"]
     assert m2_error.max() > 1.0, "raw float32 at 1e9 should have lost the within-cell spread"
+
+
+reduce_sums = jax.jit(segments.reduce_sums, static_argnums=4, static_argnames=("accumulate_dtype", "fused"))
+
+
+@pytest.mark.parametrize("k", [0, 2])
+@pytest.mark.parametrize("fused", [True, False])
+def test_reduce_sums_matches_reference_about_a_global_shift(k, fused):
+    """One scatter of raw sums about one shift per column, at offset 1e9 (float64)."""
+    y, x, ids = random_rows(11, 30_000, 40, k, offset=1e9)
+    ref = reference(y, x, ids, 40)
+    shift = np.concatenate([[y[0]], x[0]])
+    mask = np.ones(y.shape[0], bool)
+    got, cancellation = reduce_sums(y, x, ids, mask, 40, shift, fused=fused)
+    # Segment means sit up to ~12 sd from the shift: cancellation ≤ ~150, error ~√n·ε·150.
+    assert float(np.max(cancellation)) < 500
+    assert_moments(got, ref, rel=1e-10)
+
+
+def test_reduce_sums_float32_rows_float64_sums_and_merge():
+    """float32 rows centred in float64 first (the accelerator route), sums in float64: within
+    the float32 tolerance of ``test_float32_at_offset_1e9``; halves merged equal the whole."""
+    y, x, ids = random_rows(12, 100_000, 30, 1, offset=1e9)
+    ref = reference(y, x, ids, 30)
+    cy, cx = y.mean(), x.mean(0)
+    y32, x32 = (y - cy).astype(np.float32), (x - cx).astype(np.float32)
+    mask = np.ones(y.shape[0], bool)
+    half = y.shape[0] // 2
+    parts = [reduce_sums(y32[s], x32[s], ids[s], mask[s], 30, np.zeros(2, np.float32),
+                         accumulate_dtype=jnp.float64)[0] for s in (slice(0, half), slice(half, None))]
+    merged = merge(*parts)
+    as64 = jax.tree.map(np.asarray, merged)
+    as64 = as64._replace(shift=as64.shift + np.concatenate([[cy], cx]))
+    assert_moments(as64, ref, rel=2e-4, mean_atol=2e-5)
+
+
+def test_reduce_sums_drops_masked_and_out_of_range_rows():
+    y = np.array([1.0, 2.0, 100.0, 3.0, 7.0])
+    ids = np.array([0, 0, 0, 1, 2])           # segment 2 is out of range for 2 segments
+    mask = np.array([True, True, False, True, True])
+    got, cancellation = reduce_sums(y, np.zeros((5, 0)), ids, mask, 2, np.zeros(1))
+    assert np.asarray(got.count).tolist() == [2, 1]
+    np.testing.assert_allclose(np.asarray(got.mean), [1.5, 3.0])
+    np.testing.assert_allclose(np.asarray(got.m2), [0.5, 0.0])
+    assert np.asarray(cancellation)[1] == 1.0   # M2 = 0: nothing to amplify, reported as 1

@@ -1,0 +1,44 @@
+"""Where the hyperparameter NUTS runs: the placement option and the recorded device."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import pytest
+
+from engine.infer import runner
+
+
+def _model(y, scale):
+    mu = numpyro.sample("mu", dist.Normal(0.0, 10.0))
+    numpyro.sample("y", dist.Normal(mu, scale), obs=y)
+
+
+def test_hyper_device_rejects_an_unknown_choice(monkeypatch):
+    monkeypatch.setenv("CAUSAL_ENGINE_HYPER_DEVICE", "tpu-please")
+    with pytest.raises(ValueError, match="CAUSAL_ENGINE_HYPER_DEVICE='tpu-please'.*auto, cpu or default"):
+        runner.hyper_device(small=True)
+
+
+@pytest.mark.parametrize("choice", ["auto", "cpu", "default"])
+def test_on_a_cpu_backend_every_choice_is_the_default_device(monkeypatch, choice):
+    if jax.default_backend() != "cpu":
+        pytest.skip("an accelerator is present: the choices differ there")
+    monkeypatch.setenv("CAUSAL_ENGINE_HYPER_DEVICE", choice)
+    assert runner.hyper_device(small=True) is None and runner.hyper_device(small=False) is None
+
+
+def test_an_explicit_device_runs_there_and_is_recorded():
+    y = jnp.asarray(np.random.default_rng(0).normal(1.5, 1.0, 50))
+    args = (y, jnp.asarray(1.0))
+    settings = dict(rng_key=jax.random.PRNGKey(0), warmup=60, draws=40, chains=2)
+    on_default, _, default_info = runner.run_hyper_nuts(_model, args, **settings)
+    on_host, _, host_info = runner.run_hyper_nuts(_model, args, device=jax.devices("cpu")[0], **settings)
+    assert host_info["sampler_device"] == "cpu:0"
+    assert host_info["chain_method"] == "sequential"
+    assert default_info["sampler_device"] == f"{jax.devices()[0].platform}:0"
+    if jax.default_backend() == "cpu":   # the same device and program: the same draws
+        np.testing.assert_array_equal(on_default["mu"], on_host["mu"])
+    assert np.asarray(on_host["mu"]).shape == (2, 40)
