@@ -130,6 +130,13 @@ def merge_pair(a: pl.DataFrame, b: pl.DataFrame, levels, covariates) -> pl.DataF
     """Chan, Golub & LeVeque's pairwise update of two cell tables, matched on (keys, arm)."""
     keys = [*levels, "arm"]
     stats = ["n", "mean", "m2", *covariate_columns(covariates)]
+    if levels and a.height and b.height:
+        # Tables whose top-level keys do not overlap (batches of data sorted by group) share
+        # no cell: stacking them is the merge, without a join of millions of rows.
+        (a_low, a_high), (b_low, b_high) = (t.select(pl.col(levels[0]).min().alias("low"), pl.col(levels[0]).max().alias("high")).row(0)
+                                            for t in (a, b))
+        if a_high < b_low or b_high < a_low:
+            return pl.concat([a, b] if a_high < b_low else [b, a], how="vertical_relaxed")
     joined = a.join(b, on=keys, how="full", coalesce=True, suffix="_b", nulls_equal=True)
     na = pl.col("n").fill_null(0).cast(pl.Float64)
     nb = pl.col("n_b").fill_null(0).cast(pl.Float64)

@@ -61,16 +61,47 @@ class LeafConfigurations(NamedTuple):
     log_rows: np.ndarray      # () float  Σ over observed pairs of log n
 
 
-def _group(key: np.ndarray, values: np.ndarray):
-    """Per configuration of ``key`` (leaves,): one member leaf's index, the leaf count, and
-    the mean and centred scatter of ``values`` (leaves, d) — two passes, float64."""
-    configs, first, index = np.unique(key, return_index=True, return_inverse=True)
-    count = np.bincount(index, minlength=configs.size).astype(np.float64)
-    mean = np.stack([np.bincount(index, v, configs.size) for v in values.T], axis=1) / count[:, None]
+# Pairs with both members below this are coded through a presence table (no sort).
+SMALL_PAIR = 1 << 11
+
+
+def _codes(a: np.ndarray, b: np.ndarray):
+    """Dense codes of the distinct pairs ``(a, b)`` of non-negative integers (leaves,):
+    ``(index (leaves,), first (K,), K)``, ``first`` one member leaf of each code.
+
+    Pairs with both members below ``SMALL_PAIR`` (nearly every leaf of a long tail) are
+    numbered through a presence table in their (a, b) order, the others after them by
+    ``np.unique``: its sort of 10⁷ leaves took 2.7 s on machine A, this 0.4–1.1 s.
+    """
+    a, b = np.asarray(a).astype(np.int64), np.asarray(b).astype(np.int64)
+    small = (a < SMALL_PAIR) & (b < SMALL_PAIR)
+    key = a[small] * SMALL_PAIR + b[small]
+    present = np.bincount(key, minlength=SMALL_PAIR * SMALL_PAIR) > 0
+    index = np.empty(a.size, np.int64)
+    index[small] = (np.cumsum(present) - 1)[key]
+    size = int(present.sum())
+    if not small.all():
+        big = ~small
+        wide = a[big] * (int(b[big].max()) + 1) + b[big]
+        _, inverse = np.unique(wide, return_inverse=True)
+        index[big] = size + inverse.reshape(-1)
+        size += int(inverse.max()) + 1
+    first = np.empty(size, np.int64)
+    first[index] = np.arange(a.size)    # any member will do: they share the pair
+    return index, first, size
+
+
+def _group(a: np.ndarray, b: np.ndarray, values: np.ndarray):
+    """Per configuration, the distinct pairs ``(a, b)`` (leaves,): one member leaf's index,
+    the leaf count, and the mean and centred scatter of ``values`` (leaves, d) — two
+    passes, float64."""
+    index, first, size = _codes(a, b)
+    count = np.bincount(index, minlength=size).astype(np.float64)
+    mean = np.stack([np.bincount(index, v, size) for v in values.T], axis=1) / count[:, None]
     centred = values - mean[index]
     d = values.shape[1]
     pairs = [(i, j) for i in range(d) for j in range(i, d)]
-    scatter = np.stack([np.bincount(index, centred[:, i] * centred[:, j], configs.size) for i, j in pairs], axis=1)
+    scatter = np.stack([np.bincount(index, centred[:, i] * centred[:, j], size) for i, j in pairs], axis=1)
     return first, count, mean, scatter
 
 
@@ -91,8 +122,7 @@ class LeafArms(NamedTuple):
 
 
 def _arms(rows, pair_mean, pad_fn) -> LeafArms:
-    key = rows[:, 0].astype(np.int64) * (int(rows[:, 1].max(initial=0)) + 1) + rows[:, 1].astype(np.int64)
-    _, first, index = np.unique(key, return_index=True, return_inverse=True)
+    index, first, _ = _codes(rows[:, 0], rows[:, 1])
     config_rows = _padded(rows[first], (pad_fn or (lambda k: max(k, 1)))(first.size), 0.0)
     return LeafArms(pair_mean, index.astype(np.int32).reshape(-1), config_rows)
 
@@ -102,10 +132,15 @@ def _pairs(n, mean, m2, arm, leaf, num_leaves: int):
     each (leaves, 2), float64; padding cells (n = 0) are dropped."""
     n = np.asarray(n, dtype=np.float64)
     keep = n > 0
-    n = n[keep]
-    mean = np.asarray(mean, dtype=np.float64)[keep]
-    m2 = np.asarray(m2, dtype=np.float64)[keep]
-    pair = np.asarray(leaf).astype(np.int64)[keep] * 2 + np.asarray(arm).astype(np.int64)[keep]
+    every = bool(keep.all())            # no padding cells: skip five copies
+
+    def kept(values, dtype):
+        values = np.asarray(values).astype(dtype, copy=False)
+        return values if every else values[keep]
+
+    n = kept(n, np.float64)
+    mean, m2 = kept(mean, np.float64), kept(m2, np.float64)
+    pair = kept(leaf, np.int64) * 2 + kept(arm, np.int64)
     size = 2 * num_leaves
     rows = np.bincount(pair, n, size)
     sums = np.bincount(pair, n * mean, size)
@@ -157,8 +192,7 @@ def _configurations(rows, pair_mean, within, pad_fn) -> LeafConfigurations:
     pad = pad_fn or (lambda k: max(k, 1))
 
     if both.any():
-        key = rows[both, 0] * (rows[both, 1].max() + 1) + rows[both, 1]
-        first, count, z_mean, scatter = _group(key, pair_mean[both])
+        first, count, z_mean, scatter = _group(rows[both, 0], rows[both, 1], pair_mean[both])
         both_rows = rows[both][first]
     else:
         count, z_mean, scatter, both_rows = np.zeros(0), np.zeros((0, 2)), np.zeros((0, 3)), np.ones((0, 2))
@@ -168,8 +202,7 @@ def _configurations(rows, pair_mean, within, pad_fn) -> LeafConfigurations:
         one_arm_of = observed[one, 1].astype(np.int64)
         one_rows_of = rows[one][np.arange(one.sum()), one_arm_of]
         one_mean_of = pair_mean[one][np.arange(one.sum()), one_arm_of]
-        key = one_rows_of * 2 + one_arm_of
-        first, count1, mean1, scatter1 = _group(key, one_mean_of[:, None])
+        first, count1, mean1, scatter1 = _group(one_rows_of, one_arm_of, one_mean_of[:, None])
         arm1, rows1 = one_arm_of[first].astype(np.float64), one_rows_of[first]
     else:
         count1, mean1, scatter1, arm1, rows1 = np.zeros(0), np.zeros((0, 1)), np.zeros((0, 1)), np.zeros(0), np.ones(0)

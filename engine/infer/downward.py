@@ -309,18 +309,33 @@ def summarise_leaves(prior_of, flat_hyper: dict, arms, leaf_weights, *, rng_key,
         jax.random.split(kept_key, kept_at.size), {name: jnp.asarray(v[kept_at]) for name, v in flat_hyper.items()},
         on_device, jnp.asarray(leaf_weights))
 
-    acc = jax.device_get(acc)
-    config = np.asarray(arms.config)
-    x = (np.asarray(arms.mean[:, 0]), np.asarray(arms.mean[:, 1]), np.ones(leaves))
-    mean = sum(acc.mean[config, i] * x[i] for i in range(3))
-    m2 = sum(acc.m2[config, i, j] * x[i] * x[j] for i in range(3) for j in range(3))
-    moments = Moments(acc.count, mean, m2, acc.var_sum[config], acc.pos_sum, jax.device_get(kept))
+    mean, m2, var_sum = jax.device_get(_leaf_moments()(acc.mean, acc.m2, acc.var_sum, on_device.config,
+                                                          on_device.mean))
+    moments = Moments(float(acc.count), mean, m2, var_sum, jax.device_get(acc.pos_sum), jax.device_get(kept))
     group = finish_moments(moments, interval, stride, scale).first(real_nodes)
     # The retained rows are joint draws: their ATE is theirs, not an independent draw.
     ate = np.array(ate, dtype=np.float64)
     ate[kept_at] = np.asarray(kept_ate, dtype=np.float64)
     ate *= scale
     return Summaries((group,), (group,), ate, ate, 1, round(time.perf_counter() - started, 3))
+
+
+@lru_cache(maxsize=1)
+def _leaf_moments():
+    """Compiled: each leaf's mean and scatter of ``c · x`` over the draws, ``x = (ȳ_0, ȳ_1, 1)``,
+    from its configuration's mean and scatter of ``c``, and its configuration's Σv. One fused
+    pass over the leaves where NumPy made ~20 temporaries of them (1.7 s at 10⁷ leaves)."""
+    import jax
+
+    def leaf_moments(mean, m2, var_sum, config, arm_mean):
+        x0, x1 = arm_mean[:, 0], arm_mean[:, 1]
+        c, q = mean[config], m2[config]
+        centre = c[:, 0] * x0 + c[:, 1] * x1 + c[:, 2]
+        spread = (q[:, 0, 0] * x0 * x0 + q[:, 1, 1] * x1 * x1 + q[:, 2, 2]
+                  + 2.0 * (q[:, 0, 1] * x0 * x1 + q[:, 0, 2] * x0 + q[:, 1, 2] * x1))
+        return centre, spread, var_sum[config]
+
+    return jax.jit(leaf_moments)
 
 
 def finish_moments(acc: Moments, interval: float, stride: int, scale: float) -> GroupSummary:

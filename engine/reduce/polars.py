@@ -205,6 +205,10 @@ class _DenseRun:
     def __init__(self, group: str, dtype, covariates):
         self.group, self.dtype, self.covariates = group, dtype, list(covariates)
         self.low = self.keys = self.rows = 0
+        # The arrays cover keys base … base + capacity − 1, a superset of the run's range
+        # low … low + keys − 1: they grow geometrically, so keys that drift (sorted data)
+        # cost O(keys) copying in all, not O(keys) a batch.
+        self.base = self.capacity = 0
         self.state = None
 
     def fits(self, span, rows: int) -> bool:
@@ -221,9 +225,10 @@ class _DenseRun:
         if self.state is None:
             self.state = host.accumulate(*arrays, 2 * span[1])
             (self.low, self.keys), self.rows = span, batch.height
+            self.base, self.capacity = span
             return
         self._cover(span)
-        window = slice(2 * (span[0] - self.low), 2 * (span[0] - self.low + span[1]))
+        window = slice(2 * (span[0] - self.base), 2 * (span[0] - self.base + span[1]))
         count, shift, sums, products = self.state
         part = host.accumulate(*arrays, 2 * span[1], shift=shift[:, window], seen=count[window] > 0)
         far = self._far(part, window)
@@ -270,27 +275,37 @@ class _DenseRun:
         return host.as_sums(host.merge(before, own))
 
     def _cover(self, span) -> None:
-        """Widen the arrays (zeros) to the union of the run's key range and ``span``'s."""
+        """Extend the run's key range to ``span``'s, widening the arrays (zeros) when they
+        do not reach: by at least their own size on that side (capped at DENSE_MAX_KEYS)."""
         import numpy as np
 
         from kernels import host
 
         low = min(self.low, span[0])
-        keys = max(self.low + self.keys, span[0] + span[1]) - low
-        if (low, keys) == (self.low, self.keys):
+        high = max(self.low + self.keys, span[0] + span[1])
+        self.low, self.keys = low, high - low
+        end = self.base + self.capacity
+        if low >= self.base and high <= end:
             return
-        before, after = 2 * (self.low - low), 2 * (low + keys - self.low - self.keys)
+        grow = min(self.capacity, DENSE_MAX_KEYS)
+        before = self.base - low + grow if low < self.base else 0
+        after = high - end + grow if high > end else 0
 
         def widen(array):
-            return np.pad(array, [(0, 0)] * (array.ndim - 1) + [(before, after)])
+            out = np.zeros(array.shape[:-1] + (array.shape[-1] + 2 * (before + after),), array.dtype)
+            out[..., 2 * before:2 * before + array.shape[-1]] = array
+            return out
 
         self.state = host.Sums(*(widen(a) for a in self.state))
-        self.low, self.keys = low, keys
+        self.base, self.capacity = self.base - before, self.capacity + before + after
 
     def table(self) -> pl.DataFrame:
         from kernels import host
 
-        table = _dense_table(host.finish(self.state), self.low, self.group, self.dtype, self.covariates)
+        start = 2 * (self.low - self.base)
+        window = slice(start, start + 2 * self.keys)
+        table = _dense_table(host.finish(host.Sums(*(a[..., window] for a in self.state))), self.low, self.group,
+                             self.dtype, self.covariates)
         self.state, self.rows = None, 0
         return table
 

@@ -197,3 +197,17 @@ def test_leaves_route_summaries_match_tree_route():
     assert abs(leaves.ate.mean() - weights[:real] @ got.mean) < 4.5 * noise_sd / np.sqrt(total)
     # Retained rows are joint: their ATE is their own weighted mean.
     np.testing.assert_allclose(leaves.ate[got.draw_index], got.draws @ weights[:real], rtol=1e-5, atol=1e-6)
+
+
+def test_codes_number_each_distinct_pair_once():
+    """Small pairs through the presence table, large ones by np.unique: one code per distinct pair."""
+    from kernels.configurations import SMALL_PAIR, _codes
+
+    rng = np.random.default_rng(8)
+    a = np.concatenate([rng.integers(0, 30, 5_000), rng.integers(0, 5 * SMALL_PAIR, 300), [SMALL_PAIR, 0]])
+    b = np.concatenate([rng.integers(0, 30, 5_000), rng.integers(0, 3, 300), [0, SMALL_PAIR]])
+    index, first, size = _codes(a.astype(np.float64), b.astype(np.float64))
+    pairs = np.stack([a, b], axis=1)
+    assert size == np.unique(pairs, axis=0).shape[0]
+    np.testing.assert_array_equal(pairs[first][index], pairs)      # every leaf's code names its own pair
+    assert np.unique(index).size == size and index.min() == 0 and index.max() == size - 1

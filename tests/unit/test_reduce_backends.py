@@ -531,6 +531,44 @@ def test_dense_runs_split_and_merge(monkeypatch):
         assert_cells_agree(got, want, ["g"], ["x"])
 
 
+def test_dense_run_over_drifting_keys_widens_geometrically(monkeypatch):
+    """Sorted keys move the run's range every batch; its arrays grow by at least their own size,
+    so 60 batches widen them a handful of times (not 59), and the cells are the same."""
+    import numpy as np
+    from engine.reduce import polars as backend
+
+    monkeypatch.setattr(backend, "DENSE_MIN_KEYS", 8)
+    rng = np.random.default_rng(5)
+    key = np.sort(rng.integers(0, 3_000, 6_000))
+    frame = pl.DataFrame({"g": key, "arm": rng.integers(0, 2, key.size).astype(np.int8),
+                          "y": rng.normal(1e9, 2.0, key.size), "x": rng.normal(size=key.size)})
+    widened = []
+    original = backend._DenseRun._cover
+
+    def cover(self, span):
+        capacity = self.capacity
+        original(self, span)
+        widened.append(self.capacity != capacity)
+
+    monkeypatch.setattr(backend._DenseRun, "_cover", cover)
+    got = backend.reduce_polars(frame.lazy(), ["g"], "y", ["x"], batch_rows=100)
+    assert len(widened) == 59 and 0 < sum(widened) <= 8   # growing by each batch's range: ~59 widenings
+    assert_cells_agree(got, reference_cells(frame, ["g"], ["x"], arm="arm"), ["g"], ["x"])
+
+
+def test_merging_tables_with_disjoint_keys_stacks_them():
+    """Cell tables whose top-level keys do not overlap are stacked: the same cells as the join."""
+    from engine import cells as cells_module
+
+    frame = make_rows(seed=4, rows=2_000)
+    low = frame.filter(pl.col("country") < frame["country"].median())
+    high = frame.filter(pl.col("country") >= frame["country"].median())
+    levels, covariates = ["country", "region"], ["pre", "age"]
+    parts = [reference_cells(part, levels, covariates) for part in (high, low)]
+    merged = cells_module.merge(parts, levels, covariates)
+    assert_cells_agree(merged, reference_cells(frame, levels, covariates), levels, covariates)
+
+
 @pytest.mark.parametrize("offset", [0.0, 1e9])
 def test_dense_run_of_repeated_keys_skips_the_first_pass(offset, monkeypatch):
     """Every batch after the first sees only keys the run has shifts for, so its first pass
