@@ -37,8 +37,23 @@ def test_an_explicit_device_runs_there_and_is_recorded():
     on_default, _, default_info = runner.run_hyper_nuts(_model, args, **settings)
     on_host, _, host_info = runner.run_hyper_nuts(_model, args, device=jax.devices("cpu")[0], **settings)
     assert host_info["sampler_device"] == "cpu:0"
-    assert host_info["chain_method"] == "sequential"
+    assert host_info["chain_method"] == "threads"      # one chain a call, the calls on threads
     assert default_info["sampler_device"] == f"{jax.devices()[0].platform}:0"
     if jax.default_backend() == "cpu":   # the same device and program: the same draws
         np.testing.assert_array_equal(on_default["mu"], on_host["mu"])
     assert np.asarray(on_host["mu"]).shape == (2, 40)
+
+
+def test_chains_on_threads_are_the_chains_of_one_call():
+    """Each chain's draws depend on its own key only: two chains on threads equal the same two
+    chains computed one call at a time (same program, same keys), in order."""
+    y = jnp.asarray(np.random.default_rng(1).normal(-0.5, 2.0, 30))
+    args = (y, jnp.asarray(2.0))
+    both, _, info = runner.run_hyper_nuts(_model, args, rng_key=jax.random.PRNGKey(3), warmup=50, draws=30, chains=2)
+    if info["chain_method"] != "threads":
+        pytest.skip("chains are vectorised on this backend")
+    keys = jax.random.split(jax.random.PRNGKey(3), 2)
+    program = next(iter(p for k, p in runner._PROGRAMS.items() if k[2:4] == (50, 30)))
+    for i in range(2):
+        alone = jax.device_get(program(keys[i:i + 1], *args))[0]
+        np.testing.assert_array_equal(both["mu"][i], alone["mu"][0])
