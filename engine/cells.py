@@ -130,13 +130,20 @@ def merge_pair(a: pl.DataFrame, b: pl.DataFrame, levels, covariates) -> pl.DataF
     """Chan, Golub & LeVeque's pairwise update of two cell tables, matched on (keys, arm)."""
     keys = [*levels, "arm"]
     stats = ["n", "mean", "m2", *covariate_columns(covariates)]
+    outside = None
     if levels and a.height and b.height:
-        # Tables whose top-level keys do not overlap (batches of data sorted by group) share
-        # no cell: stacking them is the merge, without a join of millions of rows.
-        (a_low, a_high), (b_low, b_high) = (t.select(pl.col(levels[0]).min().alias("low"), pl.col(levels[0]).max().alias("high")).row(0)
-                                            for t in (a, b))
-        if a_high < b_low or b_high < a_low:
+        # Only cells whose top-level key lies in both tables' key ranges can meet: the rest are
+        # stacked, not joined. Tables of data sorted by group overlap in one key at most, and a
+        # join of millions of rows (1.4 s at 10⁷ groups) becomes a few filters.
+        (a_low, a_high), (b_low, b_high) = (
+            t.select(pl.col(levels[0]).min().alias("low"), pl.col(levels[0]).max().alias("high")).row(0)
+            for t in (a, b))
+        low, high = max(a_low, b_low), min(a_high, b_high)
+        if high < low:
             return pl.concat([a, b] if a_high < b_low else [b, a], how="vertical_relaxed")
+        inside = pl.col(levels[0]).is_between(pl.lit(low), pl.lit(high))   # strings would name columns
+        outside = pl.concat([a.filter(~inside), b.filter(~inside)], how="vertical_relaxed")
+        a, b = a.filter(inside), b.filter(inside)
     joined = a.join(b, on=keys, how="full", coalesce=True, suffix="_b", nulls_equal=True)
     na = pl.col("n").fill_null(0).cast(pl.Float64)
     nb = pl.col("n_b").fill_null(0).cast(pl.Float64)
@@ -167,7 +174,10 @@ def merge_pair(a: pl.DataFrame, b: pl.DataFrame, levels, covariates) -> pl.DataF
             out.append((pl.col(name).fill_null(0.0) + pl.col(f"{name}_b").fill_null(0.0)
                         + delta(f"x_mean__{u}") * delta(f"x_mean__{v}") * cross).alias(name))
     del stats
-    return joined.select(out)
+    merged = joined.select(out)
+    if outside is None or not outside.height:
+        return merged
+    return pl.concat([merged, outside.select(merged.columns)], how="vertical_relaxed")
 
 
 def read(paths, levels=None) -> Cells:

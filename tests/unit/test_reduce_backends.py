@@ -556,8 +556,9 @@ def test_dense_run_over_drifting_keys_widens_geometrically(monkeypatch):
     assert_cells_agree(got, reference_cells(frame, ["g"], ["x"], arm="arm"), ["g"], ["x"])
 
 
-def test_merging_tables_with_disjoint_keys_stacks_them():
-    """Cell tables whose top-level keys do not overlap are stacked: the same cells as the join."""
+def test_merging_tables_stacks_the_cells_outside_the_shared_key_range():
+    """Cell tables whose top-level keys do not overlap are stacked, and where their ranges
+    overlap only the shared band is joined: the same cells as one reduction of all rows."""
     from engine import cells as cells_module
 
     frame = make_rows(seed=4, rows=2_000)
@@ -565,6 +566,16 @@ def test_merging_tables_with_disjoint_keys_stacks_them():
     high = frame.filter(pl.col("country") >= frame["country"].median())
     levels, covariates = ["country", "region"], ["pre", "age"]
     parts = [reference_cells(part, levels, covariates) for part in (high, low)]
+    merged = cells_module.merge(parts, levels, covariates)
+    assert_cells_agree(merged, reference_cells(frame, levels, covariates), levels, covariates)
+    # Overlapping ranges (a shared middle band of countries): only the band is joined.
+    cut = frame["country"].quantile(0.4), frame["country"].quantile(0.6)
+    left = frame.filter(pl.col("country") <= cut[1])
+    right = frame.filter(pl.col("country") >= cut[0])
+    shared = frame.filter(pl.col("country").is_between(*cut))
+    right = pl.concat([right.filter(~pl.col("country").is_between(*cut)), shared.head(shared.height // 2)])
+    left = pl.concat([left.filter(~pl.col("country").is_between(*cut)), shared.tail(shared.height - shared.height // 2)])
+    parts = [reference_cells(part, levels, covariates) for part in (left, right)]
     merged = cells_module.merge(parts, levels, covariates)
     assert_cells_agree(merged, reference_cells(frame, levels, covariates), levels, covariates)
 
