@@ -287,12 +287,14 @@ def reduce_sums(y, x, segment_ids, mask, num_segments: int, shift, *, accumulate
     """Moments of all the rows in one read and one scatter of raw sums about a fixed shift.
 
     For accelerators, where ``reduce_blocks``' per-block first-row search, three scatters and
-    merge cost several passes a block. Each row's ``d = (y, x) − shift`` (one shift per
-    column, e.g. the global shift a float32 caller has already subtracted in float64) is
+    merge cost several passes a block. Each row's ``d = (y, x) − shift`` (``shift`` (1 + k,), one per
+    column, e.g. the global shift a float32 caller has already subtracted in float64, or
+    (segments, 1 + k), one per segment, e.g. a running state's shifts) is
     turned into ``(1, d, d dᵀ)`` and added per segment in ``accumulate_dtype`` (float64 when
     x64 is on: rows stay float32 in memory, only the sums are wide). Then
     ``M2 = Σd² − (Σd)²/n`` per segment. That subtraction amplifies the accumulator's
-    rounding by ``cancellation = 1 + n·(d̄)²/M2`` (1 when a segment's mean equals the shift):
+    rounding by ``cancellation = 1 + n·(d̄)²/M2`` (1 when a segment's mean equals the shift;
+    the largest over the outcome and the covariates):
     the relative error of M2 is at most ~``n·ε·cancellation``, typically ``√n·ε·cancellation``
     (ε = 1.1e-16 in float64). The second result is that factor per segment, so a caller can
     fall back to ``reduce_blocks`` (shifts per segment) where it is large.
@@ -302,8 +304,12 @@ def reduce_sums(y, x, segment_ids, mask, num_segments: int, shift, *, accumulate
     """
     acc = accumulate_dtype or (jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
     k = x.shape[1]
-    shift = jnp.broadcast_to(jnp.asarray(shift, y.dtype), (1 + k,))
-    d = jnp.concatenate([y[:, None], x.astype(y.dtype)], axis=1) - shift
+    shift = jnp.asarray(shift, y.dtype)
+    if shift.ndim == 2:     # per segment: each row minus its segment's shift (a gather)
+        row_shift = jnp.take(shift, segment_ids, axis=0, mode="clip")
+    else:
+        shift = row_shift = jnp.broadcast_to(shift, (1 + k,))
+    d = jnp.concatenate([y[:, None], x.astype(y.dtype)], axis=1) - row_shift
     d = jnp.where(mask[:, None], d, jnp.zeros((), d.dtype)).astype(acc)
     upper_i, upper_j = np.triu_indices(1 + k)
     columns = jnp.concatenate([mask.astype(acc)[:, None], d, d[:, upper_i] * d[:, upper_j]], axis=1)
@@ -329,9 +335,17 @@ def reduce_sums(y, x, segment_ids, mask, num_segments: int, shift, *, accumulate
         xx_m2 = xx_m2.at[:, diagonal, diagonal].max(zero)
     count = jnp.round(n).astype(_count_dtype())
     seen = (n > 0)[:, None]
-    moments = Moments(count=count, shift=jnp.where(seen, shift.astype(acc), zero), offset=offset,
+    moments = Moments(count=count, shift=jnp.where(seen, jnp.broadcast_to(shift.astype(acc), offset.shape), zero),
+                      offset=offset,
                       m2=m2, xy_m2=xy_m2, xx_m2=xx_m2)
-    cancellation = jnp.where(m2 > 0, sums[:, 2 + k] / jnp.where(m2 > 0, m2, 1.0), 1.0)
+    # Per column (outcome and covariates) Σd²/M2; the cross moments are bounded by these.
+    ratios = []
+    for c, (i, j) in enumerate(zip(upper_i, upper_j)):
+        if i == j:
+            centred_ii = jnp.maximum(centred[i, i], zero)
+            ratios.append(jnp.where(centred_ii > 0, sums[:, 2 + k + c] / jnp.where(centred_ii > 0, centred_ii, 1.0),
+                                    1.0))
+    cancellation = jnp.max(jnp.stack(ratios), axis=0)
     return moments, cancellation
 
 

@@ -253,3 +253,20 @@ def test_reduce_sums_drops_masked_and_out_of_range_rows():
     np.testing.assert_allclose(np.asarray(got.mean), [1.5, 3.0])
     np.testing.assert_allclose(np.asarray(got.m2), [0.5, 0.0])
     assert np.asarray(cancellation)[1] == 1.0   # M2 = 0: nothing to amplify, reported as 1
+
+
+def test_reduce_sums_about_per_segment_shifts():
+    """Shifts per segment (e.g. a running state's): segments 1e7 sds apart at offset 1e9 stay
+    exact, and the cancellation factor is ~1 where each shift is a value of its segment."""
+    rng = np.random.default_rng(13)
+    ids = rng.integers(0, 25, 20_000)
+    y = 1e9 + 1e7 * ids + rng.standard_normal(ids.size)
+    x = (3.0 + 1e5 * ids)[:, None] + rng.standard_normal((ids.size, 1))
+    ref = reference(y, x, ids, 25)
+    first = np.array([np.flatnonzero(ids == s)[0] for s in range(25)])
+    shift = np.stack([y[first], x[first, 0]], axis=1)
+    got, cancellation = reduce_sums(y, x, ids, np.ones(ids.size, bool), 25, shift)
+    assert float(np.max(cancellation)) < 50
+    assert_moments(got, ref, rel=1e-10)
+    _, global_cancellation = reduce_sums(y, x, ids, np.ones(ids.size, bool), 25, shift[0])
+    assert float(np.max(global_cancellation)) > 1e12   # one shift for all: the raw sums would cancel
