@@ -131,7 +131,7 @@ def merge_pair(a: pl.DataFrame, b: pl.DataFrame, levels, covariates) -> pl.DataF
     keys = [*levels, "arm"]
     stats = ["n", "mean", "m2", *covariate_columns(covariates)]
     outside = None
-    if levels and a.height and b.height:
+    if levels and a.height and b.height and not (a[levels[0]].null_count() or b[levels[0]].null_count()):
         # Only cells whose top-level key lies in both tables' key ranges can meet: the rest are
         # stacked, not joined. Tables of data sorted by group overlap in one key at most, and a
         # join of millions of rows (1.4 s at 10⁷ groups) becomes a few filters.
@@ -193,11 +193,12 @@ def read(paths, levels=None) -> Cells:
               if "m2" not in t.columns and "sd" in t.columns else t for t in tables]
     for path, table in zip(paths, tables):
         if {"n", "mean"} <= set(table.columns):
-            bad = table.filter((pl.col("n") < 1) | ~pl.col("mean").is_finite() | ~pl.col("m2").is_finite()
-                               | (pl.col("m2") < 0)) if "m2" in table.columns else table.head(0)
+            bad = table.filter((pl.col("n") < 1) | (pl.col("n") != pl.col("n").floor()) | ~pl.col("mean").is_finite()
+                               | ~pl.col("m2").is_finite() | (pl.col("m2") < 0)) if "m2" in table.columns \
+                else table.head(0)
             if bad.height:
-                raise DataError(f"cell table {str(path)!r} has {bad.height} cell(s) with n < 1, a non-finite "
-                                "mean or a negative/non-finite m2 (or sd); fix those cells")
+                raise DataError(f"cell table {str(path)!r} has {bad.height} cell(s) with n < 1 or not a whole "
+                                "number, a non-finite mean or a negative/non-finite m2 (or sd); fix those cells")
     first = tables[0]
     missing = [c for c in ("arm", "n", "mean", "m2") if c not in first.columns]
     if missing:
@@ -209,6 +210,10 @@ def read(paths, levels=None) -> Cells:
     if levels is not None and list(levels) != found_levels:
         raise SchemaError(f"cell table levels {found_levels} differ from --group {list(levels)}")
     for path, table in zip(paths, tables):
+        nulls = [c for c in found_levels if c in table.columns and table[c].null_count()]
+        if nulls:
+            raise DataError(f"cell table {str(path)!r} has null group keys in {nulls}; every cell needs its "
+                            "group (drop or name those cells before sharing the table)")
         if table.columns != first.columns:
             raise SchemaError(
                 f"cell tables {str(paths[0])!r} and {str(path)!r} have different columns "

@@ -333,18 +333,24 @@ def reduce_sums(y, x, segment_ids, mask, num_segments: int, shift, *, accumulate
     if k:
         diagonal = jnp.arange(k)
         xx_m2 = xx_m2.at[:, diagonal, diagonal].max(zero)
-    count = jnp.round(n).astype(_count_dtype())
+    if jnp.finfo(acc).nmant < 52:   # float32 sums are exact counts only to 2²⁴: count in integers
+        count = jax.ops.segment_sum(mask.astype(_count_dtype()), segment_ids, num_segments)
+    else:
+        count = jnp.round(n).astype(_count_dtype())
     seen = (n > 0)[:, None]
     moments = Moments(count=count, shift=jnp.where(seen, jnp.broadcast_to(shift.astype(acc), offset.shape), zero),
                       offset=offset,
                       m2=m2, xy_m2=xy_m2, xx_m2=xx_m2)
     # Per column (outcome and covariates) Σd²/M2; the cross moments are bounded by these.
+    # A column whose M2 came out ≤ 0 although its rows are not all at the shift (n ≥ 2, Σd² > 0)
+    # cancelled completely: infinite, so a caller falls back.
     ratios = []
     for c, (i, j) in enumerate(zip(upper_i, upper_j)):
         if i == j:
-            centred_ii = jnp.maximum(centred[i, i], zero)
-            ratios.append(jnp.where(centred_ii > 0, sums[:, 2 + k + c] / jnp.where(centred_ii > 0, centred_ii, 1.0),
-                                    1.0))
+            centred_ii, square = jnp.maximum(centred[i, i], zero), sums[:, 2 + k + c]
+            lost = (centred_ii <= 0) & (square > 0) & (n > 1)
+            ratios.append(jnp.where(centred_ii > 0, square / jnp.where(centred_ii > 0, centred_ii, 1.0),
+                                    jnp.where(lost, jnp.inf, 1.0)))
     cancellation = jnp.max(jnp.stack(ratios), axis=0)
     return moments, cancellation
 

@@ -697,8 +697,6 @@ def section_correctness(config: dict, rec: Recorder) -> None:
     rng = np.random.default_rng(config["seed"] + 11)
     k = 2
     reduce_fn = jax.jit(segments.reduce_blocks, static_argnums=(4, 5), static_argnames=("indices_are_sorted",))
-    # One read and one float64-accumulated scatter of raw sums about a fixed shift (segments.reduce_sums).
-    sums_fn = jax.jit(segments.reduce_sums, static_argnums=(4,), static_argnames=("accumulate_dtype", "fused"))
     # Tolerances: float64 as tests/unit/test_segments.py at offset 1e9 (means to 2.5e-16·1e9, one ulp
     # there); float32 after a float64 shift as kernels/segments.py states (2e-5·sd, 2e-4·n·sd²).
     tolerances = {"float64": (1e-12 + 2.5e-16 * 1e9, 1e-11), "float32-shifted": (2e-5, 2e-4),

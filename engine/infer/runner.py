@@ -108,8 +108,10 @@ def run_nuts(model_fn, model_args: tuple, model_kwargs: dict, *, rng_key, warmup
                                   "chain_method": chain_method(chains), "target_accept": target_accept}
 
 
-# Compiled whole-run NUTS programs, keyed like _SAMPLERS (see run_hyper_nuts).
+# Compiled whole-run NUTS programs, keyed like _SAMPLERS (see run_hyper_nuts), and the
+# one-chain executables compiled ahead for chains on threads.
 _PROGRAMS: dict = {}
+_EXECUTABLES: dict = {}
 
 
 def hyper_device(small: bool):
@@ -129,22 +131,26 @@ def hyper_device(small: bool):
         raise ValueError(f"CAUSAL_ENGINE_HYPER_DEVICE={choice!r}: expected auto, cpu or default")
     if choice == "default" or jax.default_backend() == "cpu" or (choice == "auto" and not small):
         return None
-    return jax.devices("cpu")[0]
+    try:
+        return jax.devices("cpu")[0]
+    except RuntimeError:    # the CPU backend is off (JAX_PLATFORMS names the accelerator only)
+        return None
 
 
 def run_hyper_nuts(model_fn, model_args: tuple, *, rng_key, warmup: int, draws: int, chains: int,
                    target_accept: float = 0.85, device=None):
     """NUTS for the few hyperparameters of a collapsed model: initialisation, warm-up and
-    sampling of every chain in one compiled program, cached per model and shapes.
+    sampling in one compiled program, cached per model and shapes (on a CPU one chain a
+    call, the chains on threads; elsewhere every chain in one call).
 
     NumPyro's ``MCMC.run`` compiles its sampling loop again on every call, even for the
     same shapes (in ``vectorized`` mode ``HMC.init`` wraps the step in a fresh ``vmap`` each
-    time): at 1e3 groups a repeated `exact` fit spent ~7 of its 7 s compiling. Here the
-    same settings as ``run_nuts`` (NUTS, ``init_to_median(15)``, diagonal mass matrix
-    adapted in windows, ``target_accept``, tree depth 10) are driven through NumPyro's
-    functional ``hmc()`` inside one ``jax.jit``, so a later fit with the same shapes (SBC,
-    batch jobs, benchmarks) reuses the program. No progress bar: with the hyperparameters
-    alone the run is short; the compile is most of it.
+    time): at 1e3 groups a repeated `exact` fit spent ~7 of its 7 s compiling. Here NUTS
+    (diagonal mass matrix adapted in windows, ``target_accept``, tree depth 10, as
+    ``run_nuts``) is driven through NumPyro's functional ``hmc()`` inside one ``jax.jit``,
+    from ``init_to_median(15)`` moved to a Laplace start (``laplace_start``), so a later fit
+    with the same shapes (SBC, batch jobs, benchmarks) reuses the program. No progress bar:
+    with the hyperparameters alone the run is short; the compile is most of it.
 
     The adapted mass matrix is not regularised. NumPyro (like Stan) shrinks each window's
     variance estimate toward ``1e-3·I`` with weight ``5/(n+5)``, an absolute floor of ~1e-5
@@ -174,9 +180,13 @@ def run_hyper_nuts(model_fn, model_args: tuple, *, rng_key, warmup: int, draws: 
     if in_turn and chains > 1:
         # One chain a call, the calls on threads: XLA runs each on the calling thread without
         # the GIL, so the chains use the host's cores (1.5x on 2 cores for 4 chains, measured).
+        # Compiled ahead, here, so that no two threads trace the model at once (NumPyro's
+        # handler stack is one global list); the executable is cached with the program.
+        compiled = _cached(_EXECUTABLES, key, lambda: program.lower(chain_keys[:1], *model_args).compile())
         workers = min(chains, os.cpu_count() or 1)
         with _thread_pool(workers) as pool:
-            parts = list(pool.map(lambda i: jax.device_get(program(chain_keys[i:i + 1], *model_args)), range(chains)))
+            parts = list(pool.map(lambda i: jax.device_get(compiled(chain_keys[i:i + 1], *model_args)),
+                                  range(chains)))
         samples, diverging = jax.tree.map(lambda *a: np.concatenate(a), *parts)
     else:
         samples, diverging = jax.device_get(program(chain_keys, *model_args))
@@ -287,7 +297,10 @@ def laplace_start(potential_fn, z, rng_key, iterations: int = START_ITERATIONS):
     variance = jnp.diag(jnp.linalg.inv(hessian))
     usable = jnp.all(jnp.isfinite(jnp.linalg.cholesky(hessian))) & jnp.all(variance > 0) & jnp.all(jnp.isfinite(x))
     jitter = jnp.sqrt(jnp.where(usable, variance, 1.0)) * jax.random.normal(rng_key, (d,), x0.dtype)
-    start = jnp.where(usable, x + jitter, x0)
+    # A nearly singular H gives a huge diag H⁻¹: where the jittered point's potential is not
+    # finite, the chain starts at the mode itself.
+    jittered_ok = jnp.isfinite(potential_fn(unravel(x + jitter)))
+    start = jnp.where(usable, jnp.where(jittered_ok, x + jitter, x), x0)
     return unravel(start), jnp.where(usable, variance, jnp.ones_like(variance))
 
 

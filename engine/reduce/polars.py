@@ -287,7 +287,12 @@ class _DenseRun:
         end = self.base + self.capacity
         if low >= self.base and high <= end:
             return
-        grow = min(self.capacity, DENSE_MAX_KEYS)
+        # Slack beyond what the range needs, at most the arrays' size and never past
+        # DENSE_MAX_KEYS in all (the run's range itself stays within it: ``fits``).
+        needed = max(end, high) - min(self.base, low)
+        grow = max(min(self.capacity, DENSE_MAX_KEYS - needed), 0)
+        if low < self.base and high > end:
+            grow //= 2
         before = self.base - low + grow if low < self.base else 0
         after = high - end + grow if high > end else 0
 

@@ -141,3 +141,29 @@ def test_cells_with_sd_instead_of_m2(tmp_path):
     from engine.errors import DataError
     with pytest.raises(DataError, match="n < 1"):
         cells_mod.read([tmp_path / "bad.parquet"], levels=["group"])
+
+
+def test_merge_keeps_cells_whose_key_is_null():
+    """A null top-level key is one group in both tables (as the join matches it): merged, not lost."""
+    a = pl.DataFrame({"g": [1, None, 3], "arm": [0, 0, 0], "n": [2, 2, 2], "mean": [1.0, 2.0, 3.0],
+                      "m2": [0.5, 0.5, 0.5]})
+    b = pl.DataFrame({"g": [2, None], "arm": [0, 0], "n": [2, 2], "mean": [4.0, 4.0], "m2": [0.5, 0.5]})
+    merged = merge([a, b], ["g"], [])
+    assert merged.height == 4
+    null_cell = merged.filter(pl.col("g").is_null()).row(0, named=True)
+    assert null_cell["n"] == 4 and null_cell["mean"] == 3.0 and null_cell["m2"] == pytest.approx(1.0 + 4.0)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"n": [2.5, 3.0]}, "not a whole number"),
+    ({"g": [None, "b"]}, "null group keys"),
+])
+def test_cell_tables_with_fractional_counts_or_null_keys_are_refused(tmp_path, change, message):
+    from engine.cells import read
+    from engine.errors import DataError
+
+    table = pl.DataFrame({"g": ["a", "b"], "arm": [0, 1], "n": [2.0, 3.0], "mean": [1.0, 2.0], "m2": [0.5, 0.5]})
+    path = tmp_path / "cells.parquet"
+    table.with_columns(**{k: pl.Series(v) for k, v in change.items()}).write_parquet(path)
+    with pytest.raises(DataError, match=message):
+        read([path], levels=["g"])

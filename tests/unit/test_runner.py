@@ -57,3 +57,21 @@ def test_chains_on_threads_are_the_chains_of_one_call():
     for i in range(2):
         alone = jax.device_get(program(keys[i:i + 1], *args))[0]
         np.testing.assert_array_equal(both["mu"][i], alone["mu"][0])
+
+
+def test_laplace_start_finds_the_mode_and_curvature_of_a_gaussian():
+    """A correlated Gaussian potential: the mode and diag(H⁻¹) exactly, the start one draw away."""
+    mean = jnp.array([3.0, -2.0, 0.5])
+    cov = jnp.array([[1e-6, 5e-7, 0.0], [5e-7, 4e-6, 0.0], [0.0, 0.0, 2.0]])
+    precision = jnp.linalg.inv(cov)
+
+    def potential(z):
+        d = jnp.stack([z["a"], z["b"], z["c"]]) - mean
+        return 0.5 * d @ precision @ d
+
+    start, inverse_mass = jax.jit(runner.laplace_start, static_argnums=0)(
+        potential, {"a": 0.0, "b": 0.0, "c": 0.0}, jax.random.PRNGKey(1))
+    np.testing.assert_allclose(inverse_mass, np.diag(np.linalg.inv(np.asarray(precision))), rtol=1e-5)
+    z = np.array([start["a"], start["b"], start["c"]])
+    assert np.all(np.abs(z - np.asarray(mean)) < 5 * np.sqrt(np.asarray(inverse_mass)))   # near the mode
+    assert np.any(z != np.asarray(mean))                                                     # jittered

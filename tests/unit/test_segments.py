@@ -270,3 +270,10 @@ def test_reduce_sums_about_per_segment_shifts():
     assert_moments(got, ref, rel=1e-10)
     _, global_cancellation = reduce_sums(y, x, ids, np.ones(ids.size, bool), 25, shift[0])
     assert float(np.max(global_cancellation)) > 1e12   # one shift for all: the raw sums would cancel
+
+
+def test_reduce_sums_flags_complete_cancellation():
+    """Rows at 1e9 summed raw about 0: M2 cancels to nothing in float64, and the factor says so."""
+    got, cancellation = reduce_sums(np.array([1e9, 1e9 + 1.0]), np.zeros((2, 0)), np.array([0, 0]),
+                                    np.ones(2, bool), 1, np.zeros(1))
+    assert float(got.m2[0]) != 0.5 and np.isinf(np.asarray(cancellation)[0])
