@@ -177,18 +177,29 @@ def _add_rows(state: Moments, y, x, segment_ids, mask, shift, indices_are_sorted
     n = segment_sum(mask.astype(dtype))
     s_d = jnp.stack([segment_sum(dj) for dj in d], axis=1)                 # (segments, 1 + k): Σd
     s_dd = {(i, j): segment_sum(d[i] * d[j]) for i in range(1 + k) for j in range(i, 1 + k)}
-    inv_n = jnp.where(n > 0, 1.0 / jnp.maximum(n, 1.0), 0.0).astype(dtype)
-    offset = s_d * inv_n[:, None]                                          # block means − shift
-    # Centred: Σ(dᵢ − d̄ᵢ)(dⱼ − d̄ⱼ) = Σdᵢdⱼ − Σdᵢ·d̄ⱼ; index 0 is the outcome.
-    centred = {(i, j): s - s_d[:, i] * offset[:, j] for (i, j), s in s_dd.items()}
-    m2 = jnp.maximum(centred[0, 0], zero)
-    xy_m2 = (jnp.stack([centred[0, j] for j in range(1, 1 + k)], axis=1) if k
-             else jnp.zeros((num_segments, 0), dtype))
-    xx_m2 = (jnp.stack([jnp.stack([centred[min(i, j), max(i, j)] for j in range(1, 1 + k)], axis=1)
-                        for i in range(1, 1 + k)], axis=1) if k else jnp.zeros((num_segments, 0, 0), dtype))
+    offset, centred, m2, xy_m2, xx_m2 = _centred(n, s_d, s_dd)
     # Padding rows are masked, so each block count is exact in float (≤ 2²⁴ rows in float32).
     count = jnp.round(n).astype(state.count.dtype)
     return _combine(state, shift, offset - state.offset, count, m2, xy_m2, xx_m2)
+
+
+def _centred(n, s_d, s_dd):
+    """Per segment, from the row count ``n``, Σd (segments, 1 + k) and Σdᵢdⱼ (``s_dd[i, j]``,
+    i ≤ j) of deviations from a shift: the means − shift and the centred moments
+    Σ(dᵢ − d̄ᵢ)(dⱼ − d̄ⱼ) = Σdᵢdⱼ − Σdᵢ·d̄ⱼ (``centred[i, j]``, i ≤ j), with M2 clamped at 0 and
+    split into ``m2``, ``xy_m2`` and ``xx_m2`` (index 0 is the outcome)."""
+    segments, k = s_d.shape[0], s_d.shape[1] - 1
+    dtype = s_d.dtype
+    zero = jnp.zeros((), dtype)
+    inv_n = jnp.where(n > 0, 1.0 / jnp.maximum(n, 1.0), 0.0).astype(dtype)
+    offset = s_d * inv_n[:, None]
+    centred = {(i, j): s - s_d[:, i] * offset[:, j] for (i, j), s in s_dd.items()}
+    m2 = jnp.maximum(centred[0, 0], zero)
+    xy_m2 = (jnp.stack([centred[0, j] for j in range(1, 1 + k)], axis=1) if k
+             else jnp.zeros((segments, 0), dtype))
+    xx_m2 = (jnp.stack([jnp.stack([centred[min(i, j), max(i, j)] for j in range(1, 1 + k)], axis=1)
+                        for i in range(1, 1 + k)], axis=1) if k else jnp.zeros((segments, 0, 0), dtype))
+    return offset, centred, m2, xy_m2, xx_m2
 
 
 def reduce_block(y, x, segment_ids, mask, num_segments: int, *, shift=None,
@@ -319,17 +330,9 @@ def reduce_sums(y, x, segment_ids, mask, num_segments: int, shift, *, accumulate
         sums = jnp.stack([jax.ops.segment_sum(columns[:, c], segment_ids, num_segments)
                           for c in range(columns.shape[1])], axis=1)
     n = sums[:, 0]
-    s_d = sums[:, 1:2 + k]
-    inv_n = jnp.where(n > 0, 1.0 / jnp.maximum(n, 1.0), 0.0)
-    offset = s_d * inv_n[:, None]
-    centred = {}
-    for c, (i, j) in enumerate(zip(upper_i, upper_j)):
-        centred[i, j] = centred[j, i] = sums[:, 2 + k + c] - s_d[:, i] * offset[:, j]
+    s_dd = {(int(i), int(j)): sums[:, 2 + k + c] for c, (i, j) in enumerate(zip(upper_i, upper_j))}
+    offset, centred, m2, xy_m2, xx_m2 = _centred(n, sums[:, 1:2 + k], s_dd)
     zero = jnp.zeros((), acc)
-    m2 = jnp.maximum(centred[0, 0], zero)
-    xy_m2 = jnp.stack([centred[0, j] for j in range(1, 1 + k)], axis=1) if k else jnp.zeros((num_segments, 0), acc)
-    xx_m2 = (jnp.stack([jnp.stack([centred[i, j] for j in range(1, 1 + k)], axis=1) for i in range(1, 1 + k)],
-                       axis=1) if k else jnp.zeros((num_segments, 0, 0), acc))
     if k:
         diagonal = jnp.arange(k)
         xx_m2 = xx_m2.at[:, diagonal, diagonal].max(zero)
@@ -345,12 +348,11 @@ def reduce_sums(y, x, segment_ids, mask, num_segments: int, shift, *, accumulate
     # A column whose M2 came out ≤ 0 although its rows are not all at the shift (n ≥ 2, Σd² > 0)
     # cancelled completely: infinite, so a caller falls back.
     ratios = []
-    for c, (i, j) in enumerate(zip(upper_i, upper_j)):
-        if i == j:
-            centred_ii, square = jnp.maximum(centred[i, i], zero), sums[:, 2 + k + c]
-            lost = (centred_ii <= 0) & (square > 0) & (n > 1)
-            ratios.append(jnp.where(centred_ii > 0, square / jnp.where(centred_ii > 0, centred_ii, 1.0),
-                                    jnp.where(lost, jnp.inf, 1.0)))
+    for i in range(1 + k):
+        centred_ii, square = jnp.maximum(centred[i, i], zero), s_dd[i, i]
+        lost = (centred_ii <= 0) & (square > 0) & (n > 1)
+        ratios.append(jnp.where(centred_ii > 0, square / jnp.where(centred_ii > 0, centred_ii, 1.0),
+                                jnp.where(lost, jnp.inf, 1.0)))
     cancellation = jnp.max(jnp.stack(ratios), axis=0)
     return moments, cancellation
 
