@@ -116,8 +116,8 @@ def placebo_pointer() -> dict:
 def trust_checks(cells, spec, leaf_groups: pl.DataFrame | None = None) -> dict:
     """Every check that the cell table allows, with plain-language messages.
 
-    ``leaf_groups`` (the leaf level's key, ``n`` and ``n_treated``, e.g. the encoding's last
-    node table) saves grouping the cells again."""
+    ``leaf_groups`` is the leaf level's key, ``n`` and ``n_treated``: the encoding's last node
+    table, which the fit has already; without it the cells are encoded here."""
     if spec.summary_level:
         return {"ok": True, "sample_ratio": None, "balance": None, "placebo": None,
                 "messages": ["summary-level input (one estimate per group) has no arms: sample ratio, balance "
@@ -125,11 +125,12 @@ def trust_checks(cells, spec, leaf_groups: pl.DataFrame | None = None) -> dict:
     control, treated = cells.arm_rows()
     groups = None
     level = cells.levels[-1] if cells.levels else None
-    if level is not None and leaf_groups is not None:
+    if level is not None:
+        if leaf_groups is None:
+            from engine.encode import encode
+
+            leaf_groups = encode(cells).nodes[-1]
         groups = leaf_groups.select(level, "n", "n_treated")
-    elif level is not None:
-        treated_rows = pl.when(pl.col("arm") == 1).then(pl.col("n")).otherwise(0)
-        groups = cells.table.group_by(level).agg(pl.col("n").sum(), treated_rows.sum().alias("n_treated")).sort(level)
     srm = sample_ratio(control, treated, float(spec.design_share), groups, level)
     bal = balance(cells)
     messages = []
