@@ -75,8 +75,10 @@ def _codes(a: np.ndarray, b: np.ndarray):
     """
     a, b = np.asarray(a).astype(np.int64), np.asarray(b).astype(np.int64)
     small = (a < SMALL_PAIR) & (b < SMALL_PAIR)
-    key = a[small] * SMALL_PAIR + b[small]
-    present = np.bincount(key, minlength=SMALL_PAIR * SMALL_PAIR) > 0
+    # The table spans the small pairs present, not SMALL_PAIR² (4M entries for a 100-leaf fit).
+    width = int(b[small].max(initial=0)) + 1
+    key = a[small] * width + b[small]
+    present = np.bincount(key) > 0
     index = np.empty(a.size, np.int64)
     index[small] = (np.cumsum(present) - 1)[key]
     size = int(present.sum())
