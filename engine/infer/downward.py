@@ -219,17 +219,20 @@ class LeafMoments(NamedTuple):
     pos_sum: object         # (leaves,)  Σ P(τ_g > 0 | draw)
 
 
-def _scan_leaves(hyper, eps, arms, sums, *, prior_of):
+def _scan_leaves(hyper, rng_key, arms, sums, *, prior_of):
     """Every draw in one compiled loop, one draw a step, per configuration: ``hyper`` name ->
-    (draws,), ``eps`` (draws,) standard normals, ``sums`` from ``effect_sums``. Returns the
-    merged ``LeafMoments`` (Welford's update) and one ATE draw per draw."""
+    (draws,), ``sums`` from ``effect_sums``; the ATE draws' standard normals come from the
+    first half of ``rng_key`` (``_kept_leaves`` takes the second). Returns the merged
+    ``LeafMoments`` (Welford's update) and one ATE draw per draw. The keys are split in here,
+    not eagerly: each eager random op is a program of its own to compile (~0.1 s each)."""
     import jax
     import jax.numpy as jnp
     from jax.scipy.special import ndtr
 
     from kernels.configurations import effect_coefficients
 
-    dtype = eps.dtype
+    dtype = jnp.result_type(float)
+    eps = jax.random.normal(jax.random.split(rng_key)[0], (next(iter(hyper.values())).shape[0],), dtype)
     size = arms.config_rows.shape[0]
 
     def step(acc, xs):
@@ -257,9 +260,10 @@ def _scan_leaves(hyper, eps, arms, sums, *, prior_of):
     return jax.lax.scan(step, init, (hyper, eps))
 
 
-def _kept_leaves(keys, hyper, arms, leaf_weights, *, prior_of):
-    """Joint draws of every leaf's effect (kept, leaves) float32, one per (key, hyper) row,
-    and each one's ATE ``Σ_g w_g τ_g`` (kept,), so that the retained rows stay joint draws."""
+def _kept_leaves(rng_key, hyper, arms, leaf_weights, *, prior_of):
+    """Joint draws of every leaf's effect (kept, leaves) float32, one per ``hyper`` row (keys
+    from the second half of ``rng_key``), and each one's ATE ``Σ_g w_g τ_g`` (kept,), so that
+    the retained rows stay joint draws."""
     import jax
     import jax.numpy as jnp
 
@@ -269,6 +273,7 @@ def _kept_leaves(keys, hyper, arms, leaf_weights, *, prior_of):
         draw = leaf_effect_draw(x[0], arms, *prior_of(x[1]))[0]
         return draw.astype(jnp.float32), draw @ leaf_weights
 
+    keys = jax.random.split(jax.random.split(rng_key)[1], next(iter(hyper.values())).shape[0])
     return jax.lax.map(one, (keys, hyper))
 
 
@@ -296,18 +301,16 @@ def summarise_leaves(prior_of, flat_hyper: dict, arms, leaf_weights, *, rng_key,
     started = time.perf_counter()
     total = next(iter(flat_hyper.values())).shape[0]
     leaves = arms.mean.shape[0]
-    ate_key, kept_key = jax.random.split(rng_key)
-    eps = jax.random.normal(ate_key, (total,), jnp.result_type(float))
     on_device = jax.tree.map(jnp.asarray, arms)
     sums = jnp.asarray(effect_sums(arms, leaf_weights))
     acc, ate = _compiled(_scan_leaves, "prior_of", prior_of)(
-        {name: jnp.asarray(values) for name, values in flat_hyper.items()}, eps, on_device, sums)
+        {name: jnp.asarray(values) for name, values in flat_hyper.items()}, rng_key, on_device, sums)
 
     stride = retained_stride(total, leaves, keep)
     kept_at = np.arange(0, total, stride)
     kept, kept_ate = _compiled(_kept_leaves, "prior_of", prior_of)(
-        jax.random.split(kept_key, kept_at.size), {name: jnp.asarray(v[kept_at]) for name, v in flat_hyper.items()},
-        on_device, jnp.asarray(leaf_weights))
+        rng_key, {name: jnp.asarray(v[kept_at]) for name, v in flat_hyper.items()}, on_device,
+        jnp.asarray(leaf_weights))
 
     mean, m2, var_sum = jax.device_get(_leaf_moments()(acc.mean, acc.m2, acc.var_sum, on_device.config,
                                                           on_device.mean))

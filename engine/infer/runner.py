@@ -1,9 +1,11 @@
 """The one compile boundary: devices, precision, seeds and the NUTS driver."""
 from __future__ import annotations
 
+import math
 import os
 import sys
 from functools import partial
+from typing import NamedTuple
 
 
 def configure_jax() -> None:
@@ -139,8 +141,8 @@ def hyper_device(small: bool):
 
 def run_hyper_nuts(model_fn, model_args: tuple, *, rng_key, warmup: int, draws: int, chains: int,
                    target_accept: float = 0.85, device=None):
-    """NUTS for the few hyperparameters of a collapsed model: initialisation, warm-up and
-    sampling in one compiled program, cached per model and shapes (on a CPU one chain a
+    """NUTS for the few hyperparameters of a collapsed model: a Laplace start, then warm-up
+    and sampling in one compiled program, cached per model and shapes (on a CPU one chain a
     call, the chains on threads; elsewhere every chain in one call).
 
     NumPyro's ``MCMC.run`` compiles its sampling loop again on every call, even for the
@@ -148,9 +150,12 @@ def run_hyper_nuts(model_fn, model_args: tuple, *, rng_key, warmup: int, draws: 
     time): at 1e3 groups a repeated `exact` fit spent ~7 of its 7 s compiling. Here NUTS
     (diagonal mass matrix adapted in windows, ``target_accept``, tree depth 10, as
     ``run_nuts``) is driven through NumPyro's functional ``hmc()`` inside one ``jax.jit``,
-    from ``init_to_median(15)`` moved to a Laplace start (``laplace_start``), so a later fit
-    with the same shapes (SBC, batch jobs, benchmarks) reuses the program. No progress bar:
-    with the hyperparameters alone the run is short; the compile is most of it.
+    so a later fit with the same shapes (SBC, batch jobs, benchmarks) reuses the program.
+    The start (``laplace_start``) runs on the host around one small compiled program, the
+    potential and its gradient at a batch of points: compiled into the NUTS program with
+    NumPyro's ``init_to_median``, it had cost ~2.5 s of a 5-s compile (benchmarks/RESULTS.md).
+    No progress bar: with the hyperparameters alone the run is short; the compile is most
+    of it.
 
     The adapted mass matrix is not regularised. NumPyro (like Stan) shrinks each window's
     variance estimate toward ``1e-3·I`` with weight ``5/(n+5)``, an absolute floor of ~1e-5
@@ -174,30 +179,38 @@ def run_hyper_nuts(model_fn, model_args: tuple, *, rng_key, warmup: int, draws: 
     if device is not None:
         rng_key, model_args = jax.device_put((rng_key, model_args), device)
     key = (static_key(model_fn), _shape_key(model_args), warmup, draws, target_accept, platform)
-    program = _cached(_PROGRAMS, key, lambda: jax.jit(partial(
-        _nuts_program, model_fn=model_fn, warmup=warmup, draws=draws, target_accept=target_accept, in_turn=in_turn)))
+    layout = _cached(_LAYOUTS, key[:2], lambda: Layout.of(model_fn, model_args))
+    evaluate = _cached(_PROGRAMS, key[:2] + (platform, "evaluate"),
+                       lambda: jax.jit(partial(_evaluate_program, model_fn=model_fn, layout=layout)))
     chain_keys = jax.random.split(rng_key, chains)
+    start = laplace_start(lambda points: jax.device_get(evaluate(points, *model_args)), layout.size,
+                          np.random.default_rng(np.asarray(jax.random.key_data(rng_key))), chains,
+                          dtype=layout.dtype)
+    program = _cached(_PROGRAMS, key, lambda: jax.jit(partial(
+        _nuts_program, model_fn=model_fn, layout=layout, warmup=warmup, draws=draws, target_accept=target_accept,
+        in_turn=in_turn)))
+    starts, inverse_mass = (np.asarray(a, layout.dtype) for a in (start.points, start.inverse_mass))
     if in_turn and chains > 1:
         # One chain a call, the calls on threads: XLA runs each on the calling thread without
         # the GIL, so the chains use the host's cores (1.5x on 2 cores for 4 chains, measured).
         # Compiled ahead, here, so that no two threads trace the model at once (NumPyro's
         # handler stack is one global list); the executable is cached with the program.
-        compiled = _cached(_EXECUTABLES, key, lambda: program.lower(chain_keys[:1], *model_args).compile())
+        compiled = _cached(_EXECUTABLES, key, lambda: program.lower(
+            chain_keys[:1], starts[:1], inverse_mass, *model_args).compile())
         workers = min(chains, os.cpu_count() or 1)
         with _thread_pool(workers) as pool:
-            parts = list(pool.map(lambda i: jax.device_get(compiled(chain_keys[i:i + 1], *model_args)),
-                                  range(chains)))
+            parts = list(pool.map(lambda i: jax.device_get(compiled(
+                chain_keys[i:i + 1], starts[i:i + 1], inverse_mass, *model_args)), range(chains)))
         samples, diverging = jax.tree.map(lambda *a: np.concatenate(a), *parts)
     else:
-        samples, diverging = jax.device_get(program(chain_keys, *model_args))
+        samples, diverging = jax.device_get(program(chain_keys, starts, inverse_mass, *model_args))
     where = device if device is not None else jax.devices()[0]
     return samples, int(diverging.sum()), {"warmup": warmup, "draws": draws, "chains": chains,
                                            "chain_method": ("threads" if in_turn and chains > 1 else
                                                             "sequential" if in_turn else "vectorized"),
                                            "target_accept": target_accept,
                                            "sampler_device": f"{where.platform}:{where.id}",
-                                           "start": "Laplace: posterior mode by damped Newton, one draw of "
-                                                    "N(mode, diag H⁻¹) away, diag H⁻¹ as the first inverse mass",
+                                           "start": start.describe(),
                                            "driver": "one compiled program (numpyro.infer.hmc.hmc)"}
 
 
@@ -207,101 +220,245 @@ def _thread_pool(workers: int):
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="causal-engine-chain")
 
 
-def _nuts_program(chain_keys, *model_args, model_fn, warmup, draws, target_accept, in_turn):
+# Unconstrained layouts of models seen in this process, keyed by model and argument shapes.
+_LAYOUTS: dict = {}
+
+
+class Layout(NamedTuple):
+    """Where each of a model's unconstrained sites sits in one flat vector."""
+
+    treedef: object         # the pytree structure of NumPyro's unconstrained ``z``
+    shapes: tuple           # each leaf's shape
+    dtype: object           # the leaves' dtype
+
+    @property
+    def size(self) -> int:
+        return int(sum(math.prod(shape) for shape in self.shapes))
+
+    @classmethod
+    def of(cls, model_fn, model_args) -> "Layout":
+        """From the model's trace alone (``jax.eval_shape``: nothing is compiled or run)."""
+        import jax
+
+        z = jax.eval_shape(partial(_unconstrained_sites, model_fn), *model_args)
+        leaves, treedef = jax.tree.flatten(z)
+        dtypes = {leaf.dtype for leaf in leaves}
+        if len(dtypes) != 1:
+            raise TypeError(f"the model's unconstrained sites mix dtypes {sorted(map(str, dtypes))}")
+        return cls(treedef, tuple(tuple(leaf.shape) for leaf in leaves), dtypes.pop())
+
+    def unflatten(self, x):
+        """The ``z`` dict from a flat vector (NumPy or traced)."""
+        leaves, offset = [], 0
+        for shape in self.shapes:
+            n = math.prod(shape)
+            leaves.append(x[offset:offset + n].reshape(shape))
+            offset += n
+        return self.treedef.unflatten(leaves)
+
+
+def _unconstrained_sites(model_fn, *model_args) -> dict:
+    """The model's latent sites in the unconstrained space, at one prior draw (for their
+    shapes: ``Layout.of`` traces this without running it). One trace of the model, where
+    NumPyro's ``initialize_model`` traces its search for a valid start too (~0.3 s)."""
+    from numpyro import handlers
+    from numpyro.distributions import biject_to
+
+    sites = handlers.trace(handlers.seed(model_fn, 0)).get_trace(*model_args)
+    return {name: biject_to(site["fn"].support).inv(site["value"]) for name, site in sites.items()
+            if site["type"] == "sample" and not site["is_observed"] and not site["fn"].support.is_discrete}
+
+
+def _model_functions(model_fn, model_args):
+    """NumPyro's potential and constraining functions of the model (traced only: inside a
+    compiled program the unused initialisation is dead code and XLA drops it)."""
     import jax
-    from numpyro.infer import init_to_median
-    from numpyro.infer.hmc import hmc
+    from numpyro.infer import init_to_uniform
     from numpyro.infer.util import initialize_model
 
-    def one_chain(chain_key):
-        init_key, run_key = jax.random.split(chain_key)
-        init_params, potential_fn_gen, postprocess_fn, _ = initialize_model(
-            init_key, model_fn, model_args=model_args, dynamic_args=True,
-            init_strategy=init_to_median(num_samples=15))
-        init_kernel, sample_kernel = hmc(potential_fn_gen=potential_fn_gen, algo="NUTS")
-        start_key, run_key = jax.random.split(run_key)
-        start, inverse_mass = laplace_start(potential_fn_gen(*model_args), init_params.z, start_key)
-        state = init_kernel(start, num_warmup=warmup, inverse_mass_matrix=inverse_mass,
+    _, potential_fn_gen, postprocess_fn, _ = initialize_model(
+        jax.random.PRNGKey(0), model_fn, model_args=model_args, dynamic_args=True,
+        init_strategy=init_to_uniform(radius=0), validate_grad=False)
+    return potential_fn_gen(*model_args), postprocess_fn(*model_args)
+
+
+def _evaluate_program(points, *model_args, model_fn, layout):
+    """The potential and its gradient at each row of ``points`` (n, size)."""
+    import jax
+
+    potential_fn, _ = _model_functions(model_fn, model_args)
+    return jax.vmap(jax.value_and_grad(lambda x: potential_fn(layout.unflatten(x))))(points)
+
+
+def _nuts_program(chain_keys, starts, inverse_mass, *model_args, model_fn, layout, warmup, draws, target_accept,
+                  in_turn):
+    import jax
+    from numpyro.infer.hmc import hmc
+
+    potential_fn, constrain = _model_functions(model_fn, model_args)
+
+    def one_chain(chain_key, start):
+        init_kernel, sample_kernel = hmc(potential_fn=potential_fn, algo="NUTS")
+        state = init_kernel(layout.unflatten(start), num_warmup=warmup, inverse_mass_matrix=inverse_mass,
                             target_accept_prob=target_accept, max_tree_depth=10, regularize_mass_matrix=False,
-                            model_args=model_args, rng_key=run_key)
+                            rng_key=chain_key)
 
         def step(state, _):
-            state = sample_kernel(state, model_args=model_args)
+            state = sample_kernel(state)
             return state, (state.z, state.diverging)
 
         # One scan over warm-up and sampling (the kernel adapts while its counter is below
         # ``warmup``): the NUTS step is compiled once, not once per phase as two scans would.
         _, (z, diverging) = jax.lax.scan(step, state, None, length=warmup + draws)
         z, diverging = jax.tree.map(lambda a: a[warmup:], (z, diverging))
-        constrain = postprocess_fn(*model_args)
         return jax.vmap(constrain)(z), diverging
 
-    return jax.lax.map(one_chain, chain_keys) if in_turn else jax.vmap(one_chain)(chain_keys)
+    if in_turn:
+        return jax.lax.map(lambda pair: one_chain(*pair), (chain_keys, starts))
+    return jax.vmap(one_chain)(chain_keys, starts)
 
 
-# Damped Newton iterations of ``laplace_start`` (a fixed count: the loop runs under vmap).
-START_ITERATIONS = 30
+# Newton iterations of ``laplace_start`` at most; random starting points tried at most.
+START_ITERATIONS = 100
+START_TRIES = 10
 
 
-def laplace_start(potential_fn, z, rng_key, iterations: int = START_ITERATIONS):
-    """A chain's start and first inverse mass matrix from a Laplace approximation.
+class Start(NamedTuple):
+    """Where the chains start (``laplace_start``)."""
 
-    From the unconstrained point ``z`` (NumPyro's ``init_to_median``), damped Newton steps
-    (Levenberg–Marquardt: a step is kept only if the potential falls) find the posterior
-    mode; the Hessian comes from central differences of the gradient, which works for any
-    differentiable potential (custom JVPs and VJPs alike). The chain starts one draw of
-    ``N(mode, diag(H⁻¹))`` away from the mode, with ``diag(H⁻¹)`` as its inverse mass matrix;
-    the windowed adaptation then re-estimates the matrix from the chain's own draws.
+    points: object          # (chains, size) unconstrained starts
+    inverse_mass: object    # (size,) the first inverse mass matrix's diagonal
+    iterations: int         # Newton iterations taken
+    converged: bool         # the last Newton step was under 1e-3 posterior sds on every coordinate
+    laplace: bool           # False: the Hessian at the end was not positive definite
+
+    def describe(self) -> str:
+        if not self.laplace:
+            return (f"no positive-definite Hessian after {self.iterations} Newton iterations: uniform(-2, 2) "
+                    "points in the unconstrained space (NumPyro's default), identity inverse mass")
+        return (f"Laplace: posterior mode by damped Newton from the unconstrained origin ({self.iterations} "
+                f"iterations, {'converged' if self.converged else 'not converged'}), one draw of "
+                "N(mode, diag H⁻¹) a chain, diag H⁻¹ as the first inverse mass")
+
+
+def laplace_start(evaluate, size: int, rng, chains: int, *, dtype=None, iterations: int = START_ITERATIONS) -> Start:
+    """The chains' starts and first inverse mass matrix from a Laplace approximation.
+
+    ``evaluate(points)`` returns the potential and its gradient at each row of a
+    ``(2·size + 1, size)`` array (one compiled call) in ``dtype`` (float64 by default). From the unconstrained origin (or, if
+    the potential is not finite there, the first finite of uniform(-2, 2) points), damped
+    Newton steps (Levenberg–Marquardt: a step is kept only if the potential falls) find the
+    posterior mode, until a step is under 1e-3 posterior sds on every coordinate or after
+    ``iterations``; the Hessian comes from central differences of the gradient, which works
+    for any differentiable potential (custom JVPs and VJPs alike). Each chain starts one
+    draw of ``N(mode, diag(H⁻¹))`` away from the mode (the mode itself where that draw's
+    potential is not finite), with ``diag(H⁻¹)`` as its inverse mass matrix; the windowed
+    adaptation then re-estimates the matrix from the chain's own draws. The chains share the
+    mode, so their spread comes from the draws; where the Hessian at the end is not positive
+    definite they start at finite uniform(-2, 2) points with the identity matrix (NumPyro's
+    defaults).
 
     Why: the hyperparameters' posterior sds shrink like 1/√groups (~1e-4 at 10⁷ groups)
-    while the default start is O(1) away under an identity mass matrix. Warm-up then spent
+    while a prior-based start is O(1) away under an identity mass matrix. Warm-up then spent
     its windows travelling, and a window's variance estimate took in the transient: at 10⁷
     groups one chain's matrix was 160–300× off, its step 0.047 with ~35 leapfrog steps an
     iteration against 0.47 and ~6, and on the H100 a fit ended at R-hat 1.53
-    (benchmarks/RESULTS.md). Returns ``(z_start, inverse_mass_diagonal)``; where the
-    Hessian at the end is not positive definite, the start is ``z`` and the matrix the
-    identity (NumPyro's own default).
+    (benchmarks/RESULTS.md). The work is on the host around ``evaluate``, so only that
+    small program is compiled for it, and the loop stops when it has converged.
     """
-    import jax
-    import jax.numpy as jnp
-    from jax.flatten_util import ravel_pytree
+    import numpy as np
 
-    x0, unravel = ravel_pytree(z)
-    d = x0.shape[0]
-    value_and_grad = jax.vmap(jax.value_and_grad(lambda x: potential_fn(unravel(x))))
+    batch = 2 * size + 1
+    dtype = np.float64 if dtype is None else dtype
 
-    def evaluate(x):
-        """Potential, gradient and finite-difference Hessian at x: 2d + 1 gradients in one batch."""
-        h = 1e-5 * jnp.maximum(1.0, jnp.abs(x))
-        offsets = jnp.concatenate([jnp.zeros((1, d), x.dtype), jnp.diag(h), -jnp.diag(h)])
-        values, grads = value_and_grad(x + offsets)
-        hessian = (grads[1:1 + d] - grads[1 + d:]) / (2.0 * h[:, None])
+    def values_grads(points):
+        values, grads = evaluate(np.asarray(points))
+        return np.asarray(values, np.float64), np.asarray(grads, np.float64)
+
+    # Finite-difference step relative to |x|: float64 1e-5; float32 eps^(1/3) ≈ 5e-3.
+    relative = 1e-5 if np.finfo(dtype).eps < 1e-10 else np.finfo(dtype).eps ** (1 / 3)
+
+    def at(x):
+        """Potential, gradient and finite-difference Hessian at x: 2·size + 1 gradients a call."""
+        h = relative * np.maximum(1.0, np.abs(x))
+        values, grads = values_grads(x + np.concatenate([np.zeros((1, size)), np.diag(h), -np.diag(h)]))
+        hessian = (grads[1:1 + size] - grads[1 + size:]) / (2.0 * h[:, None])
         return values[0], grads[0], 0.5 * (hessian + hessian.T)
 
-    def newton(carry, _):
-        x, u, g, hessian, trial, damping = carry
-        u_t, g_t, h_t = evaluate(trial)
-        better = jnp.isfinite(u_t) & jnp.all(jnp.isfinite(g_t)) & jnp.all(jnp.isfinite(h_t)) & (u_t < u)
-        x, u, g, hessian = jax.tree.map(lambda new, old: jnp.where(better, new, old),
-                                        (trial, u_t, g_t, h_t), (x, u, g, hessian))
-        damping = jnp.where(better, damping * 0.3, damping * 4.0)
-        scale = jnp.maximum(jnp.abs(jnp.diag(hessian)), 1e-12)
-        step = jnp.linalg.solve(hessian + damping * jnp.diag(scale), g)
-        return (x, u, g, hessian, x - step, damping), None
+    def finite(*arrays):
+        return all(np.all(np.isfinite(a)) for a in arrays)
 
-    u0, g0, h0 = evaluate(x0)
-    scale0 = jnp.maximum(jnp.abs(jnp.diag(h0)), 1e-12)
-    first = x0 - jnp.linalg.solve(h0 + 1e-3 * jnp.diag(scale0), g0)
-    (x, _, _, hessian, _, _), _ = jax.lax.scan(newton, (x0, u0, g0, h0, first, jnp.asarray(1e-3, x0.dtype)),
-                                               None, length=iterations)
-    variance = jnp.diag(jnp.linalg.inv(hessian))
-    usable = jnp.all(jnp.isfinite(jnp.linalg.cholesky(hessian))) & jnp.all(variance > 0) & jnp.all(jnp.isfinite(x))
-    jitter = jnp.sqrt(jnp.where(usable, variance, 1.0)) * jax.random.normal(rng_key, (d,), x0.dtype)
-    # A nearly singular H gives a huge diag H⁻¹: where the jittered point's potential is not
-    # finite, the chain starts at the mode itself.
-    jittered_ok = jnp.isfinite(potential_fn(unravel(x + jitter)))
-    start = jnp.where(usable, jnp.where(jittered_ok, x + jitter, x), x0)
-    return unravel(start), jnp.where(usable, variance, jnp.ones_like(variance))
+    def random_points():
+        return rng.uniform(-2.0, 2.0, (batch, size))
+
+    def first_finite(candidates):
+        values, grads = values_grads(candidates)
+        ok = np.isfinite(values) & np.all(np.isfinite(grads), axis=1)
+        return candidates[np.argmax(ok)] if ok.any() else None
+
+    x = np.zeros(size)
+    u, g, hessian = at(x)
+    tries = 0
+    while not finite(u, g, hessian):
+        tries += 1
+        found = first_finite(random_points()) if tries <= START_TRIES else None
+        if found is None and tries > START_TRIES:
+            raise FloatingPointError(
+                f"the model's potential is not finite at the unconstrained origin nor at {START_TRIES * batch} "
+                "uniform(-2, 2) points: check the priors and the data (a zero-variance outcome, an "
+                "infinite value)")
+        if found is not None:
+            x = found
+            u, g, hessian = at(x)
+
+    damping, taken, converged = 1e-3, 0, False
+    for taken in range(1, iterations + 1):
+        scale = np.maximum(np.abs(np.diag(hessian)), 1e-12)
+        try:
+            step = np.linalg.solve(hessian + damping * np.diag(scale), g)
+        except np.linalg.LinAlgError:
+            damping *= 4.0
+            continue
+        trial = x - step
+        u_t, g_t, h_t = at(trial)
+        if finite(u_t, g_t, h_t) and u_t < u:
+            x, u, g, hessian = trial, u_t, g_t, h_t
+            damping *= 0.3
+            variance = _positive_inverse_diagonal(hessian)
+            if variance is not None and np.all(np.abs(step) < 1e-3 * np.sqrt(variance)):
+                converged = True
+                break
+        else:
+            damping *= 4.0
+            if damping > 1e12:
+                break
+
+    variance = _positive_inverse_diagonal(hessian)
+    if variance is None:
+        points = [first_finite(random_points()) for _ in range(chains)]
+        points = np.stack([x if p is None else p for p in points])
+        return Start(points, np.ones(size), taken, converged, laplace=False)
+    jittered = x + np.sqrt(variance) * rng.standard_normal((chains, size))
+    ok = np.zeros(chains, bool)
+    for first in range(0, chains, batch):
+        part = jittered[first:first + batch]
+        padded = np.concatenate([part, np.repeat(x[None], batch - len(part), 0)])
+        ok[first:first + batch] = np.isfinite(values_grads(padded)[0][:len(part)])
+    # A nearly singular H gives a huge diag H⁻¹: a chain whose draw is not finite starts at the mode.
+    return Start(np.where(ok[:, None], jittered, x), variance, taken, converged, laplace=True)
+
+
+def _positive_inverse_diagonal(hessian):
+    """diag(H⁻¹) when H is positive definite (a Cholesky factor exists), else ``None``."""
+    import numpy as np
+
+    try:
+        factor = np.linalg.cholesky(hessian)
+    except np.linalg.LinAlgError:
+        return None
+    inverse = np.linalg.inv(factor)
+    variance = np.sum(inverse**2, axis=0)
+    return variance if np.all(np.isfinite(variance)) and np.all(variance > 0) else None
 
 
 def _chains_in_turn(platform: str) -> bool:

@@ -44,34 +44,65 @@ def test_an_explicit_device_runs_there_and_is_recorded():
     assert np.asarray(on_host["mu"]).shape == (2, 40)
 
 
-def test_chains_on_threads_are_the_chains_of_one_call():
-    """Each chain's draws depend on its own key only: two chains on threads equal the same two
-    chains computed one call at a time (same program, same keys), in order."""
+def test_chains_on_threads_are_the_chains_of_one_call(monkeypatch):
+    """Each chain's draws depend on its own key and start only: two chains on threads equal
+    the same two chains computed in one call of the program (same keys, same starts)."""
     y = jnp.asarray(np.random.default_rng(1).normal(-0.5, 2.0, 30))
     args = (y, jnp.asarray(2.0))
+    starts = []
+    laplace_start = runner.laplace_start
+    monkeypatch.setattr(runner, "laplace_start", lambda *a, **k: starts.append(laplace_start(*a, **k)) or starts[-1])
     both, _, info = runner.run_hyper_nuts(_model, args, rng_key=jax.random.PRNGKey(3), warmup=50, draws=30, chains=2)
     if info["chain_method"] != "threads":
         pytest.skip("chains are vectorised on this backend")
+    assert "Laplace" in info["start"] and "converged" in info["start"]
     keys = jax.random.split(jax.random.PRNGKey(3), 2)
     program = next(iter(p for k, p in runner._PROGRAMS.items() if k[2:4] == (50, 30)))
-    for i in range(2):
-        alone = jax.device_get(program(keys[i:i + 1], *args))[0]
-        np.testing.assert_array_equal(both["mu"][i], alone["mu"][0])
+    together = jax.device_get(program(keys, starts[0].points, starts[0].inverse_mass, *args))[0]
+    np.testing.assert_array_equal(both["mu"], together["mu"])
 
 
 def test_laplace_start_finds_the_mode_and_curvature_of_a_gaussian():
-    """A correlated Gaussian potential: the mode and diag(H⁻¹) exactly, the start one draw away."""
-    mean = jnp.array([3.0, -2.0, 0.5])
-    cov = jnp.array([[1e-6, 5e-7, 0.0], [5e-7, 4e-6, 0.0], [0.0, 0.0, 2.0]])
-    precision = jnp.linalg.inv(cov)
+    """A correlated Gaussian potential: the mode and diag(H⁻¹) exactly, each chain one draw away."""
+    mean = np.array([3.0, -2.0, 0.5])
+    cov = np.array([[1e-6, 5e-7, 0.0], [5e-7, 4e-6, 0.0], [0.0, 0.0, 2.0]])
+    precision = np.linalg.inv(cov)
 
-    def potential(z):
-        d = jnp.stack([z["a"], z["b"], z["c"]]) - mean
-        return 0.5 * d @ precision @ d
+    def evaluate(points):
+        d = points - mean
+        return 0.5 * np.einsum("ni,ij,nj->n", d, precision, d), d @ precision
 
-    start, inverse_mass = jax.jit(runner.laplace_start, static_argnums=0)(
-        potential, {"a": 0.0, "b": 0.0, "c": 0.0}, jax.random.PRNGKey(1))
-    np.testing.assert_allclose(inverse_mass, np.diag(np.linalg.inv(np.asarray(precision))), rtol=1e-5)
-    z = np.array([start["a"], start["b"], start["c"]])
-    assert np.all(np.abs(z - np.asarray(mean)) < 5 * np.sqrt(np.asarray(inverse_mass)))   # near the mode
-    assert np.any(z != np.asarray(mean))                                                     # jittered
+    start = runner.laplace_start(evaluate, 3, np.random.default_rng(1), chains=4)
+    assert start.laplace and start.converged and start.iterations < 20
+    np.testing.assert_allclose(start.inverse_mass, np.diag(cov), rtol=1e-5)
+    assert start.points.shape == (4, 3)
+    sds = np.abs(start.points - mean) / np.sqrt(start.inverse_mass)
+    assert np.all(sds < 5)                                                    # near the mode
+    assert len({tuple(p) for p in start.points}) == 4 and np.all(start.points != mean)   # jittered apart
+
+
+def test_laplace_start_moves_off_a_non_finite_origin_and_falls_back_without_curvature():
+    """Infinite at the origin: it starts at a finite uniform point. A potential with no
+    positive-definite Hessian (linear): NumPyro's defaults, uniform points and the identity."""
+    def shifted(points):      # finite only where x₀ > 0.5
+        ok = points[:, 0] > 0.5
+        d = points - 1.0
+        return np.where(ok, 0.5 * (d**2).sum(1), np.inf), d
+
+    start = runner.laplace_start(shifted, 2, np.random.default_rng(2), chains=3)
+    assert start.laplace and start.converged
+    np.testing.assert_allclose(start.inverse_mass, [1.0, 1.0], rtol=1e-6)
+
+    def linear(points):
+        return points.sum(1), np.ones_like(points)
+
+    flat = runner.laplace_start(linear, 2, np.random.default_rng(3), chains=3)
+    assert not flat.laplace and "uniform(-2, 2)" in flat.describe()
+    np.testing.assert_array_equal(flat.inverse_mass, [1.0, 1.0])
+    assert np.all(np.abs(flat.points) <= 2.0) and len({tuple(p) for p in flat.points}) == 3
+
+
+def test_laplace_start_names_the_problem_when_no_start_is_finite():
+    with pytest.raises(FloatingPointError, match="not finite at the unconstrained origin"):
+        runner.laplace_start(lambda p: (np.full(len(p), np.nan), np.zeros_like(p)), 2,
+                             np.random.default_rng(0), chains=2)
