@@ -157,7 +157,8 @@ def run_hyper_nuts(model_fn, model_args: tuple, *, rng_key, warmup: int, draws: 
     No progress bar: with the hyperparameters alone the run is short; the compile is most
     of it.
 
-    The adapted mass matrix is not regularised. NumPyro (like Stan) shrinks each window's
+    The mass matrix is dense up to ``DENSE_MAX`` hyperparameters, diagonal beyond, and its
+    adaptation is not regularised. NumPyro (like Stan) shrinks each window's
     variance estimate toward ``1e-3·I`` with weight ``5/(n+5)``, an absolute floor of ~1e-5
     on every diagonal entry; with 10⁶ groups the hyperparameters' posterior variances are
     1e-7–1e-6 (noise, the means), so the floor set the mass matrix 10–100× off, the step size
@@ -180,6 +181,7 @@ def run_hyper_nuts(model_fn, model_args: tuple, *, rng_key, warmup: int, draws: 
         rng_key, model_args = jax.device_put((rng_key, model_args), device)
     key = (static_key(model_fn), _shape_key(model_args), warmup, draws, target_accept, platform)
     layout = _cached(_LAYOUTS, key[:2], lambda: Layout.of(model_fn, model_args))
+    dense = layout.size <= DENSE_MAX
     evaluate = _cached(_PROGRAMS, key[:2] + (platform, "evaluate"),
                        lambda: jax.jit(partial(_evaluate_program, model_fn=model_fn, layout=layout)))
     chain_keys = jax.random.split(rng_key, chains)
@@ -188,8 +190,9 @@ def run_hyper_nuts(model_fn, model_args: tuple, *, rng_key, warmup: int, draws: 
                           dtype=layout.dtype)
     program = _cached(_PROGRAMS, key, lambda: jax.jit(partial(
         _nuts_program, model_fn=model_fn, layout=layout, warmup=warmup, draws=draws, target_accept=target_accept,
-        in_turn=in_turn)))
-    starts, inverse_mass = (np.asarray(a, layout.dtype) for a in (start.points, start.inverse_mass))
+        in_turn=in_turn, dense=dense)))
+    starts, inverse_mass = (np.asarray(a, layout.dtype) for a in (start.points, start.covariance if dense else
+                                                                  np.diag(start.covariance)))
     if in_turn and chains > 1:
         # One chain a call, the calls on threads: XLA runs each on the calling thread without
         # the GIL, so the chains use the host's cores (1.5x on 2 cores for 4 chains, measured).
@@ -209,6 +212,7 @@ def run_hyper_nuts(model_fn, model_args: tuple, *, rng_key, warmup: int, draws: 
                                            "chain_method": ("threads" if in_turn and chains > 1 else
                                                             "sequential" if in_turn else "vectorized"),
                                            "target_accept": target_accept,
+                                           "mass_matrix": "dense" if dense else "diagonal",
                                            "sampler_device": f"{where.platform}:{where.id}",
                                            "start": start.describe(),
                                            "driver": "one compiled program (numpyro.infer.hmc.hmc)"}
@@ -291,7 +295,7 @@ def _evaluate_program(points, *model_args, model_fn, layout):
 
 
 def _nuts_program(chain_keys, starts, inverse_mass, *model_args, model_fn, layout, warmup, draws, target_accept,
-                  in_turn):
+                  in_turn, dense=False):
     import jax
     from numpyro.infer.hmc import hmc
 
@@ -301,7 +305,7 @@ def _nuts_program(chain_keys, starts, inverse_mass, *model_args, model_fn, layou
         init_kernel, sample_kernel = hmc(potential_fn=potential_fn, algo="NUTS")
         state = init_kernel(layout.unflatten(start), num_warmup=warmup, inverse_mass_matrix=inverse_mass,
                             target_accept_prob=target_accept, max_tree_depth=10, regularize_mass_matrix=False,
-                            rng_key=chain_key)
+                            rng_key=chain_key, dense_mass=dense)
 
         def step(state, _):
             state = sample_kernel(state)
@@ -321,13 +325,18 @@ def _nuts_program(chain_keys, starts, inverse_mass, *model_args, model_fn, layou
 # Newton iterations of ``laplace_start`` at most; random starting points tried at most.
 START_ITERATIONS = 100
 START_TRIES = 10
+# Up to this many hyperparameters NUTS adapts a dense mass matrix, from H⁻¹ at the mode. At 1e6
+# groups the two means correlate at -0.6: dense raised the least bulk ESS of 1000 draws from
+# 811-1001 to 1014-1212 over four seeds (benchmarks/RESULTS.md). The smallest adaptation
+# window (25 draws) must estimate a full-rank covariance, unregularised: hence a bound.
+DENSE_MAX = 8
 
 
 class Start(NamedTuple):
     """Where the chains start (``laplace_start``)."""
 
     points: object          # (chains, size) unconstrained starts
-    inverse_mass: object    # (size,) the first inverse mass matrix's diagonal
+    covariance: object      # (size, size) the first inverse mass matrix: H⁻¹ at the mode (identity without)
     iterations: int         # Newton iterations taken
     converged: bool         # the last Newton step was under 1e-3 posterior sds on every coordinate
     laplace: bool           # False: the Hessian at the end was not positive definite
@@ -338,22 +347,23 @@ class Start(NamedTuple):
                     "points in the unconstrained space (NumPyro's default), identity inverse mass")
         return (f"Laplace: posterior mode by damped Newton from the unconstrained origin ({self.iterations} "
                 f"iterations, {'converged' if self.converged else 'not converged'}), one draw of "
-                "N(mode, diag H⁻¹) a chain, diag H⁻¹ as the first inverse mass")
+                "N(mode, diag H⁻¹) a chain, H⁻¹ (or its diagonal) as the first inverse mass")
 
 
 def laplace_start(evaluate, size: int, rng, chains: int, *, dtype=None, iterations: int = START_ITERATIONS) -> Start:
     """The chains' starts and first inverse mass matrix from a Laplace approximation.
 
     ``evaluate(points)`` returns the potential and its gradient at each row of a
-    ``(2·size + 1, size)`` array (one compiled call) in ``dtype`` (float64 by default). From the unconstrained origin (or, if
-    the potential is not finite there, the first finite of uniform(-2, 2) points), damped
+    ``(2·size + 1, size)`` array (one compiled call) in ``dtype`` (float64 by default). From
+    the unconstrained origin (or, if the potential is not finite there, the first finite of
+    uniform(-2, 2) points), damped
     Newton steps (Levenberg–Marquardt: a step is kept only if the potential falls) find the
     posterior mode, until a step is under 1e-3 posterior sds on every coordinate or after
     ``iterations``; the Hessian comes from central differences of the gradient, which works
     for any differentiable potential (custom JVPs and VJPs alike). Each chain starts one
     draw of ``N(mode, diag(H⁻¹))`` away from the mode (the mode itself where that draw's
-    potential is not finite), with ``diag(H⁻¹)`` as its inverse mass matrix; the windowed
-    adaptation then re-estimates the matrix from the chain's own draws. The chains share the
+    potential is not finite), with ``H⁻¹`` (``Start.covariance``) for its first inverse mass
+    matrix; the windowed adaptation then re-estimates it from the chain's own draws. The chains share the
     mode, so their spread comes from the draws; where the Hessian at the end is not positive
     definite they start at finite uniform(-2, 2) points with the identity matrix (NumPyro's
     defaults).
@@ -424,8 +434,8 @@ def laplace_start(evaluate, size: int, rng, chains: int, *, dtype=None, iteratio
         if finite(u_t, g_t, h_t) and u_t < u:
             x, u, g, hessian = trial, u_t, g_t, h_t
             damping *= 0.3
-            variance = _positive_inverse_diagonal(hessian)
-            if variance is not None and np.all(np.abs(step) < 1e-3 * np.sqrt(variance)):
+            covariance = _positive_inverse(hessian)
+            if covariance is not None and np.all(np.abs(step) < 1e-3 * np.sqrt(np.diag(covariance))):
                 converged = True
                 break
         else:
@@ -433,32 +443,34 @@ def laplace_start(evaluate, size: int, rng, chains: int, *, dtype=None, iteratio
             if damping > 1e12:
                 break
 
-    variance = _positive_inverse_diagonal(hessian)
-    if variance is None:
+    covariance = _positive_inverse(hessian)
+    if covariance is None:
         points = [first_finite(random_points()) for _ in range(chains)]
         points = np.stack([x if p is None else p for p in points])
-        return Start(points, np.ones(size), taken, converged, laplace=False)
-    jittered = x + np.sqrt(variance) * rng.standard_normal((chains, size))
+        return Start(points, np.eye(size), taken, converged, laplace=False)
+    jittered = x + np.sqrt(np.diag(covariance)) * rng.standard_normal((chains, size))
     ok = np.zeros(chains, bool)
     for first in range(0, chains, batch):
         part = jittered[first:first + batch]
         padded = np.concatenate([part, np.repeat(x[None], batch - len(part), 0)])
         ok[first:first + batch] = np.isfinite(values_grads(padded)[0][:len(part)])
     # A nearly singular H gives a huge diag H⁻¹: a chain whose draw is not finite starts at the mode.
-    return Start(np.where(ok[:, None], jittered, x), variance, taken, converged, laplace=True)
+    return Start(np.where(ok[:, None], jittered, x), covariance, taken, converged, laplace=True)
 
 
-def _positive_inverse_diagonal(hessian):
-    """diag(H⁻¹) when H is positive definite (a Cholesky factor exists), else ``None``."""
+def _positive_inverse(hessian):
+    """H⁻¹ when H is positive definite (a Cholesky factor exists) with a finite positive
+    diagonal, else ``None``."""
     import numpy as np
 
     try:
         factor = np.linalg.cholesky(hessian)
     except np.linalg.LinAlgError:
         return None
-    inverse = np.linalg.inv(factor)
-    variance = np.sum(inverse**2, axis=0)
-    return variance if np.all(np.isfinite(variance)) and np.all(variance > 0) else None
+    inverse_factor = np.linalg.inv(factor)
+    covariance = inverse_factor.T @ inverse_factor
+    variance = np.diag(covariance)
+    return covariance if np.all(np.isfinite(covariance)) and np.all(variance > 0) else None
 
 
 def _chains_in_turn(platform: str) -> bool:
