@@ -193,7 +193,9 @@ def _centred(n, s_d, s_dd):
     zero = jnp.zeros((), dtype)
     inv_n = jnp.where(n > 0, 1.0 / jnp.maximum(n, 1.0), 0.0).astype(dtype)
     offset = s_d * inv_n[:, None]
-    centred = {(i, j): s - s_d[:, i] * offset[:, j] for (i, j), s in s_dd.items()}
+    # One row has no spread: exactly 0, not the rounding of Σd² − (Σd)² when Σd² was summed
+    # in another precision than Σd (the float32 atomic sums).
+    centred = {(i, j): jnp.where(n > 1, s - s_d[:, i] * offset[:, j], zero) for (i, j), s in s_dd.items()}
     m2 = jnp.maximum(centred[0, 0], zero)
     xy_m2 = (jnp.stack([centred[0, j] for j in range(1, 1 + k)], axis=1) if k
              else jnp.zeros((segments, 0), dtype))
@@ -294,7 +296,7 @@ def reduce_blocks(y, x, segment_ids, mask, num_segments: int, block_rows: int, *
 
 
 def reduce_sums(y, x, segment_ids, mask, num_segments: int, shift, *, accumulate_dtype=None,
-                fused: bool = True) -> tuple[Moments, jax.Array]:
+                fused: bool = True, scatter: str = "xla") -> tuple[Moments, jax.Array]:
     """Moments of all the rows in one read and one scatter of raw sums about a fixed shift.
 
     For accelerators, where ``reduce_blocks``' per-block first-row search, three scatters and
@@ -311,6 +313,10 @@ def reduce_sums(y, x, segment_ids, mask, num_segments: int, shift, *, accumulate
     fall back to ``reduce_blocks`` (shifts per segment) where it is large.
 
     ``fused``: one scatter of a (rows, columns) matrix; else one 1-D scatter per column.
+    ``scatter="atomic"``: the sums come from ``atomic_sums.segment_sums`` instead, a Pallas
+    kernel for NVIDIA GPUs (float32 rows, no covariates, one shift for all rows): float32
+    partials, one vector atomic a row; a segment whose partial count may have lost increments
+    gets an infinite cancellation, so the caller falls back as for any other.
     Returns ``(Moments, cancellation)``; ``merge`` combines the result with any other.
     """
     acc = accumulate_dtype or (jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
@@ -320,15 +326,26 @@ def reduce_sums(y, x, segment_ids, mask, num_segments: int, shift, *, accumulate
         row_shift = jnp.take(shift, segment_ids, axis=0, mode="clip")
     else:
         shift = row_shift = jnp.broadcast_to(shift, (1 + k,))
-    d = jnp.concatenate([y[:, None], x.astype(y.dtype)], axis=1) - row_shift
-    d = jnp.where(mask[:, None], d, jnp.zeros((), d.dtype)).astype(acc)
     upper_i, upper_j = np.triu_indices(1 + k)
-    columns = jnp.concatenate([mask.astype(acc)[:, None], d, d[:, upper_i] * d[:, upper_j]], axis=1)
-    if fused:
-        sums = jax.ops.segment_sum(columns, segment_ids, num_segments)
+    exact = None
+    if scatter == "atomic":
+        if k or shift.ndim == 2:
+            raise ValueError("scatter='atomic' sums the outcome alone about one shift: no covariates, "
+                             "no per-segment shifts")
+        from kernels import atomic_sums
+        sums, atomic_count, exact = atomic_sums.segment_sums(y, segment_ids, mask, num_segments, shift[0])
+        sums = sums.astype(acc)
+    elif scatter == "xla":
+        d = jnp.concatenate([y[:, None], x.astype(y.dtype)], axis=1) - row_shift
+        d = jnp.where(mask[:, None], d, jnp.zeros((), d.dtype)).astype(acc)
+        columns = jnp.concatenate([mask.astype(acc)[:, None], d, d[:, upper_i] * d[:, upper_j]], axis=1)
+        if fused:
+            sums = jax.ops.segment_sum(columns, segment_ids, num_segments)
+        else:
+            sums = jnp.stack([jax.ops.segment_sum(columns[:, c], segment_ids, num_segments)
+                              for c in range(columns.shape[1])], axis=1)
     else:
-        sums = jnp.stack([jax.ops.segment_sum(columns[:, c], segment_ids, num_segments)
-                          for c in range(columns.shape[1])], axis=1)
+        raise ValueError(f"scatter must be 'xla' or 'atomic', got {scatter!r}")
     n = sums[:, 0]
     s_dd = {(int(i), int(j)): sums[:, 2 + k + c] for c, (i, j) in enumerate(zip(upper_i, upper_j))}
     offset, centred, m2, xy_m2, xx_m2 = _centred(n, sums[:, 1:2 + k], s_dd)
@@ -336,7 +353,9 @@ def reduce_sums(y, x, segment_ids, mask, num_segments: int, shift, *, accumulate
     if k:
         diagonal = jnp.arange(k)
         xx_m2 = xx_m2.at[:, diagonal, diagonal].max(zero)
-    if jnp.finfo(acc).nmant < 52:   # float32 sums are exact counts only to 2²⁴: count in integers
+    if exact is not None:           # float32 partial counts, each exact below 2²⁴ (``exact``)
+        count = atomic_count.astype(_count_dtype())
+    elif jnp.finfo(acc).nmant < 52:   # float32 sums are exact counts only to 2²⁴: count in integers
         count = jax.ops.segment_sum(mask.astype(_count_dtype()), segment_ids, num_segments)
     else:
         count = jnp.round(n).astype(_count_dtype())
@@ -354,6 +373,8 @@ def reduce_sums(y, x, segment_ids, mask, num_segments: int, shift, *, accumulate
         ratios.append(jnp.where(centred_ii > 0, square / jnp.where(centred_ii > 0, centred_ii, 1.0),
                                 jnp.where(lost, jnp.inf, 1.0)))
     cancellation = jnp.max(jnp.stack(ratios), axis=0)
+    if exact is not None:
+        cancellation = jnp.where(exact, cancellation, jnp.inf)
     return moments, cancellation
 
 

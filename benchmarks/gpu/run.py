@@ -49,6 +49,7 @@ which needs polars (see benchmarks/gpu/README.md for the wheels). Nothing is ins
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -82,10 +83,10 @@ FULL = {
     "correctness": {"budget": 60, "rows": 3_000_000, "block_rows": 1 << 20, "segments": [50, 20_000],
                     "tree_leaves": [100_000, 1_000_000]},
     "bandwidth": {"budget": 30, "elements": 1 << 28, "repeats": 10, "h2d_elements": 1 << 26},
-    "reduce": {"budget": 80, "rows": [10**7, 10**8],
+    "reduce": {"budget": 110, "rows": [10**7, 10**8],
                "groups": {"10000000": [10**2, 10**4, 10**5, 10**6],
                           "100000000": [10**2, 10**4, 10**5, 10**7]},
-               "paths": ["unsorted", "sums-fused", "sums-columns"],
+               "paths": ["unsorted", "sums-fused", "atomic", "atomic-relaxed", "atomic-r1"],
                "float64_groups": [], "probe_rows": 10**7, "probe_segments": 10**4},
     "tree": {"budget": 60, "leaves": [10**5, 10**6, 10**7], "dtypes": ["float32", "float64"],
              "impls": ["current", "blocked"]},
@@ -100,7 +101,7 @@ SMOKE = {
                     "tree_leaves": [1_000]},
     "bandwidth": {"budget": 30, "elements": 1 << 20, "repeats": 5, "h2d_elements": 1 << 18},
     "reduce": {"budget": 60, "rows": [1 << 14], "groups": {str(1 << 14): [10**2, 10**3]},
-               "paths": ["unsorted", "sorted", "sums-fused", "sums-columns"],
+               "paths": ["unsorted", "sorted", "sums-fused", "sums-columns", "atomic"],
                "float64_groups": [10**2], "probe_rows": 1 << 14, "probe_segments": 100},
     "tree": {"budget": 60, "leaves": [1_000], "dtypes": ["float32", "float64"], "impls": ["current", "blocked"]},
     "fits": {"groups": [100], "methods": ["exact", "laplace"], "rows_per_group": 5, "draws": 40, "warmup": 40,
@@ -697,6 +698,7 @@ def section_correctness(config: dict, rec: Recorder) -> None:
     rng = np.random.default_rng(config["seed"] + 11)
     k = 2
     reduce_fn = jax.jit(segments.reduce_blocks, static_argnums=(4, 5), static_argnames=("indices_are_sorted",))
+    sums_fn = jax.jit(segments.reduce_sums, static_argnums=(4,), static_argnames=("scatter",))
     # Tolerances: float64 as tests/unit/test_segments.py at offset 1e9 (means to 2.5e-16·1e9, one ulp
     # there); float32 after a float64 shift as kernels/segments.py states (2e-5·sd, 2e-4·n·sd²).
     tolerances = {"float64": (1e-12 + 2.5e-16 * 1e9, 1e-11), "float32-shifted": (2e-5, 2e-4),
@@ -758,6 +760,40 @@ def section_correctness(config: dict, rec: Recorder) -> None:
                 except Exception as error:
                     rec.add(_error_item(error, check="segments", variant=variant, path=path, segments=num_segments))
                     rec.say(f"segments {variant} {path}: ERROR {error}")
+            if jax.default_backend() != "gpu":
+                rec.add({"check": "segments", "variant": "float32-atomic", "path": path, "status": "skipped",
+                         "reason": "the atomic kernel (kernels/atomic_sums.py) needs an NVIDIA GPU"})
+                continue
+            try:   # the Pallas atomic kernel: outcome only, float32 rows about the float64 global mean
+                centre_y = ys.mean()
+                y_in = np.concatenate([ys - centre_y, np.zeros(pad)]).astype(np.float32)
+                moments, cancellation = sums_fn(jnp.asarray(y_in), jnp.zeros((blocks * block, 0), jnp.float32),
+                                                jnp.asarray(ids_p), jnp.asarray(mask), padded,
+                                                jnp.zeros((1,), jnp.float32), scatter="atomic")
+                ref0 = {"count": ref["count"], "mean": ref["mean"], "x_mean": np.zeros((num_segments, 0)),
+                        "m2": ref["m2"], "xy_m2": np.zeros((num_segments, 0)),
+                        "xx_m2": np.zeros((num_segments, 0, 0))}
+                got = {"count": np.asarray(moments.count)[:num_segments],
+                       "mean": np.asarray(moments.mean[:num_segments], np.float64) + centre_y,
+                       "x_mean": np.zeros((num_segments, 0)), "m2": np.asarray(moments.m2[:num_segments], np.float64),
+                       "xy_m2": np.zeros((num_segments, 0)), "xx_m2": np.zeros((num_segments, 0, 0))}
+                errors = _moment_errors(got, ref0)
+                mean_tol, m2_tol = tolerances["float32-shifted"]
+                passed = (errors["count_mismatch"] == 0 and errors["mean_abs_err"] <= mean_tol
+                          and errors["m2_rel_err"] <= m2_tol)
+                worst = float(np.max(np.asarray(cancellation)[:num_segments]))
+                verdicts.setdefault("float32-atomic", []).append(passed)
+                rec.add({"check": "segments", "variant": "float32-atomic", "path": path, "rows": rows,
+                         "segments": num_segments, **errors, "max_cancellation": worst, "pass": bool(passed),
+                         "expected_pass": True, "status": "ok"})
+                rec.say(f"segments {'float32-atomic':<15} {path:<8} segments={num_segments:<6} "
+                        f"mean err {errors['mean_abs_err']:.2e} sd, M2 err {errors['m2_rel_err']:.2e} n·sd², "
+                        f"counts off {errors['count_mismatch']}, cancellation ≤ {worst:.3g}: "
+                        f"{'PASS' if passed else 'FAIL'}")
+            except Exception as error:
+                rec.add(_error_item(error, check="segments", variant="float32-atomic", path=path,
+                                    segments=num_segments))
+                rec.say(f"segments float32-atomic {path}: ERROR {error}")
     rec.data["segments_verdict"] = {v: bool(all(p)) for v, p in verdicts.items()}
 
     tree_verdicts = []
@@ -923,7 +959,8 @@ def section_reduce(config: dict, rec: Recorder) -> None:
 
     reduce_fn = jax.jit(segments.reduce_blocks, static_argnums=(4, 5), static_argnames=("indices_are_sorted",))
     # One read and one float64-accumulated scatter of raw sums about a fixed shift (segments.reduce_sums).
-    sums_fn = jax.jit(segments.reduce_sums, static_argnums=(4,), static_argnames=("accumulate_dtype", "fused"))
+    sums_fn = jax.jit(segments.reduce_sums, static_argnums=(4,),
+                      static_argnames=("accumulate_dtype", "fused", "scatter"))
     rate: dict = {}   # (path, dtype) -> (rows/s, compile s) of the last run, for projections
     plan = [(int(r), int(g), dtype) for r in sizes["rows"] for g in sizes["groups"].get(str(int(r)), [])
             for dtype in ("float32",)]
@@ -958,11 +995,17 @@ def section_reduce(config: dict, rec: Recorder) -> None:
                 rec.begin(f"reduce {rows:.0e} rows {groups:.0e} groups {path} {dtype}")
                 ids = data["sorted_ids"] if path == "sorted" else data["ids"]
                 t0 = time.perf_counter()
-                if path.startswith("sums"):
+                if path.startswith("atomic") and (cpu or dtype != "float32"):
+                    rec.add({**item, "status": "skipped", "reason": "the atomic kernel needs an NVIDIA GPU "
+                             "and float32 rows"})
+                    continue
+                if path.startswith(("sums", "atomic")):
                     args = (data["y"], data["x"], ids, data["mask"], padded,
                             jax.numpy.zeros((1,), data["y"].dtype))
-                    compiled = sums_fn.lower(*args, accumulate_dtype=jax.numpy.float64,
-                                             fused=path == "sums-fused").compile()
+                    with _atomic_variant(path):
+                        compiled = sums_fn.lower(*args, accumulate_dtype=jax.numpy.float64,
+                                                 fused=path == "sums-fused",
+                                                 scatter="atomic" if path.startswith("atomic") else "xla").compile()
                     call = (lambda c: lambda *a: c(*a[:4], a[5]))(compiled)
                 else:
                     args = (data["y"], data["x"], ids, data["mask"], padded, block)
@@ -971,7 +1014,9 @@ def section_reduce(config: dict, rec: Recorder) -> None:
                 compile_s = time.perf_counter() - t0
                 timing = _timed_calls(call, args, min_calls=3, min_seconds=0.5)
                 result = call(*args)
-                result = result[0] if path.startswith("sums") else result
+                if path.startswith(("sums", "atomic")):
+                    item["fallback_segments"] = int(jax.numpy.sum(~jax.numpy.isfinite(result[1])))
+                    result = result[0]
                 if path == "unsorted":
                     blocks_result = result
                 elif blocks_result is not None and path != "sorted":   # "sorted" reads other rows
@@ -1003,6 +1048,34 @@ def section_reduce(config: dict, rec: Recorder) -> None:
         rec.data["headline"] = (f"best {best['rows_per_s'] / 1e6:.0f} Mrow/s ({best['path']}, {best['rows']:.0e} rows, "
                                 f"{best['groups']:.0e} groups, {_fmt(best['bandwidth_fraction'], '.0%')} of bw); "
                                 f"{len(ok)} configs")
+
+
+@contextlib.contextmanager
+def _atomic_variant(path: str):
+    """Variants of the atomic kernel, for measurement only, while it compiles: ``atomic-r1``, one
+    replica of the table; ``atomic-relaxed``, Pallas' atomics lowered with relaxed memory
+    semantics instead of its fixed acquire-release (a private hook of Pallas' Triton lowering)."""
+    import jax
+
+    from kernels import atomic_sums
+
+    saved = []
+    jax.clear_caches()   # the variants trace and lower the same function: no cached program
+    try:
+        if path == "atomic-r1":
+            saved.append((atomic_sums, "default_replicas", atomic_sums.default_replicas))
+            atomic_sums.default_replicas = lambda num_segments: 1
+        if path == "atomic-relaxed":
+            from jax._src.pallas.triton import lowering as triton_lowering
+            rmw = triton_lowering._atomic_rmw
+            saved.append((triton_lowering, "_atomic_rmw", rmw))
+            triton_lowering._atomic_rmw = lambda *a, **k: rmw(
+                *a, **{**k, "semantic": triton_lowering.tt_dialect.MemSemantic.RELAXED})
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+        jax.clear_caches()
 
 
 def _reduce_rows(rows: int, padded_rows: int, num_segments: int, padded_segments: int, dtype: str, seed: int):

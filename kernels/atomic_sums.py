@@ -1,0 +1,134 @@
+"""Per-segment sums of (1, d, d²) on an NVIDIA GPU: one Pallas (Triton) kernel of vector atomics.
+
+Why a kernel of its own
+-----------------------
+``segments.reduce_sums`` adds each row's ``(1, d, d²)`` into its segment with XLA's scatter.
+On an H100 (session 7, ``benchmarks/RESULTS.md``) that ran at 38·10⁹ rows/s at best, 17% of the
+card's memory bandwidth, whatever the accumulation dtype: XLA issues one atomic per row and
+column, and the atomics, not the reads, are the limit. Here the three sums of a segment sit
+side by side in one aligned 16-byte slot ``(count, Σd, Σd², 0)``, and each row adds its four
+floats to the slot with one instruction: the Triton compiler turns an atomic add over four
+contiguous, 16-byte-aligned float32 addresses into Hopper's vector atomic (``.v4.f32``,
+Triton PR 4971), so a row costs one atomic operation where XLA's scatter costs three.
+
+Replicas
+--------
+Program ``i`` (``block_rows`` rows) adds into replica ``i % replicas`` of the table, and the
+replicas are summed afterwards (in float64 with x64). Replicas spread the atomics of few
+segments over more addresses (few segments: every row contends for the same slots) and cap the
+rows any one float32 partial sums: a count is exact while it stays below 2²⁴, and Σd, Σd² of
+fewer rows round less. ``default_replicas`` keeps the table (replicas × segments × 16 bytes)
+under 32 MiB, inside the card's L2 cache, where the atomics resolve.
+
+Precision
+---------
+Each partial is a float32 sum in whatever order the atomics land (not deterministic run to
+run), of ``d = y − shift``: the caller subtracts a global shift in float64 first, as the JAX
+backend's float32 route does (``segments`` module docstring). The relative error of a partial
+Σd² grows like √m·2⁻²⁴ for m rows in it (typically; m·2⁻²⁴ at worst). ``M2 = Σd² − (Σd)²/n``
+then amplifies it by ``segments.reduce_sums``' cancellation factor, which the caller checks
+(``reduce_sums(..., scatter="atomic")``). A partial count that reached 2²⁴ may have lost
+increments: its segment's cancellation is set to infinity, so the caller falls back.
+
+Only the outcome (no covariates). Runs on the GPU; ``interpret=True`` runs it on any backend
+through Pallas' interpreter, whose atomics are *not* atomic: rows of one program that share a
+segment keep only one row's values (the tests use ids that are distinct within a program, and
+the GPU run checks the kernel itself against a float64 reference).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["segment_sums", "default_replicas", "SLOT", "SPILL"]
+
+SLOT = 4          # floats per segment: count, Σd, Σd², padding to 16 bytes
+SPILL = 32        # extra slots per replica that masked or out-of-range rows add into, spread
+EXACT_COUNT = 2 ** 24
+TABLE_BYTES = 32 << 20
+
+
+def default_replicas(num_segments: int) -> int:
+    """The largest power of two (≤ 256) whose table of slots fits in ``TABLE_BYTES``."""
+    slots = (num_segments + SPILL) * SLOT * 4
+    replicas = 1
+    while replicas < 256 and 2 * replicas * slots <= TABLE_BYTES:
+        replicas *= 2
+    return replicas
+
+
+def _kernel(y_ref, id_ref, mask_ref, shift_ref, table_ref, out_ref, *, rows, block_rows,
+            num_segments, replicas):
+    del table_ref   # the zeroed table, aliased to out_ref
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plt
+
+    program = pl.program_id(0)
+    start = program * block_rows
+    local = jnp.arange(block_rows, dtype=jnp.int32)
+    inside = start + local < rows
+    window = pl.ds(start, block_rows)
+    y = plt.load(y_ref.at[window], mask=inside, other=0.0)
+    ids = plt.load(id_ref.at[window], mask=inside, other=0)
+    keep = plt.load(mask_ref.at[window], mask=inside, other=0) != 0
+    keep = keep & inside & (ids >= 0) & (ids < num_segments)
+    # Dropped rows add into one of SPILL slots past the segments, by position, not into one slot.
+    slot = jnp.where(keep, ids, num_segments + local % SPILL)
+    base = (program % replicas) * (num_segments + SPILL)
+    d = y - shift_ref[0]
+    column = jnp.arange(SLOT, dtype=jnp.int32)[None, :]
+    flat = (base + slot)[:, None] * SLOT + column
+    values = jnp.where(column == 0, jnp.ones((), y.dtype),
+                       jnp.where(column == 1, d[:, None],
+                                 jnp.where(column == 2, (d * d)[:, None], jnp.zeros((), y.dtype))))
+    plt.atomic_add(out_ref, flat, values)
+
+
+def segment_sums(y, segment_ids, mask, num_segments: int, shift, *, block_rows: int = 1024,
+                 replicas: int | None = None, num_warps: int = 4, interpret: bool = False):
+    """Per segment ``(n, Σd, Σd²)`` of ``d = y − shift`` over the masked rows, the row counts,
+    and an exactness flag.
+
+    ``y`` (rows,) float32, ``segment_ids`` (rows,) int32 (out-of-range ids are dropped), ``mask``
+    (rows,) bool or int8, ``shift`` a scalar. Returns ``(sums, count, exact)``: ``sums``
+    (num_segments, 3) in float64 with x64 (else float32), the replicas' float32 partials added;
+    ``count`` (num_segments,) int64 with x64 (else int32), the partial counts added as integers;
+    ``exact`` (num_segments,) bool, False where some partial count reached 2²⁴.
+    """
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plt
+
+    if y.dtype != jnp.float32:
+        raise TypeError(f"atomic_sums.segment_sums adds float32 rows, got {y.dtype}")
+    if block_rows & (block_rows - 1):
+        raise ValueError(f"block_rows must be a power of two, got {block_rows}")
+    rows = y.shape[0]
+    replicas = replicas or default_replicas(num_segments)
+    width = num_segments + SPILL
+    programs = max(1, -(-rows // block_rows))
+    table = jnp.zeros((replicas * width * SLOT,), jnp.float32)
+    kernel = functools.partial(_kernel, rows=rows, block_rows=block_rows, num_segments=num_segments,
+                      replicas=replicas)
+    call = pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct(table.shape, table.dtype), grid=(programs,),
+        input_output_aliases={4: 0}, interpret=interpret,
+        compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=1))
+    shift = jnp.reshape(jnp.asarray(shift, jnp.float32), (1,))
+    out = call(y, segment_ids.astype(jnp.int32), mask.astype(jnp.int8), shift, table)
+    partials = out.reshape(replicas, width, SLOT)[:, :num_segments, :3]
+    exact = jnp.all(partials[:, :, 0] < EXACT_COUNT, axis=0)
+    x64 = jax.config.jax_enable_x64
+    count = jnp.sum(jnp.round(partials[:, :, 0]).astype(jnp.int64 if x64 else jnp.int32), axis=0)
+    return jnp.sum(partials.astype(jnp.float64 if x64 else jnp.float32), axis=0), count, exact
+
+
+def lowers_for_cuda(num_segments: int = 256, rows: int = 4096) -> str:
+    """The kernel lowered for CUDA from any host (no GPU needed): the StableHLO text, which
+    embeds the Triton IR. Raises where Pallas cannot lower it."""
+    spec = (jax.ShapeDtypeStruct((rows,), jnp.float32), jax.ShapeDtypeStruct((rows,), jnp.int32),
+            jax.ShapeDtypeStruct((rows,), jnp.bool_))
+    fn = jax.jit(lambda y, ids, mask: segment_sums(y, ids, mask, num_segments, 0.0))
+    return fn.trace(*spec).lower(lowering_platforms=("cuda",)).as_text()
+

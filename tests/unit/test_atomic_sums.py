@@ -1,0 +1,127 @@
+"""kernels.atomic_sums: the Pallas vector-atomic segment sums.
+
+The kernel runs on NVIDIA GPUs only; here it runs through Pallas' interpreter, whose atomics are
+plain read-modify-writes: within one program a segment keeps only one row's values. So every
+program here holds distinct ids, which checks the kernel's indexing (slots, replicas, spill,
+masks, the partial last block) but not atomicity. The GPU run (benchmarks/gpu/run.py,
+``correctness``) checks the kernel itself against a float64 reference at mean 1e9.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels import atomic_sums, segments
+
+BLOCK = 256
+
+
+def distinct_rows(seed, programs, num_segments, rows=None, offset=0.0):
+    """Rows whose ids are distinct within each block of BLOCK rows (an interpreter-safe input)."""
+    rng = np.random.default_rng(seed)
+    ids = np.concatenate([rng.permutation(num_segments)[:BLOCK] for _ in range(programs)])
+    rows = rows or ids.size
+    ids = ids[:rows].astype(np.int32)
+    y = (offset + rng.normal(size=rows)).astype(np.float32)
+    mask = rng.random(rows) < 0.8
+    return y, ids, mask
+
+
+def reference_sums(y, ids, mask, num_segments, shift):
+    keep = mask & (ids >= 0) & (ids < num_segments)
+    d = y.astype(np.float64) - shift
+    return np.stack([np.bincount(ids[keep], v[keep], num_segments) for v in (np.ones_like(d), d, d * d)], 1)
+
+
+def interpreted(num_segments, shift=0.0, **options):
+    return jax.jit(lambda y, ids, mask: atomic_sums.segment_sums(
+        y, ids, mask, num_segments, shift, block_rows=BLOCK, interpret=True, **options))
+
+
+@pytest.mark.parametrize("replicas", [1, 2, 8])
+def test_sums_match_float64_reference(replicas):
+    # 5 programs, the last one partial (ids past the rows are not read), 20% masked rows.
+    y, ids, mask = distinct_rows(0, 5, 700, rows=5 * BLOCK - 37, offset=3.0)
+    sums, count, exact = interpreted(700, 3.0, replicas=replicas)(y, ids, mask)
+    ref = reference_sums(y, ids, mask, 700, 3.0)
+    np.testing.assert_array_equal(np.asarray(count), ref[:, 0].astype(np.int64))
+    np.testing.assert_allclose(np.asarray(sums), ref, rtol=0, atol=5e-6 * np.abs(ref).max())
+    assert bool(np.all(exact))
+
+
+def test_out_of_range_ids_are_dropped():
+    y, ids, mask = distinct_rows(1, 2, 300)
+    ids = ids.copy()
+    ids[:10] = -1
+    ids[10:20] = 300 + np.arange(10)     # past the segments: dropped, not wrapped
+    sums, count, _ = interpreted(300)(y, ids, np.ones_like(mask))
+    ref = reference_sums(y, ids, np.ones_like(mask), 300, 0.0)
+    np.testing.assert_array_equal(np.asarray(count), ref[:, 0])
+    np.testing.assert_allclose(np.asarray(sums), ref, atol=1e-5)
+
+
+def test_default_replicas_keep_the_table_small():
+    for segments_ in (10, 1000, 200_000, 20_000_000):
+        r = atomic_sums.default_replicas(segments_)
+        assert r >= 1 and r & (r - 1) == 0 and r <= 256
+        table = r * (segments_ + atomic_sums.SPILL) * atomic_sums.SLOT * 4
+        assert table <= atomic_sums.TABLE_BYTES or r == 1
+    assert atomic_sums.default_replicas(100) == 256
+    assert atomic_sums.default_replicas(20_000_000) == 1
+
+
+def test_bad_arguments():
+    y, ids, mask = distinct_rows(2, 1, 300)
+    with pytest.raises(TypeError, match="float32"):
+        atomic_sums.segment_sums(y.astype(np.float64), ids, mask, 300, 0.0, interpret=True)
+    with pytest.raises(ValueError, match="power of two"):
+        atomic_sums.segment_sums(y, ids, mask, 300, 0.0, block_rows=1000, interpret=True)
+    with pytest.raises(ValueError, match="covariates"):
+        segments.reduce_sums(jnp.asarray(y), jnp.zeros((y.size, 1), jnp.float32), jnp.asarray(ids),
+                             jnp.asarray(mask), 300, jnp.zeros((2,), jnp.float32), scatter="atomic")
+    with pytest.raises(ValueError, match="scatter"):
+        segments.reduce_sums(jnp.asarray(y), jnp.zeros((y.size, 0), jnp.float32), jnp.asarray(ids),
+                             jnp.asarray(mask), 300, jnp.zeros((1,), jnp.float32), scatter="numba")
+
+
+def test_the_kernel_lowers_to_triton_for_cuda():
+    # Pallas → Triton IR happens here, on any host; Triton → PTX only on the GPU.
+    text = atomic_sums.lowers_for_cuda(num_segments=512, rows=3000)
+    assert "__gpu$xla.gpu.triton" in text
+
+
+@pytest.fixture
+def interpreted_reduce_sums(monkeypatch):
+    monkeypatch.setattr(atomic_sums, "segment_sums",
+                        functools.partial(atomic_sums.segment_sums, block_rows=BLOCK, interpret=True))
+    return jax.jit(segments.reduce_sums, static_argnums=4, static_argnames="scatter")
+
+
+def test_reduce_sums_atomic_agrees_with_xla_scatter(interpreted_reduce_sums):
+    y, ids, mask = distinct_rows(3, 6, 500, offset=0.5)
+    args = (jnp.asarray(y), jnp.zeros((y.size, 0), jnp.float32), jnp.asarray(ids), jnp.asarray(mask), 500,
+            jnp.zeros((1,), jnp.float32))
+    atomic, cancel_a = interpreted_reduce_sums(*args, scatter="atomic")
+    xla, cancel_x = interpreted_reduce_sums(*args, scatter="xla")
+    np.testing.assert_array_equal(np.asarray(atomic.count), np.asarray(xla.count))
+    np.testing.assert_allclose(np.asarray(atomic.mean), np.asarray(xla.mean), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(atomic.m2), np.asarray(xla.m2), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(cancel_a), np.asarray(cancel_x), rtol=1e-4)
+
+
+def test_a_count_that_may_have_lost_increments_falls_back(interpreted_reduce_sums, monkeypatch):
+    # With 2²⁴ lowered to 2, any segment with two rows in one replica's partial is flagged.
+    monkeypatch.setattr(atomic_sums, "EXACT_COUNT", 2)
+    monkeypatch.setattr(atomic_sums, "default_replicas", lambda num_segments: 1)
+    y, ids, mask = distinct_rows(4, 3, 400)
+    mask = np.ones_like(mask)
+    args = (jnp.asarray(y), jnp.zeros((y.size, 0), jnp.float32), jnp.asarray(ids), jnp.asarray(mask), 400,
+            jnp.zeros((1,), jnp.float32))
+    moments, cancellation = interpreted_reduce_sums(*args, scatter="atomic")
+    flagged = ~np.isfinite(np.asarray(cancellation))
+    np.testing.assert_array_equal(flagged, np.asarray(moments.count) >= 2)
+    assert flagged.any() and not flagged.all()
