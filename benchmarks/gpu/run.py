@@ -86,7 +86,7 @@ FULL = {
     "reduce": {"budget": 110, "rows": [10**7, 10**8],
                "groups": {"10000000": [10**2, 10**4, 10**5, 10**6],
                           "100000000": [10**2, 10**4, 10**5, 10**7]},
-               "paths": ["unsorted", "sums-fused", "atomic", "atomic-relaxed", "atomic-r1"],
+               "paths": ["unsorted", "sums-fused", "atomic", "atomic-b2048", "atomic-b4096", "atomic-acqrel"],
                "float64_groups": [], "probe_rows": 10**7, "probe_segments": 10**4},
     "tree": {"budget": 60, "leaves": [10**5, 10**6, 10**7], "dtypes": ["float32", "float64"],
              "impls": ["current", "blocked"]},
@@ -956,6 +956,8 @@ def section_reduce(config: dict, rec: Recorder) -> None:
     memory = (config["context"].get("device") or {}).get("memory_bytes")
 
     _scatter_probe(sizes, rec)
+    from kernels import atomic_sums
+    rec.data["atomic_relaxed"] = atomic_sums.RELAXED   # relaxed atomics available with this JAX
 
     reduce_fn = jax.jit(segments.reduce_blocks, static_argnums=(4, 5), static_argnames=("indices_are_sorted",))
     # One read and one float64-accumulated scatter of raw sums about a fixed shift (segments.reduce_sums).
@@ -1050,31 +1052,31 @@ def section_reduce(config: dict, rec: Recorder) -> None:
                                 f"{len(ok)} configs")
 
 
+# Variants of the atomic kernel, measured beside its defaults: keyword arguments of
+# atomic_sums.segment_sums, and the table replicas.
+ATOMIC_VARIANTS = {"atomic": {}, "atomic-acqrel": {"relaxed": False}, "atomic-r1": {"replicas": 1},
+                   "atomic-b2048": {"block_rows": 2048, "num_warps": 8},
+                   "atomic-b4096": {"block_rows": 4096, "num_warps": 8}}
+
+
 @contextlib.contextmanager
 def _atomic_variant(path: str):
-    """Variants of the atomic kernel, for measurement only, while it compiles: ``atomic-r1``, one
-    replica of the table; ``atomic-relaxed``, Pallas' atomics lowered with relaxed memory
-    semantics instead of its fixed acquire-release (a private hook of Pallas' Triton lowering)."""
+    """While a path compiles, ``segments.reduce_sums`` calls the atomic kernel with the variant's
+    options (``ATOMIC_VARIANTS``)."""
+    import functools
+
     import jax
 
     from kernels import atomic_sums
 
-    saved = []
+    original = atomic_sums.segment_sums
     jax.clear_caches()   # the variants trace and lower the same function: no cached program
     try:
-        if path == "atomic-r1":
-            saved.append((atomic_sums, "default_replicas", atomic_sums.default_replicas))
-            atomic_sums.default_replicas = lambda num_segments: 1
-        if path == "atomic-relaxed":
-            from jax._src.pallas.triton import lowering as triton_lowering
-            rmw = triton_lowering._atomic_rmw
-            saved.append((triton_lowering, "_atomic_rmw", rmw))
-            triton_lowering._atomic_rmw = lambda *a, **k: rmw(
-                *a, **{**k, "semantic": triton_lowering.tt_dialect.MemSemantic.RELAXED})
+        if path in ATOMIC_VARIANTS:
+            atomic_sums.segment_sums = functools.partial(original, **ATOMIC_VARIANTS[path])
         yield
     finally:
-        for module, name, value in saved:
-            setattr(module, name, value)
+        atomic_sums.segment_sums = original
         jax.clear_caches()
 
 
