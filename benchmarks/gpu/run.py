@@ -327,6 +327,10 @@ def _apply_overrides(sizes: dict, opts) -> None:
     elif opts.reduce_groups:
         groups = [int(float(g)) for g in opts.reduce_groups.split(",") if g]
         sizes["reduce"]["groups"] = {str(r): [g for g in groups if g <= r] for r in sizes["reduce"]["rows"]}
+    if opts.reduce_paths:
+        sizes["reduce"]["paths"] = [p for p in opts.reduce_paths.split(",") if p]
+    if opts.reduce_budget:
+        sizes["reduce"]["budget"] = opts.reduce_budget
     if opts.tree_leaves:
         sizes["tree"]["leaves"] = [int(float(g)) for g in opts.tree_leaves.split(",") if g]
     if opts.nuts_groups:
@@ -1546,6 +1550,10 @@ def main(argv=None) -> int:
                         help="the engine's reduce backend for fits (jax: kernels/segments.py on the device)")
     parser.add_argument("--reduce-rows", default="", help="comma-separated row counts for the reduce section")
     parser.add_argument("--reduce-groups", default="", help="comma-separated group counts for the reduce section")
+    parser.add_argument("--reduce-paths", default="",
+                        help="comma-separated reduce paths: unsorted, sorted, sums-fused, sums-columns, atomic and "
+                             "its variants (ATOMIC_VARIANTS)")
+    parser.add_argument("--reduce-budget", type=float, default=None, help="seconds for the reduce section")
     parser.add_argument("--tree-leaves", default="", help="comma-separated leaf counts for the tree section")
     parser.add_argument("--nuts-groups", default="", help="groups of the small full-NUTS fit (default 1000)")
     parser.add_argument("--no-nuts-cpu", action="store_true", help="skip the NUTS fit on the host CPU")
