@@ -67,10 +67,10 @@ def test_out_of_range_ids_are_dropped():
 def test_default_replicas_keep_the_table_small():
     for segments_ in (10, 1000, 200_000, 20_000_000):
         r = atomic_sums.default_replicas(segments_)
-        assert r >= 1 and r & (r - 1) == 0 and r <= 256
+        assert r >= 1 and r & (r - 1) == 0 and r <= atomic_sums.MAX_REPLICAS
         table = r * (segments_ + atomic_sums.SPILL) * atomic_sums.SLOT * 4
         assert table <= atomic_sums.TABLE_BYTES or r == 1
-    assert atomic_sums.default_replicas(100) == 256
+    assert atomic_sums.default_replicas(100) == atomic_sums.MAX_REPLICAS
     assert atomic_sums.default_replicas(20_000_000) == 1
 
 
