@@ -765,8 +765,7 @@ def section_correctness(config: dict, rec: Recorder) -> None:
                     rec.add(_error_item(error, check="segments", variant=variant, path=path, segments=num_segments))
                     rec.say(f"segments {variant} {path}: ERROR {error}")
             if jax.default_backend() != "gpu":
-                rec.add({"check": "segments", "variant": "float32-atomic", "path": path, "status": "skipped",
-                         "reason": "the atomic kernel (kernels/atomic_sums.py) needs an NVIDIA GPU"})
+                rec.data["float32-atomic"] = "not run: the atomic kernel (kernels/atomic_sums.py) needs an NVIDIA GPU"
                 continue
             try:   # the Pallas atomic kernel: outcome only, float32 rows about the float64 global mean
                 centre_y = ys.mean()
@@ -1002,8 +1001,9 @@ def section_reduce(config: dict, rec: Recorder) -> None:
                 ids = data["sorted_ids"] if path == "sorted" else data["ids"]
                 t0 = time.perf_counter()
                 if path.startswith("atomic") and (cpu or dtype != "float32"):
-                    rec.add({**item, "status": "skipped", "reason": "the atomic kernel needs an NVIDIA GPU "
-                             "and float32 rows"})
+                    # Not a measurement that failed: the kernel does not apply here.
+                    rec.data.setdefault("not_applicable", {})[f"{path} {dtype}"] = (
+                        "the atomic kernel needs an NVIDIA GPU and float32 rows")
                     continue
                 if path.startswith(("sums", "atomic")):
                     args = (data["y"], data["x"], ids, data["mask"], padded,
