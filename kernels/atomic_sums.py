@@ -152,13 +152,15 @@ def segment_sums(y, segment_ids, mask, num_segments: int, shift, *, block_rows: 
                  replicas: int | None = None, num_warps: int = 4, relaxed: bool | None = None,
                  interpret: bool = False):
     """Per segment ``(n, Σd, Σd²)`` of ``d = y − shift`` over the masked rows, the row counts,
-    and an exactness flag.
+    and the most rows any one float32 partial of the segment added.
 
     ``y`` (rows,) float32, ``segment_ids`` (rows,) int32 (out-of-range ids are dropped), ``mask``
-    (rows,) bool, ``shift`` a scalar. ``relaxed``: relaxed atomics (default: where available). Returns ``(sums, count, exact)``: ``sums``
-    (num_segments, 3) in float64 with x64 (else float32), the replicas' float32 partials added;
-    ``count`` (num_segments,) int64 with x64 (else int32), the partial counts added as integers;
-    ``exact`` (num_segments,) bool, False where some partial count reached 2²⁴.
+    (rows,) bool, ``shift`` a scalar. ``relaxed``: relaxed atomics (default: where available).
+    Returns ``(sums, count, largest)``: ``sums`` (num_segments, 3) in float64 with x64 (else
+    float32), the replicas' float32 partials added; ``count`` (num_segments,) int64 with x64
+    (else int32), the partial counts added as integers; ``largest`` (num_segments,) the largest
+    partial count: the sums' rounding grows with it, and a partial count of 2²⁴
+    (``EXACT_COUNT``) or more may have lost increments.
     """
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plt
@@ -184,10 +186,10 @@ def segment_sums(y, segment_ids, mask, num_segments: int, shift, *, block_rows: 
     shift = jnp.reshape(jnp.asarray(shift, jnp.float32), (1,))
     out = call(y, segment_ids.astype(jnp.int32), mask.astype(jnp.bool_), shift, table)
     partials = out.reshape(replicas, width, SLOT)[:, :num_segments, :3]
-    exact = jnp.all(partials[:, :, 0] < EXACT_COUNT, axis=0)
     x64 = jax.config.jax_enable_x64
-    count = jnp.sum(jnp.round(partials[:, :, 0]).astype(jnp.int64 if x64 else jnp.int32), axis=0)
-    return jnp.sum(partials.astype(jnp.float64 if x64 else jnp.float32), axis=0), count, exact
+    counts = jnp.round(partials[:, :, 0]).astype(jnp.int64 if x64 else jnp.int32)
+    return (jnp.sum(partials.astype(jnp.float64 if x64 else jnp.float32), axis=0), jnp.sum(counts, axis=0),
+            jnp.max(counts, axis=0))
 
 
 def lowers_for_cuda(num_segments: int = 256, rows: int = 4096, **options) -> str:

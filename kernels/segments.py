@@ -75,6 +75,7 @@ __all__ = [
     "accumulate",
     "reduce_blocks",
     "reduce_sums",
+    "moments_from_sums",
     "block_rows_for",
     "iter_blocks",
     "bucket",
@@ -327,25 +328,43 @@ def reduce_sums(y, x, segment_ids, mask, num_segments: int, shift, *, accumulate
     else:
         shift = row_shift = jnp.broadcast_to(shift, (1 + k,))
     upper_i, upper_j = np.triu_indices(1 + k)
-    exact = None
     if scatter == "atomic":
         if k or shift.ndim == 2:
             raise ValueError("scatter='atomic' sums the outcome alone about one shift: no covariates, "
                              "no per-segment shifts")
         from kernels import atomic_sums
-        sums, atomic_count, exact = atomic_sums.segment_sums(y, segment_ids, mask, num_segments, shift[0])
-        sums = sums.astype(acc)
-    elif scatter == "xla":
-        d = jnp.concatenate([y[:, None], x.astype(y.dtype)], axis=1) - row_shift
-        d = jnp.where(mask[:, None], d, jnp.zeros((), d.dtype)).astype(acc)
-        columns = jnp.concatenate([mask.astype(acc)[:, None], d, d[:, upper_i] * d[:, upper_j]], axis=1)
-        if fused:
-            sums = jax.ops.segment_sum(columns, segment_ids, num_segments)
-        else:
-            sums = jnp.stack([jax.ops.segment_sum(columns[:, c], segment_ids, num_segments)
-                              for c in range(columns.shape[1])], axis=1)
-    else:
+        sums, count, largest = atomic_sums.segment_sums(y, segment_ids, mask, num_segments, shift[0])
+        return moments_from_sums(sums.astype(acc), count, shift, exact=largest < atomic_sums.EXACT_COUNT)
+    if scatter != "xla":
         raise ValueError(f"scatter must be 'xla' or 'atomic', got {scatter!r}")
+    d = jnp.concatenate([y[:, None], x.astype(y.dtype)], axis=1) - row_shift
+    d = jnp.where(mask[:, None], d, jnp.zeros((), d.dtype)).astype(acc)
+    columns = jnp.concatenate([mask.astype(acc)[:, None], d, d[:, upper_i] * d[:, upper_j]], axis=1)
+    if fused:
+        sums = jax.ops.segment_sum(columns, segment_ids, num_segments)
+    else:
+        sums = jnp.stack([jax.ops.segment_sum(columns[:, c], segment_ids, num_segments)
+                          for c in range(columns.shape[1])], axis=1)
+    if jnp.finfo(acc).nmant < 52:   # float32 sums are exact counts only to 2²⁴: count in integers
+        count = jax.ops.segment_sum(mask.astype(_count_dtype()), segment_ids, num_segments)
+    else:
+        count = jnp.round(sums[:, 0]).astype(_count_dtype())
+    return moments_from_sums(sums, count, shift)
+
+
+def moments_from_sums(sums, count, shift, *, exact=None) -> tuple[Moments, jax.Array]:
+    """Moments and the cancellation factor from raw sums about ``shift``.
+
+    ``sums`` (segments, 1 + (1 + k) + (1 + k)(2 + k)/2): per segment Σ1, Σd (outcome, then the
+    k covariates) and Σdᵢdⱼ for i ≤ j in ``np.triu_indices`` order; ``count`` (segments,) int;
+    ``shift`` (1 + k,) or (segments, 1 + k). ``exact`` (segments,) bool, optional: False where
+    the sums may have lost rows (their cancellation is then infinite). See ``reduce_sums``.
+    """
+    acc = sums.dtype
+    k = int(round((np.sqrt(8 * sums.shape[1] + 1) - 5) / 2))   # columns = 2 + k + (1+k)(2+k)/2
+    upper_i, upper_j = np.triu_indices(1 + k)
+    if sums.shape[1] != 2 + k + upper_i.size:
+        raise ValueError(f"sums has {sums.shape[1]} columns: not Σ1, Σd and Σdᵢdⱼ for any covariate count")
     n = sums[:, 0]
     s_dd = {(int(i), int(j)): sums[:, 2 + k + c] for c, (i, j) in enumerate(zip(upper_i, upper_j))}
     offset, centred, m2, xy_m2, xx_m2 = _centred(n, sums[:, 1:2 + k], s_dd)
@@ -353,16 +372,10 @@ def reduce_sums(y, x, segment_ids, mask, num_segments: int, shift, *, accumulate
     if k:
         diagonal = jnp.arange(k)
         xx_m2 = xx_m2.at[:, diagonal, diagonal].max(zero)
-    if exact is not None:           # float32 partial counts, each exact below 2²⁴ (``exact``)
-        count = atomic_count.astype(_count_dtype())
-    elif jnp.finfo(acc).nmant < 52:   # float32 sums are exact counts only to 2²⁴: count in integers
-        count = jax.ops.segment_sum(mask.astype(_count_dtype()), segment_ids, num_segments)
-    else:
-        count = jnp.round(n).astype(_count_dtype())
     seen = (n > 0)[:, None]
-    moments = Moments(count=count, shift=jnp.where(seen, jnp.broadcast_to(shift.astype(acc), offset.shape), zero),
-                      offset=offset,
-                      m2=m2, xy_m2=xy_m2, xx_m2=xx_m2)
+    moments = Moments(count=count.astype(_count_dtype()),
+                      shift=jnp.where(seen, jnp.broadcast_to(jnp.asarray(shift).astype(acc), offset.shape), zero),
+                      offset=offset, m2=m2, xy_m2=xy_m2, xx_m2=xx_m2)
     # Per column (outcome and covariates) Σd²/M2; the cross moments are bounded by these.
     # A column whose M2 came out ≤ 0 although its rows are not all at the shift (n ≥ 2, Σd² > 0)
     # cancelled completely: infinite, so a caller falls back.

@@ -62,6 +62,7 @@ import tempfile
 import threading
 import time
 import traceback
+import types
 from collections import deque
 from pathlib import Path
 
@@ -86,7 +87,7 @@ FULL = {
     "reduce": {"budget": 110, "rows": [10**7, 10**8],
                "groups": {"10000000": [10**2, 10**4, 10**5, 10**6],
                           "100000000": [10**2, 10**4, 10**5, 10**7]},
-               "paths": ["unsorted", "sums-fused", "atomic", "atomic-b2048", "atomic-b4096", "atomic-acqrel"],
+               "paths": ["unsorted", "sums-fused", "atomic", "device", "atomic-b4096", "atomic-acqrel"],
                "float64_groups": [], "probe_rows": 10**7, "probe_segments": 10**4},
     "tree": {"budget": 60, "leaves": [10**5, 10**6, 10**7], "dtypes": ["float32", "float64"],
              "impls": ["current", "blocked"]},
@@ -101,7 +102,7 @@ SMOKE = {
                     "tree_leaves": [1_000]},
     "bandwidth": {"budget": 30, "elements": 1 << 20, "repeats": 5, "h2d_elements": 1 << 18},
     "reduce": {"budget": 60, "rows": [1 << 14], "groups": {str(1 << 14): [10**2, 10**3]},
-               "paths": ["unsorted", "sorted", "sums-fused", "sums-columns", "atomic"],
+               "paths": ["unsorted", "sorted", "sums-fused", "sums-columns", "atomic", "device"],
                "float64_groups": [10**2], "probe_rows": 1 << 14, "probe_segments": 100},
     "tree": {"budget": 60, "leaves": [1_000], "dtypes": ["float32", "float64"], "impls": ["current", "blocked"]},
     "fits": {"groups": [100], "methods": ["exact", "laplace"], "rows_per_group": 5, "draws": 40, "warmup": 40,
@@ -1005,7 +1006,19 @@ def section_reduce(config: dict, rec: Recorder) -> None:
                     rec.data.setdefault("not_applicable", {})[f"{path} {dtype}"] = (
                         "the atomic kernel needs an NVIDIA GPU and float32 rows")
                     continue
-                if path.startswith(("sums", "atomic")):
+                if path == "device":   # the engine's entry point for device arrays, end to end
+                    from engine.reduce.jax import reduce_device
+
+                    args = (data["y"], jax.numpy.where(data["mask"], ids, 0), data["mask"])
+                    info = {}
+
+                    def call(y_, ids_, mask_, info=info):
+                        moments, extra = reduce_device(y_, None, ids_, num_segments, mask=mask_,
+                                                       precision="float32")
+                        info.update(extra)
+                        return moments
+                    compile_s = 0.0   # compiled by its first (timed, warm-up) call: see warm_s
+                elif path.startswith(("sums", "atomic")):
                     args = (data["y"], data["x"], ids, data["mask"], padded,
                             jax.numpy.zeros((1,), data["y"].dtype))
                     with _atomic_variant(path):
@@ -1017,9 +1030,17 @@ def section_reduce(config: dict, rec: Recorder) -> None:
                     args = (data["y"], data["x"], ids, data["mask"], padded, block)
                     compiled = reduce_fn.lower(*args, indices_are_sorted=path == "sorted").compile()
                     call = (lambda c: lambda *a: c(*a[:4]))(compiled)
-                compile_s = time.perf_counter() - t0
+                if path != "device":
+                    compile_s = time.perf_counter() - t0
                 timing = _timed_calls(call, args, min_calls=3, min_seconds=0.5)
                 result = call(*args)
+                if path == "device":
+                    item.update(device_method=info.get("method"), refined=info.get("refined"),
+                                warm_s=timing["warm_s"])
+                    count, mean, m2 = (jax.numpy.asarray(result[i][:padded]) for i in range(3))
+                    result = types.SimpleNamespace(count=jax.numpy.pad(count, (0, padded - count.size)),
+                                                   mean=jax.numpy.pad(mean, (0, padded - mean.size)),
+                                                   m2=jax.numpy.pad(m2, (0, padded - m2.size)))
                 if path.startswith(("sums", "atomic")):
                     item["fallback_segments"] = int(jax.numpy.sum(~jax.numpy.isfinite(result[1])))
                     result = result[0]

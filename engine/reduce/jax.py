@@ -16,6 +16,11 @@ Precision: float64 by default (on every platform; the reduction runs inside
 ``jax.enable_x64``). ``precision="float32"`` subtracts each column's mean in
 float64 on the host first and adds it back to the means afterwards; see
 ``kernels.segments`` for what float32 achieves and when it does not apply.
+
+Rows that are already JAX arrays on a device (the backend above copies host rows
+in, bounded by the host → device link) go through ``reduce_device``: the block
+scan on the device, or on an NVIDIA GPU in float32 the Pallas atomic kernel
+``kernels.atomic_sums`` with a float64 pass over the cells it cannot settle.
 """
 from __future__ import annotations
 
@@ -113,11 +118,7 @@ def reduce_arrays(y: np.ndarray, x: np.ndarray, segment_ids: np.ndarray, num_seg
         state = segments.empty(padded_segments, x.shape[1], jax.numpy.dtype(precision))
         for block in segments.iter_blocks(y, x, ids, block_rows, padded_segments):
             state = step(state, *block, indices_are_sorted=indices_are_sorted)
-        count = np.asarray(state.count)
-        mean = np.asarray(state.mean, np.float64) + centre_y
-        x_mean = np.asarray(state.x_mean, np.float64) + centre_x
-        return (count, mean, np.asarray(state.m2, np.float64), x_mean,
-                np.asarray(state.xy_m2, np.float64), np.asarray(state.xx_m2, np.float64))
+        return tuple(_host_moments(state, centre_y, centre_x))
 
 
 def reduce_jax(rows: pl.LazyFrame, groups, outcome: str, covariates, *, block_rows: int | None = None,
@@ -138,3 +139,153 @@ def reduce_jax(rows: pl.LazyFrame, groups, outcome: str, covariates, *, block_ro
     if groups:
         table = pl.concat([keys[present // 2], table], how="horizontal")
     return Cells(table=table, levels=tuple(groups), covariates=tuple(covariates))
+
+
+# --- arrays already on a device ---------------------------------------------------------------
+
+#: A cell whose M2 from the float32 atomic kernel may be off by more than this, relatively
+#: (√(its largest float32 partial's rows) · 2⁻²⁴ · its cancellation factor, the typical error;
+#: ``kernels.segments.reduce_sums``), is reduced again in float64. The float32 route promises
+#: M2 within 2e-4·n·sd² (``kernels.segments``); this keeps a margin of 20.
+REFINE_ERROR = 1e-5
+
+
+def _gpu(array) -> bool:
+    devices = getattr(array, "devices", None)
+    platforms = {d.platform for d in devices()} if devices else set()
+    return bool(platforms) and platforms <= {"gpu", "cuda"}
+
+
+@functools.lru_cache(maxsize=None)
+def _device_programs():
+    import jax
+    import jax.numpy as jnp
+
+    from kernels import atomic_sums, segments
+
+    def centred(y, x, mask, precision):
+        """Float64 means of the masked rows, and the rows about them in ``precision``."""
+        weight = mask.astype(jnp.float64)
+        total = jnp.maximum(jnp.sum(weight), 1.0)
+        centre_y = jnp.sum(y.astype(jnp.float64) * weight) / total
+        centre_x = jnp.sum(x.astype(jnp.float64) * weight[:, None], axis=0) / total
+        return (centre_y, centre_x, (y.astype(jnp.float64) - centre_y).astype(precision),
+                (x.astype(jnp.float64) - centre_x).astype(precision))
+
+    def blocks(y, x, ids, mask, *, segments_, block_rows, precision):
+        TRACES["device-blocks"] += 1
+        if precision == "float32":
+            centre_y, centre_x, y, x = centred(y, x, mask, jnp.float32)
+        else:
+            centre_y, centre_x = jnp.zeros((), jnp.float64), jnp.zeros(x.shape[1], jnp.float64)
+            y, x = y.astype(jnp.float64), x.astype(jnp.float64)
+        pad = -y.shape[0] % block_rows   # masked rows up to whole blocks
+        state = segments.reduce_blocks(jnp.pad(y, (0, pad)), jnp.pad(x, ((0, pad), (0, 0))),
+                                       jnp.pad(ids, (0, pad), constant_values=segments_),
+                                       jnp.pad(mask, (0, pad)), segments_, block_rows)
+        return state, centre_y, centre_x
+
+    def atomic(y, ids, mask, *, segments_):
+        TRACES["device-atomic"] += 1
+        centre_y, _, y32, _ = centred(y, jnp.zeros((y.shape[0], 0)), mask, jnp.float32)
+        sums, count, largest = atomic_sums.segment_sums(y32, ids, mask, segments_, 0.0)
+        state, cancellation = segments.moments_from_sums(
+            sums, count, jnp.zeros((1,), jnp.float64), exact=largest < atomic_sums.EXACT_COUNT)
+        error = cancellation * jnp.sqrt(jnp.maximum(largest, 1).astype(jnp.float64)) * 2.0 ** -24
+        refine = (state.count > 1) & ~(error <= REFINE_ERROR)
+        return state, centre_y, refine
+
+    return (jax.jit(blocks, static_argnames=("segments_", "block_rows", "precision")),
+            jax.jit(atomic, static_argnames=("segments_",)))
+
+
+def _host_moments(state, centre_y, centre_x):
+    """A kernel state as NumPy float64, the centres added back to the means (0 for an empty
+    segment, as the float64 route gives)."""
+    count = np.asarray(state.count)
+    seen = count > 0
+    mean = np.where(seen, np.asarray(state.mean, np.float64) + float(centre_y), 0.0)
+    x_mean = np.where(seen[:, None], np.asarray(state.x_mean, np.float64) + np.asarray(centre_x, np.float64), 0.0)
+    return [count, mean, np.asarray(state.m2, np.float64), x_mean,
+            np.asarray(state.xy_m2, np.float64), np.asarray(state.xx_m2, np.float64)]
+
+
+def reduce_device(y, x, segment_ids, num_segments: int, *, mask=None, precision: str = "float64",
+                  method: str = "auto"):
+    """Rows already in JAX arrays (on a GPU, or any device) → per-segment moments, on that device.
+
+    ``y`` (rows,), ``x`` (rows, k) or None, ``segment_ids`` (rows,) int in ``[0, num_segments)``,
+    ``mask`` (rows,) bool (default all rows). Returns ``(moments, info)``: ``moments`` the tuple
+    ``count, mean, m2, x_mean, xy_m2, xx_m2`` of ``reduce_arrays`` (NumPy, float64, for
+    ``bucket(num_segments)`` segments); ``info`` says which ``method`` ran and how many cells
+    were ``refined``.
+
+    ``method``: ``"blocks"``, the block scan of ``kernels.segments`` (every precision, any device,
+    covariates); ``"atomic"``, the Pallas kernel ``kernels.atomic_sums`` (NVIDIA GPU, float32, no
+    covariates): about 5× the block scan and 1.6–9× XLA's scatter on an H100 at 1e8 rows
+    (benchmarks/RESULTS.md, session 9). Cells whose float32 M2 may be off by more than
+    ``REFINE_ERROR`` are reduced again in float64 over their own rows (one more pass of the
+    block scan, only when there are any: typically cells of a few nearly equal values).
+    ``"auto"`` (default): atomic where it applies, else blocks. ``precision="float32"`` subtracts
+    the masked rows' float64 mean first (``kernels.segments``: float32 at an offset of 1e9 has no
+    spread left otherwise) and adds it back to the means.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from engine.errors import SpecError
+    from kernels import segments
+
+    if precision not in ("float64", "float32"):
+        raise SpecError(f"precision {precision!r}: expected 'float64' or 'float32'")
+    if method not in ("auto", "blocks", "atomic"):
+        raise SpecError(f"method {method!r}: expected 'auto', 'blocks' or 'atomic'")
+    rows = int(np.shape(y)[0]) if np.ndim(y) == 1 else None
+    if rows is None:
+        raise SpecError(f"y has shape {np.shape(y)}: expected one value a row, (rows,)")
+    k = 0 if x is None else int(np.shape(x)[1]) if np.ndim(x) == 2 else -1
+    if k < 0 or (x is not None and np.shape(x)[0] != rows):
+        raise SpecError(f"x has shape {np.shape(x)}: expected (rows, covariates) with {rows} rows, or None")
+    for name, value in (("segment_ids", segment_ids), ("mask", mask)):
+        if value is not None and tuple(np.shape(value)) != (rows,):
+            raise SpecError(f"{name} has shape {np.shape(value)}: expected ({rows},), one per row of y")
+    if not jnp.issubdtype(jnp.asarray(segment_ids).dtype, jnp.integer):
+        raise SpecError(f"segment_ids has dtype {jnp.asarray(segment_ids).dtype}: expected integers "
+                        f"in [0, {num_segments})")
+    if num_segments < 1 or num_segments > 2**31 - 2:
+        raise SpecError(f"num_segments {num_segments}: expected 1 to 2³¹ − 2")
+    atomic_applies = precision == "float32" and k == 0 and _gpu(y)
+    if method == "atomic" and not atomic_applies:
+        raise SpecError("method 'atomic' needs float32 precision, no covariates and y on an NVIDIA GPU; "
+                        "use method='blocks' (or 'auto')")
+    chosen = "atomic" if method == "atomic" or (method == "auto" and atomic_applies) else "blocks"
+    padded = segments.bucket(num_segments, MIN_SEGMENTS)
+    blocks, atomic = _device_programs()
+    with jax.enable_x64(True):
+        ids = jnp.asarray(segment_ids).astype(jnp.int32)
+        if rows:
+            low, high = int(jnp.min(ids)), int(jnp.max(ids))
+            if low < 0 or high >= num_segments:
+                bad = low if low < 0 else high
+                raise SpecError(f"segment_ids holds {bad}: expected ids in [0, {num_segments}); "
+                                f"raise num_segments or fix the ids")
+        mask = jnp.ones((rows,), bool) if mask is None else jnp.asarray(mask).astype(bool)
+        x = jnp.zeros((rows, 0), jnp.asarray(y).dtype) if x is None else jnp.asarray(x)
+        target = CPU_BLOCK_ROWS if jax.default_backend() == "cpu" else BLOCK_ROWS
+        block_rows = segments.block_rows_for(rows, max_block_rows=min(max(target, padded), BLOCK_ROWS))
+        if chosen == "blocks":
+            state, centre_y, centre_x = blocks(jnp.asarray(y), x, ids, mask, segments_=padded,
+                                               block_rows=block_rows, precision=precision)
+            return tuple(_host_moments(state, centre_y, centre_x)), {"method": "blocks", "refined": 0}
+        state, centre_y, refine = atomic(jnp.asarray(y), ids, mask, segments_=padded)
+        moments = _host_moments(state, centre_y, np.zeros(0))
+        refined = int(jnp.sum(refine))
+        if refined:
+            # Those cells' rows again, in float64 about each cell's first row (Sterbenz-exact).
+            again, centre_y, centre_x = blocks(jnp.asarray(y), x, ids, mask & refine[ids], segments_=padded,
+                                               block_rows=block_rows, precision="float64")
+            better = _host_moments(again, centre_y, centre_x)
+            chosen_cells = np.asarray(refine)
+            for i in (1, 2):
+                moments[i] = np.where(chosen_cells, better[i], moments[i])
+        return tuple(moments), {"method": "atomic", "refined": refined}

@@ -46,11 +46,12 @@ def interpreted(num_segments, shift=0.0, **options):
 def test_sums_match_float64_reference(replicas):
     # 5 programs, the last one partial (ids past the rows are not read), 20% masked rows.
     y, ids, mask = distinct_rows(0, 5, 700, rows=5 * BLOCK - 37, offset=3.0)
-    sums, count, exact = interpreted(700, 3.0, replicas=replicas)(y, ids, mask)
+    sums, count, largest = interpreted(700, 3.0, replicas=replicas)(y, ids, mask)
     ref = reference_sums(y, ids, mask, 700, 3.0)
     np.testing.assert_array_equal(np.asarray(count), ref[:, 0].astype(np.int64))
     np.testing.assert_allclose(np.asarray(sums), ref, rtol=0, atol=5e-6 * np.abs(ref).max())
-    assert bool(np.all(exact))
+    # Distinct ids within a program: a segment's partial holds at most one row per program.
+    assert 1 <= int(np.max(largest)) <= -(-5 // replicas)
 
 
 def test_out_of_range_ids_are_dropped():

@@ -1,0 +1,131 @@
+"""engine.reduce.jax.reduce_device: rows already in JAX arrays → per-segment moments.
+
+The atomic method runs its Pallas kernel through the interpreter here (no GPU): every program of
+BLOCK rows holds distinct ids (the interpreter's atomics are not atomic; see
+tests/unit/test_atomic_sums.py), which is enough to check the float64 refinement of the cells
+whose float32 M2 cannot be trusted.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from engine.errors import SpecError
+from engine.reduce import jax as jax_backend
+from kernels import atomic_sums
+
+BLOCK = 256
+
+
+def on_device(*arrays):
+    with jax.enable_x64(True):
+        return [None if a is None else jnp.asarray(a) for a in arrays]
+
+
+def rows(seed, n, segments, k=0, offset=0.0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, segments, n)
+    y = offset + rng.normal(size=n) + 0.2 * (ids % 7)
+    x = rng.normal(size=(n, k))
+    return y, x, ids
+
+
+def test_blocks_match_reduce_arrays():
+    y, x, ids = rows(0, 5000, 300, k=2)
+    got, info = jax_backend.reduce_device(*on_device(y, x, ids), 300)
+    want = jax_backend.reduce_arrays(y, x, ids, 300)
+    assert info == {"method": "blocks", "refined": 0}
+    np.testing.assert_array_equal(got[0], want[0])
+    for g, w in zip(got[1:], want[1:]):
+        np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-9)
+
+
+def test_float32_blocks_at_an_offset_of_1e9():
+    y, _, ids = rows(1, 20000, 50, offset=1e9)
+    got, _ = jax_backend.reduce_device(*on_device(y, None, ids), 50, precision="float32")
+    want = jax_backend.reduce_arrays(y, np.zeros((y.size, 0)), ids, 50)
+    seen = want[0] > 0
+    sd = np.sqrt(want[2][seen] / want[0][seen])
+    # kernels/segments.py's float32 tolerances: 2e-5·sd on means, 2e-4·n·sd² on M2.
+    assert np.max(np.abs(got[1][seen] - want[1][seen]) / sd) < 2e-5
+    assert np.max(np.abs(got[2][seen] - want[2][seen]) / (want[0][seen] * sd**2)) < 2e-4
+
+
+def test_mask_drops_rows():
+    y, _, ids = rows(2, 3000, 40)
+    mask = np.random.default_rng(3).random(y.size) < 0.6
+    got, _ = jax_backend.reduce_device(*on_device(y, None, ids), 40, mask=mask)
+    want = jax_backend.reduce_arrays(y[mask], np.zeros((mask.sum(), 0)), ids[mask], 40)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_allclose(got[2], want[2], rtol=1e-10)
+
+
+@pytest.fixture
+def interpreted_atomic(monkeypatch):
+    monkeypatch.setattr(atomic_sums, "segment_sums",
+                        functools.partial(atomic_sums.segment_sums, block_rows=BLOCK, interpret=True))
+    monkeypatch.setattr(jax_backend, "_gpu", lambda array: True)
+    jax_backend._device_programs.cache_clear()
+    yield
+    jax_backend._device_programs.cache_clear()
+
+
+def distinct_rows(seed, programs, segments, offset):
+    rng = np.random.default_rng(seed)
+    ids = np.concatenate([rng.permutation(segments)[:BLOCK] for _ in range(programs)])
+    y = offset + rng.normal(size=ids.size) + 0.3 * (ids % 5)
+    return y, ids
+
+
+def test_atomic_refines_cells_whose_float32_m2_is_not_trustworthy(interpreted_atomic):
+    y, ids = distinct_rows(4, 6, 400, offset=1e9)
+    # Cell 7: exactly two rows, in different programs, 1e-5 sd apart (M2 = 5e-11): its float32
+    # Σd² − (Σd)²/n is all rounding, so it must be reduced again in float64.
+    cell7 = np.flatnonzero(ids == 7)
+    ids[cell7[2:]] = 8 + np.arange(cell7.size - 2)    # keep two rows in cell 7 (ids stay distinct a block)
+    keep = np.ones(ids.size, bool)
+    keep[cell7[2:]] = False
+    y[cell7[1]] = y[cell7[0]] + 1e-5
+    got, info = jax_backend.reduce_device(*on_device(y, None, ids), 400, mask=keep, precision="float32")
+    want = jax_backend.reduce_arrays(y[keep], np.zeros((keep.sum(), 0)), ids[keep], 400)
+    assert info["method"] == "atomic" and info["refined"] >= 1
+    np.testing.assert_array_equal(got[0], want[0])
+    assert got[2][7] == pytest.approx(want[2][7], rel=1e-6)
+    seen = want[0] > 1
+    sd = np.sqrt(want[2][seen] / want[0][seen])
+    assert np.max(np.abs(got[1][seen] - want[1][seen]) / sd) < 2e-5
+    assert np.max(np.abs(got[2][seen] - want[2][seen]) / (want[0][seen] * sd**2)) < 2e-4
+
+
+def test_atomic_without_refinement_when_float32_suffices(interpreted_atomic):
+    y, ids = distinct_rows(5, 6, 300, offset=3.0)
+    got, info = jax_backend.reduce_device(*on_device(y, None, ids), 300, precision="float32")
+    want = jax_backend.reduce_arrays(y, np.zeros((y.size, 0)), ids, 300)
+    assert info == {"method": "atomic", "refined": 0}
+    seen = want[0] > 0
+    np.testing.assert_allclose(got[1][seen], want[1][seen], atol=1e-6)
+    np.testing.assert_allclose(got[2][seen], want[2][seen], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(segment_ids=np.array([0, 1, 5])), "segment_ids holds 5"),
+    (dict(segment_ids=np.array([0, -1, 2])), "segment_ids holds -1"),
+    (dict(segment_ids=np.array([0.0, 1.0, 2.0])), "dtype float"),
+    (dict(segment_ids=np.array([0, 1])), r"segment_ids has shape \(2,\)"),
+    (dict(x=np.zeros((2, 1))), "x has shape"),
+    (dict(mask=np.ones(4, bool)), "mask has shape"),
+    (dict(precision="float16"), "precision 'float16'"),
+    (dict(method="sort"), "method 'sort'"),
+    (dict(method="atomic"), "needs float32 precision"),
+])
+def test_bad_input_is_refused_before_compute(change, message):
+    args = dict(y=np.array([1.0, 2.0, 3.0]), x=None, segment_ids=np.array([0, 1, 2]), num_segments=5)
+    args.update(change)
+    options = {k: args.pop(k) for k in ("mask", "precision", "method") if k in args}
+    y, x, ids = on_device(args["y"], args["x"], args["segment_ids"])
+    with pytest.raises(SpecError, match=message):
+        jax_backend.reduce_device(y, x, ids, args["num_segments"], **options)
