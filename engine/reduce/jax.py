@@ -161,7 +161,7 @@ def _device_programs():
     import jax
     import jax.numpy as jnp
 
-    from kernels import atomic_sums, segments
+    from kernels import segments
 
     def centred(y, x, mask, precision):
         """Float64 means of the masked rows, and the rows about them in ``precision``."""
@@ -186,6 +186,8 @@ def _device_programs():
         return state, centre_y, centre_x
 
     def atomic(y, ids, mask, *, segments_):
+        from kernels import atomic_sums   # Pallas: imported only where the kernel runs
+
         TRACES["device-atomic"] += 1
         centre_y, _, y32, _ = centred(y, jnp.zeros((y.shape[0], 0)), mask, jnp.float32)
         sums, count, largest = atomic_sums.segment_sums(y32, ids, mask, segments_, 0.0)
