@@ -153,6 +153,23 @@ def keys_at(offsets, low: int, dtype) -> pl.Series:
     return (offsets + low).cast(dtype)
 
 
+def host_passes():
+    """The passes of ``kernels.host``: one compiled loop each (``engine.reduce.fused``, Numba)
+    unless ``CAUSAL_ENGINE_HOST_PASSES=numpy`` or Numba is missing, then ``np.bincount``'s."""
+    import os
+
+    from kernels import host
+
+    choice = os.environ.get("CAUSAL_ENGINE_HOST_PASSES", "fused").lower()
+    if choice not in ("fused", "numpy"):
+        from engine.errors import SpecError
+        raise SpecError(f"CAUSAL_ENGINE_HOST_PASSES={choice!r}: expected 'fused' or 'numpy'")
+    if choice == "numpy":
+        return host.NUMPY
+    from engine.reduce import fused
+    return fused.PASSES or host.NUMPY
+
+
 def _reduce_dense(batch: pl.DataFrame, group: str, outcome: str, covariates, span) -> pl.DataFrame:
     """Cells by ``kernels.host`` over segments ``2·(key − low) + arm``: no hashing, no sort.
 
@@ -160,7 +177,8 @@ def _reduce_dense(batch: pl.DataFrame, group: str, outcome: str, covariates, spa
     statistics as ``cell_aggregates`` up to rounding, and the same bits on every run."""
     from kernels import host
 
-    return _dense_table(host.reduce(*_dense_arrays(batch, group, outcome, covariates, span[0]), 2 * span[1]),
+    return _dense_table(host.reduce(*_dense_arrays(batch, group, outcome, covariates, span[0]), 2 * span[1],
+                                    passes=host_passes()),
                         span[0], group, batch.schema[group], covariates)
 
 
@@ -223,14 +241,15 @@ class _DenseRun:
 
         arrays = _dense_arrays(batch, self.group, outcome, self.covariates, span[0])
         if self.state is None:
-            self.state = host.accumulate(*arrays, 2 * span[1])
+            self.state = host.accumulate(*arrays, 2 * span[1], passes=host_passes())
             (self.low, self.keys), self.rows = span, batch.height
             self.base, self.capacity = span
             return
         self._cover(span)
         window = slice(2 * (span[0] - self.base), 2 * (span[0] - self.base + span[1]))
         count, shift, sums, products = self.state
-        part = host.accumulate(*arrays, 2 * span[1], shift=shift[:, window], seen=count[window] > 0)
+        part = host.accumulate(*arrays, 2 * span[1], shift=shift[:, window], seen=count[window] > 0,
+                               passes=host_passes())
         far = self._far(part, window)
         rebased = self._rebase(far, arrays, window) if far.any() else None
         shift[:, window] = part.shift        # unchanged where seen; the batch's means elsewhere
@@ -270,7 +289,7 @@ class _DenseRun:
 
         ids, y, x = arrays
         rows = far[ids]
-        own = host.reduce(ids[rows], y[rows], x[rows], far.shape[0], threads=1)
+        own = host.reduce(ids[rows], y[rows], x[rows], far.shape[0], threads=1, passes=host_passes())
         before = host.finish(host.Sums(*(a[..., window] for a in self.state)))
         return host.as_sums(host.merge(before, own))
 

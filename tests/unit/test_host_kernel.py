@@ -1,4 +1,5 @@
-"""kernels.host: the NumPy corrected two-pass reduction against exact sums, and its merge."""
+"""kernels.host: the corrected two-pass reduction against exact sums, and its merge; with its
+NumPy passes and with the compiled ones of engine.reduce.fused (Numba)."""
 from __future__ import annotations
 
 from fractions import Fraction
@@ -6,7 +7,17 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
+from engine.reduce import fused
 from kernels import host
+
+PASSES = {"numpy": host.NUMPY, "fused": fused.PASSES}
+
+
+@pytest.fixture(params=sorted(PASSES))
+def passes(request):
+    if PASSES[request.param] is None:
+        pytest.skip("numba is not installed")
+    return PASSES[request.param]
 
 
 def exact_moments(ids, y, x, segments):
@@ -30,7 +41,7 @@ def exact_moments(ids, y, x, segments):
 
 
 @pytest.mark.parametrize("threads, chunk_rows", [(1, 1 << 18), (2, 1 << 18), (2, 256)])
-def test_moments_match_exact_sums_at_offset_1e9(threads, chunk_rows, monkeypatch):
+def test_moments_match_exact_sums_at_offset_1e9(threads, chunk_rows, passes, monkeypatch):
     """Mean 1e9, sd 1 (a float64 sum of the raw values is off by ~√n·ε·1e9): the corrected
     two-pass moments equal exact rational ones to a few ulps of the mean and of n·sd²."""
     monkeypatch.setattr(host, "SPLIT_ROWS", 16)
@@ -40,7 +51,7 @@ def test_moments_match_exact_sums_at_offset_1e9(threads, chunk_rows, monkeypatch
     ids = rng.integers(0, segments - 1, rows)         # the last segment stays empty
     y = rng.normal(1e9, 1.0, rows)
     x = np.stack([rng.normal(-3e8, 2.0, rows), rng.normal(0.0, 1e-3, rows)], axis=1)
-    got = host.reduce(ids, y, x, segments, threads=threads)
+    got = host.reduce(ids, y, x, segments, threads=threads, passes=passes)
     want = exact_moments(ids, y, x, segments)
     eps = np.finfo(float).eps
     assert got.count[-1] == 0 and got.m2[-1] == 0 and np.all(got.xx_m2[-1] == 0)
@@ -57,13 +68,13 @@ def test_moments_match_exact_sums_at_offset_1e9(threads, chunk_rows, monkeypatch
                 assert got.xx_m2[s, i, j] == got.xx_m2[s, j, i]
 
 
-def test_split_is_deterministic_and_close_to_one_pass():
+def test_split_is_deterministic_and_close_to_one_pass(passes):
     rng = np.random.default_rng(1)
     ids = rng.integers(0, 50, 400_000)
     y, x = rng.normal(3.0, 1.0, ids.size), rng.normal(size=(ids.size, 1))
-    two = host.reduce(ids, y, x, 50, threads=2)
-    assert all(np.array_equal(a, b) for a, b in zip(two, host.reduce(ids, y, x, 50, threads=2)))
-    one = host.reduce(ids, y, x, 50, threads=1)
+    two = host.reduce(ids, y, x, 50, threads=2, passes=passes)
+    assert all(np.array_equal(a, b) for a, b in zip(two, host.reduce(ids, y, x, 50, threads=2, passes=passes)))
+    one = host.reduce(ids, y, x, 50, threads=1, passes=passes)
     assert np.array_equal(one.count, two.count)
     for a, b in zip(one[1:], two[1:]):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-9)
@@ -79,8 +90,44 @@ def test_merge_with_empty_sides_is_exact():
         assert all(np.array_equal(a, b) for a, b in zip(merged, part))
 
 
-def test_out_of_range_segment_and_bad_shapes_are_refused():
+def test_out_of_range_segment_and_bad_shapes_are_refused(passes):
     with pytest.raises(ValueError, match="outside"):
-        host.reduce(np.array([0, 5]), np.zeros(2), np.zeros((2, 0)), 3, threads=1)
+        host.reduce(np.array([0, 5]), np.zeros(2), np.zeros((2, 0)), 3, threads=1, passes=passes)
+    if passes is not host.NUMPY:   # np.bincount refuses negative ids with its own message
+        with pytest.raises(ValueError, match="segment id -1 is outside"):
+            host.reduce(np.array([0, -1]), np.zeros(2), np.zeros((2, 1)), 3, threads=1, passes=passes)
     with pytest.raises(ValueError, match="rows"):
         host.reduce(np.array([0, 1]), np.zeros(2), np.zeros((3, 1)), 3)
+
+
+@pytest.mark.parametrize("k", [0, 1, 3])
+def test_fused_passes_agree_with_numpy_passes_about_running_shifts(k):
+    """Each covariate count the fused loops specialise (0, 1) and the general loop (3), for a
+    first batch and for a later one added about the first one's shifts (some segments new)."""
+    if fused.PASSES is None:
+        pytest.skip("numba is not installed")
+    rng = np.random.default_rng(5 + k)
+    segments = 40
+    first_ids, later_ids = rng.integers(0, 30, 50_000), rng.integers(0, segments, 50_000)
+    y1, y2 = rng.normal(1e9, 1.0, first_ids.size), rng.normal(1e9 + 0.5, 1.0, later_ids.size)
+    x1, x2 = rng.normal(size=(first_ids.size, k)), rng.normal(size=(later_ids.size, k))
+    for passes in (host.NUMPY, fused.PASSES):
+        state = host.accumulate(first_ids, y1, x1, segments, passes=passes)
+        later = host.accumulate(later_ids, y2, x2, segments, shift=state.shift, seen=state.count > 0,
+                                passes=passes)
+        got = host.finish(host.Sums(state.count + later.count, later.shift, state.sums + later.sums,
+                                    state.products + later.products))
+        if passes is host.NUMPY:
+            want = got
+            continue
+        np.testing.assert_array_equal(got.count, want.count)
+        n = np.maximum(want.count, 1).astype(float)
+
+        def close(a, b, tolerance):
+            assert np.all(np.abs(a - b) <= tolerance), float(np.max(np.abs(a - b) - tolerance))
+
+        close(got.mean, want.mean, 4e-16 * 1e9)          # a few ulps at 1e9
+        close(got.m2, want.m2, 1e-12 * n)                # sd 1: units of n·sd²
+        close(got.x_mean, want.x_mean, 1e-14)
+        close(got.xy_m2, want.xy_m2, 1e-12 * n[:, None])
+        close(got.xx_m2, want.xx_m2, 1e-12 * n[:, None, None])

@@ -686,3 +686,25 @@ def test_dense_run_refolds_a_segment_that_jumps_far_from_its_shift(monkeypatch):
         for column, exact in [("m2", sum((v - my) ** 2 for v in ys)), ("xx_m2__x__x", sum((v - mx) ** 2 for v in xs)),
                               ("xy_m2__x", sum((a - mx) * (b - my) for a, b in zip(xs, ys)))]:
             assert abs(row[column].item() - float(exact)) <= 1e-12 * abs(float(exact)), (g, column)
+
+
+def test_host_passes_fused_and_numpy_give_the_same_cells(monkeypatch):
+    """CAUSAL_ENGINE_HOST_PASSES picks the dense route's passes: the compiled loops
+    (engine.reduce.fused, the default) or NumPy's bincount; the cells agree to float64 rounding,
+    each repeats bit for bit, and any other value is a SpecError before any compute."""
+    from engine.reduce import fused
+    from engine.reduce.polars import host_passes, reduce_polars
+    from kernels import host
+
+    frame = _integer_key_rows(pl.Int64)
+    monkeypatch.setenv("CAUSAL_ENGINE_HOST_PASSES", "numpy")
+    assert host_passes() is host.NUMPY
+    numpy_cells = reduce_polars(frame.lazy(), ["g"], "y", ["x"], batch_rows=700)
+    monkeypatch.setenv("CAUSAL_ENGINE_HOST_PASSES", "fused")
+    assert host_passes() is (fused.PASSES or host.NUMPY)
+    fused_cells = reduce_polars(frame.lazy(), ["g"], "y", ["x"], batch_rows=700)
+    assert reduce_polars(frame.lazy(), ["g"], "y", ["x"], batch_rows=700).table.equals(fused_cells.table)
+    assert_cells_agree(fused_cells, numpy_cells, ["g"], ["x"])
+    monkeypatch.setenv("CAUSAL_ENGINE_HOST_PASSES", "numba")
+    with pytest.raises(SpecError, match="CAUSAL_ENGINE_HOST_PASSES='numba'"):
+        host_passes()
