@@ -18,7 +18,13 @@ machine code next to this file where it can write (``NUMBA_CACHE_DIR`` elsewhere
 """
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
+
+#: One helper thread for ``segment_ids``' second half (the caller does the first).
+_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="causal-engine-segments")
 
 try:
     import numba
@@ -83,12 +89,42 @@ def _deviation_loop_1(ids, y, x, shift, acc):
         acc[s, 4] += dx * dx
 
 
+def _segment_loop(key, arm, low, out):
+    """out[i] = 2·(key[i] − low) + arm[i] in int64. Unsigned keys and ``low`` wrap alike when
+    read as int64, so the difference, which is small, comes out right for UInt64 above 2⁶³."""
+    for i in range(key.shape[0]):
+        out[i] = 2 * (np.int64(key[i]) - low) + np.int64(arm[i])
+
+
 if numba is not None:
     _jit = numba.njit(nogil=True, cache=True)
+    _segment_loop = _jit(_segment_loop)
     _first_loop = _jit(_first_loop)
     _deviation_loop, _deviation_loop_0, _deviation_loop_1 = (
         _jit(_deviation_loop), _jit(_deviation_loop_0), _jit(_deviation_loop_1))
 _DEVIATION_LOOPS = {0: _deviation_loop_0, 1: _deviation_loop_1}
+
+
+_LOCAL = threading.local()
+
+
+def segment_ids(key: np.ndarray, arm: np.ndarray, low: int) -> np.ndarray:
+    """Each row's segment ``2·(key − low) + arm`` (int64), in two halves on two threads, into
+    this thread's own buffer (reused by its next call: a fresh array costs page faults)."""
+    rows = key.shape[0]
+    held = getattr(_LOCAL, "ids", None)
+    if held is None or held.shape[0] < rows:
+        held = _LOCAL.ids = np.empty(rows, np.int64)
+    out = held[:rows]
+    low = int(low) - 2**64 if int(low) >= 2**63 else int(low)   # as the loop reads a UInt64 key
+    half = rows // 2
+    if rows < 1 << 16:
+        _segment_loop(key, arm, low, out)
+        return out
+    done = _POOL.submit(_segment_loop, key[:half], arm[:half], low, out[:half])
+    _segment_loop(key[half:], arm[half:], low, out[half:])
+    done.result()
+    return out
 
 
 def _rows(ids, y, x):

@@ -187,13 +187,25 @@ def _dense_arrays(batch: pl.DataFrame, group: str, outcome: str, covariates, low
     import numpy as np
 
     dtype = batch.schema[group]
+    compiled = host_passes() is not _numpy_passes()
     frame = batch.select(
-        (key_offsets(group, dtype, low) * 2 + pl.col("arm").cast(pl.Int64)).alias("_segment"),
+        *([] if compiled else
+          [(key_offsets(group, dtype, low) * 2 + pl.col("arm").cast(pl.Int64)).alias("_segment")]),
         pl.col(outcome).cast(pl.Float64).alias("_y"),
         *[pl.col(c).cast(pl.Float64) for c in covariates])
     x = (frame.select(covariates).to_numpy(order="fortran") if covariates
          else np.zeros((frame.height, 0)))
-    return frame["_segment"].to_numpy(), frame["_y"].to_numpy(), x
+    if compiled:   # one compiled pass over the key and arm columns as they are (no copies)
+        from engine.reduce import fused
+        ids = fused.segment_ids(batch[group].to_numpy(), batch["arm"].to_numpy(), low)
+    else:
+        ids = frame["_segment"].to_numpy()
+    return ids, frame["_y"].to_numpy(), x
+
+
+def _numpy_passes():
+    from kernels import host
+    return host.NUMPY
 
 
 def _dense_table(moments, low: int, group: str, dtype, covariates) -> pl.DataFrame:

@@ -131,3 +131,21 @@ def test_fused_passes_agree_with_numpy_passes_about_running_shifts(k):
         close(got.x_mean, want.x_mean, 1e-14)
         close(got.xy_m2, want.xy_m2, 1e-12 * n[:, None])
         close(got.xx_m2, want.xx_m2, 1e-12 * n[:, None, None])
+
+
+@pytest.mark.parametrize("dtype, low, high", [(np.int8, -100, 120), (np.int64, 2**63 - 500, 2**63 - 1),
+                                              (np.uint64, 2**64 - 300, 2**64 - 1), (np.int32, -5, 70_000)])
+def test_fused_segment_ids_never_wrap(dtype, low, high):
+    """2·(key − low) + arm for keys near the ends of their type, below and above 2¹⁶ rows
+    (the two-thread split), as Python integers compute it."""
+    if fused.PASSES is None:
+        pytest.skip("numba is not installed")
+    rng = np.random.default_rng(9)
+    for rows in (1_000, 70_000):
+        offsets = rng.integers(0, high - low + 1, rows, dtype=np.uint64)
+        key = (np.uint64(low % 2**64) + offsets).astype(dtype) if dtype is np.uint64 else \
+            (low + offsets.astype(np.int64)).astype(dtype)
+        arm = rng.integers(0, 2, rows).astype(np.int8)
+        want = np.array([2 * (int(k) - low) + int(a) for k, a in zip(key, arm)], np.int64)
+        np.testing.assert_array_equal(fused.segment_ids(key, arm, low), want)
+        np.testing.assert_array_equal(fused.segment_ids(key, arm.astype(bool), low), want)
