@@ -1,4 +1,4 @@
-"""The host reduction's two passes, each as one compiled loop over the rows (Numba).
+"""The host reduction's two passes, and the segment ids, each one compiled loop over the rows (Numba).
 
 ``kernels.host`` runs the corrected two-pass algorithm with NumPy: every per-segment sum is an
 ``np.bincount``, so one covariate costs 8 bincounts, 2 gathers and 5 element-wise passes over the
@@ -12,19 +12,32 @@ Same statistics and the same guarantees as the NumPy passes: rows add in row ord
 parts add in part order, so the same rows give the same bits on every run; the bits differ in the
 last places from the NumPy passes, which add in cache-sized chunks.
 
+``segment_ids`` computes the dense route's segments ``2·(key − low) + arm`` from the key and arm
+columns as Polars holds them: a Polars expression for it was half of a batch's time at 10⁸ rows.
+
 ``PASSES`` is None where Numba is not installed (then ``kernels.host``'s NumPy passes run).
-Numba compiles the two loops on first use (about a second, once per row dtype) and caches the
+Numba compiles the loops on first use (about a second, once per input dtype) and caches the
 machine code next to this file where it can write (``NUMBA_CACHE_DIR`` elsewhere).
 """
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-#: One helper thread for ``segment_ids``' second half (the caller does the first).
-_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="causal-engine-segments")
+_HELPER: dict[int, ThreadPoolExecutor] = {}
+
+
+def _helper() -> ThreadPoolExecutor:
+    """One helper thread for ``segment_ids``' second half (the caller does the first), per
+    process: a forked child inherits the executor but not its thread."""
+    pid = os.getpid()
+    if pid not in _HELPER:
+        _HELPER.clear()
+        _HELPER[pid] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="causal-engine-segments")
+    return _HELPER[pid]
 
 try:
     import numba
@@ -121,7 +134,7 @@ def segment_ids(key: np.ndarray, arm: np.ndarray, low: int) -> np.ndarray:
     if rows < 1 << 16:
         _segment_loop(key, arm, low, out)
         return out
-    done = _POOL.submit(_segment_loop, key[:half], arm[:half], low, out[:half])
+    done = _helper().submit(_segment_loop, key[:half], arm[:half], low, out[:half])
     _segment_loop(key[half:], arm[half:], low, out[half:])
     done.result()
     return out
