@@ -224,7 +224,7 @@ def reduce_device(y, x, segment_ids, num_segments: int, *, mask=None, precision:
 
     ``method``: ``"blocks"``, the block scan of ``kernels.segments`` (every precision, any device,
     covariates); ``"atomic"``, the Pallas kernel ``kernels.atomic_sums`` (NVIDIA GPU, float32, no
-    covariates): about 5× the block scan and 1.6–9× XLA's scatter on an H100 at 1e8 rows
+    covariates): 5–70× the block scan and 1.5–9× XLA's scatter on an H100 at 1e8 rows
     (benchmarks/RESULTS.md, session 9). Cells whose float32 M2 may be off by more than
     ``REFINE_ERROR`` are reduced again in float64 over their own rows (one more pass of the
     block scan, only when there are any: typically cells of a few nearly equal values).

@@ -177,17 +177,21 @@ def _reduce_dense(batch: pl.DataFrame, group: str, outcome: str, covariates, spa
     statistics as ``cell_aggregates`` up to rounding, and the same bits on every run."""
     from kernels import host
 
-    return _dense_table(host.reduce(*_dense_arrays(batch, group, outcome, covariates, span[0]), 2 * span[1],
-                                    passes=host_passes()),
+    passes = host_passes()
+    return _dense_table(host.reduce(*_dense_arrays(batch, group, outcome, covariates, span[0], passes),
+                                    2 * span[1], passes=passes),
                         span[0], group, batch.schema[group], covariates)
 
 
-def _dense_arrays(batch: pl.DataFrame, group: str, outcome: str, covariates, low: int):
-    """(segment ids ``2·(key − low) + arm``, y, x (rows, k) Fortran order) as NumPy arrays."""
+def _dense_arrays(batch: pl.DataFrame, group: str, outcome: str, covariates, low: int, passes):
+    """(segment ids ``2·(key − low) + arm``, y, x (rows, k) Fortran order) as NumPy arrays; the
+    ids by a compiled loop when ``passes`` are the compiled ones, else by Polars."""
     import numpy as np
 
+    from kernels import host
+
     dtype = batch.schema[group]
-    compiled = host_passes() is not _numpy_passes()
+    compiled = passes is not host.NUMPY
     frame = batch.select(
         *([] if compiled else
           [(key_offsets(group, dtype, low) * 2 + pl.col("arm").cast(pl.Int64)).alias("_segment")]),
@@ -201,11 +205,6 @@ def _dense_arrays(batch: pl.DataFrame, group: str, outcome: str, covariates, low
     else:
         ids = frame["_segment"].to_numpy()
     return ids, frame["_y"].to_numpy(), x
-
-
-def _numpy_passes():
-    from kernels import host
-    return host.NUMPY
 
 
 def _dense_table(moments, low: int, group: str, dtype, covariates) -> pl.DataFrame:
@@ -251,9 +250,10 @@ class _DenseRun:
     def add(self, batch: pl.DataFrame, outcome: str, span) -> None:
         from kernels import host
 
-        arrays = _dense_arrays(batch, self.group, outcome, self.covariates, span[0])
+        passes = host_passes()
+        arrays = _dense_arrays(batch, self.group, outcome, self.covariates, span[0], passes)
         if self.state is None:
-            self.state = host.accumulate(*arrays, 2 * span[1], passes=host_passes())
+            self.state = host.accumulate(*arrays, 2 * span[1], passes=passes)
             (self.low, self.keys), self.rows = span, batch.height
             self.base, self.capacity = span
             return
@@ -261,7 +261,7 @@ class _DenseRun:
         window = slice(2 * (span[0] - self.base), 2 * (span[0] - self.base + span[1]))
         count, shift, sums, products = self.state
         part = host.accumulate(*arrays, 2 * span[1], shift=shift[:, window], seen=count[window] > 0,
-                               passes=host_passes())
+                               passes=passes)
         far = self._far(part, window)
         rebased = self._rebase(far, arrays, window) if far.any() else None
         shift[:, window] = part.shift        # unchanged where seen; the batch's means elsewhere
