@@ -26,11 +26,13 @@ under 32 MiB, inside the card's L2 cache, where the atomics resolve.
 Precision
 ---------
 Each partial is a float32 sum in whatever order the atomics land (not deterministic run to
-run), of ``d = y − shift``: the caller subtracts a global shift in float64 first, as the JAX
-backend's float32 route does (``segments`` module docstring). The relative error of a partial
-Σd² grows like √m·2⁻²⁴ for m rows in it (typically; m·2⁻²⁴ at worst). ``M2 = Σd² − (Σd)²/n``
-then amplifies it by ``segments.reduce_sums``' cancellation factor, which the caller checks
-(``reduce_sums(..., scatter="atomic")``). A partial count that reached 2²⁴ may have lost
+run), of ``d = y − shift``. Rows that were float64 get a global shift subtracted in float64
+before they become float32 (``segments`` module docstring); rows that already are float32 get a
+float32 ``shift`` near them, subtracted in the kernel, exactly where a row lies within a factor
+of two of it (Sterbenz), so no extra pass over the rows (``engine.reduce.jax.reduce_device``).
+The relative error of a partial Σd² grows like √m·2⁻²⁴ for m rows in it (typically;
+m·2⁻²⁴ at worst). ``M2 = Σd² − (Σd)²/n`` then amplifies it by ``segments.reduce_sums``'
+cancellation factor, which the caller checks (``reduce_sums(..., scatter="atomic")``). A partial count that reached 2²⁴ may have lost
 increments: its segment's cancellation is set to infinity, so the caller falls back.
 
 Memory order
@@ -57,7 +59,7 @@ import jax.numpy as jnp
 __all__ = ["segment_sums", "default_replicas", "lowers_for_cuda", "RELAXED", "SLOT", "SPILL"]
 
 SLOT = 4          # floats per segment: count, Σd, Σd², padding to 16 bytes
-SPILL = 32        # extra slots per replica that masked or out-of-range rows add into, spread
+SPILL = 32        # extra slots per replica that masked rows add into, spread
 EXACT_COUNT = 2 ** 24
 TABLE_BYTES = 32 << 20
 #: H100, 1e8 rows over 200 segments: 1.71 ms with 256 replicas, 1.61 ms with 1024 (run 3 of
@@ -111,7 +113,7 @@ RELAXED = _RELAXED_ADD is not None
 
 def default_replicas(num_segments: int) -> int:
     """The largest power of two (≤ ``MAX_REPLICAS``) whose table of slots fits in ``TABLE_BYTES``."""
-    slots = (num_segments + SPILL) * SLOT * 4
+    slots = (num_segments + SPILL + 1) * SLOT * 4
     replicas = 1
     while replicas < MAX_REPLICAS and 2 * replicas * slots <= TABLE_BYTES:
         replicas *= 2
@@ -132,10 +134,11 @@ def _kernel(y_ref, id_ref, mask_ref, shift_ref, table_ref, out_ref, *, rows, blo
     y = plt.load(y_ref.at[window], mask=inside, other=0.0)
     ids = plt.load(id_ref.at[window], mask=inside, other=0)
     keep = plt.load(mask_ref.at[window], mask=inside, other=False)
-    keep = keep & inside & (ids >= 0) & (ids < num_segments)
-    # Dropped rows add into one of SPILL slots past the segments, by position, not into one slot.
-    slot = jnp.where(keep, ids, num_segments + local % SPILL)
-    base = (program % replicas) * (num_segments + SPILL)
+    outside = (ids < 0) | (ids >= num_segments)
+    # Masked rows add into one of SPILL slots past the segments, by position, not into one slot;
+    # kept rows with an id out of range into the slot after those, which counts them.
+    slot = jnp.where(keep & inside, jnp.where(outside, num_segments + SPILL, ids), num_segments + local % SPILL)
+    base = (program % replicas) * (num_segments + SPILL + 1)
     d = y - shift_ref[0]
     column = jnp.arange(SLOT, dtype=jnp.int32)[None, :]
     flat = (base + slot)[:, None] * SLOT + column
@@ -152,15 +155,17 @@ def segment_sums(y, segment_ids, mask, num_segments: int, shift, *, block_rows: 
                  replicas: int | None = None, num_warps: int = 4, relaxed: bool | None = None,
                  interpret: bool = False):
     """Per segment ``(n, Σd, Σd²)`` of ``d = y − shift`` over the masked rows, the row counts,
-    and the most rows any one float32 partial of the segment added.
+    the most rows any one float32 partial of the segment added, and how many rows were dropped.
 
-    ``y`` (rows,) float32, ``segment_ids`` (rows,) int32 (out-of-range ids are dropped), ``mask``
-    (rows,) bool, ``shift`` a scalar. ``relaxed``: relaxed atomics (default: where available).
-    Returns ``(sums, count, largest)``: ``sums`` (num_segments, 3) in float64 with x64 (else
-    float32), the replicas' float32 partials added; ``count`` (num_segments,) int64 with x64
-    (else int32), the partial counts added as integers; ``largest`` (num_segments,) the largest
-    partial count: the sums' rounding grows with it, and a partial count of 2²⁴
-    (``EXACT_COUNT``) or more may have lost increments.
+    ``y`` (rows,) float32, ``segment_ids`` (rows,) int32 (rows the mask keeps whose id is out
+    of range are dropped and counted), ``mask`` (rows,) bool, ``shift`` a scalar, subtracted in
+    float32 (exact where a row is within a factor of two of it). ``relaxed``: relaxed atomics
+    (default: where available). Returns ``(sums, count, largest, dropped)``: ``sums``
+    (num_segments, 3) in float64 with x64 (else float32), the replicas' float32 partials added;
+    ``count`` (num_segments,) int64 with x64 (else int32), the partial counts added as integers;
+    ``largest`` (num_segments,) the largest partial count: the sums' rounding grows with it, and
+    a partial count of 2²⁴ (``EXACT_COUNT``) or more may have lost increments; ``dropped`` the
+    number of kept rows whose id was out of range (a caller's validation, at no extra pass).
     """
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plt
@@ -171,7 +176,7 @@ def segment_sums(y, segment_ids, mask, num_segments: int, shift, *, block_rows: 
         raise ValueError(f"block_rows must be a power of two, got {block_rows}")
     rows = y.shape[0]
     replicas = replicas or default_replicas(num_segments)
-    width = num_segments + SPILL
+    width = num_segments + SPILL + 1     # the segments, the spill slots, the dropped-row slot
     programs = max(1, -(-rows // block_rows))
     table = jnp.zeros((replicas * width * SLOT,), jnp.float32)
     relaxed = RELAXED if relaxed is None else relaxed
@@ -185,11 +190,14 @@ def segment_sums(y, segment_ids, mask, num_segments: int, shift, *, block_rows: 
         compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=1))
     shift = jnp.reshape(jnp.asarray(shift, jnp.float32), (1,))
     out = call(y, segment_ids.astype(jnp.int32), mask.astype(jnp.bool_), shift, table)
-    partials = out.reshape(replicas, width, SLOT)[:, :num_segments, :3]
+    table = out.reshape(replicas, width, SLOT)
+    partials = table[:, :num_segments, :3]
     x64 = jax.config.jax_enable_x64
-    counts = jnp.round(partials[:, :, 0]).astype(jnp.int64 if x64 else jnp.int32)
+    integer = jnp.int64 if x64 else jnp.int32
+    counts = jnp.round(partials[:, :, 0]).astype(integer)
+    dropped = jnp.sum(jnp.round(table[:, width - 1, 0]).astype(integer))
     return (jnp.sum(partials.astype(jnp.float64 if x64 else jnp.float32), axis=0), jnp.sum(counts, axis=0),
-            jnp.max(counts, axis=0))
+            jnp.max(counts, axis=0), dropped)
 
 
 def lowers_for_cuda(num_segments: int = 256, rows: int = 4096, **options) -> str:

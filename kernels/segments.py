@@ -333,7 +333,7 @@ def reduce_sums(y, x, segment_ids, mask, num_segments: int, shift, *, accumulate
             raise ValueError("scatter='atomic' sums the outcome alone about one shift: no covariates, "
                              "no per-segment shifts")
         from kernels import atomic_sums
-        sums, count, largest = atomic_sums.segment_sums(y, segment_ids, mask, num_segments, shift[0])
+        sums, count, largest, _ = atomic_sums.segment_sums(y, segment_ids, mask, num_segments, shift[0])
         return moments_from_sums(sums.astype(acc), count, shift, exact=largest < atomic_sums.EXACT_COUNT)
     if scatter != "xla":
         raise ValueError(f"scatter must be 'xla' or 'atomic', got {scatter!r}")

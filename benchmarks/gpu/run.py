@@ -343,7 +343,7 @@ def _apply_overrides(sizes: dict, opts) -> None:
 def _context_of(name: str, record: dict) -> dict:
     """What a later section may use from an earlier one (the measured bandwidth, the device)."""
     if name == "bandwidth":
-        return {k: record.get(k) for k in ("read_gbs", "copy_gbs", "bandwidth_gbs")}
+        return {k: record.get(k) for k in ("read_gbs", "copy_gbs", "bandwidth_gbs", "rows_read_gbs")}
     if name == "device":
         return {k: record.get(k) for k in ("gpu", "backend", "memory_bytes")}
     return {}
@@ -393,16 +393,16 @@ def summary_table(report: dict) -> list[str]:
     red = sections.get("reduce", {})
     if red.get("items"):
         lines.append("")
-        lines.append(f"reduce: {'rows':>10} {'groups':>9} {'path':<8} {'dtype':<8} {'Mrow/s':>9} {'GB/s':>8} "
-                     f"{'%bw':>6} {'compile s':>9}")
+        lines.append(f"reduce: {'rows':>10} {'groups':>9} {'path':<13} {'dtype':<8} {'Mrow/s':>9} {'GB/s':>8} "
+                     f"{'%bw':>6} {'%read':>6} {'compile s':>9}")
         for r in red["items"]:
             if r.get("status") != "ok":
-                lines.append(f"        {r.get('rows', 0):>10.0e} {r.get('groups', 0):>9.0e} {r.get('path', ''):<8} "
+                lines.append(f"        {r.get('rows', 0):>10.0e} {r.get('groups', 0):>9.0e} {r.get('path', ''):<13} "
                              f"{r.get('dtype', ''):<8} {r.get('status')}: {r.get('reason') or r.get('error', '')}"[:160])
                 continue
-            lines.append(f"        {r['rows']:>10.0e} {r['groups']:>9.0e} {r['path']:<8} {r['dtype']:<8} "
+            lines.append(f"        {r['rows']:>10.0e} {r['groups']:>9.0e} {r['path']:<13} {r['dtype']:<8} "
                          f"{r['rows_per_s'] / 1e6:>9.1f} {r['gb_per_s']:>8.1f} {_fmt(r.get('bandwidth_fraction'), '.1%'):>6} "
-                         f"{r['compile_s']:>9.2f}")
+                         f"{_fmt(r.get('rows_read_fraction'), '.1%'):>6} {r['compile_s']:>9.2f}")
     tree = sections.get("tree", {})
     if tree.get("items"):
         lines.append("")
@@ -916,6 +916,59 @@ def _bandwidth(elements: int, repeats: int) -> dict:
     return out
 
 
+def _rows_read_kernel(y_ref, id_ref, mask_ref, out_ref, *, rows, block_rows):
+    """The atomic kernel's reads (float32 outcome, int32 id, mask) and nothing else: one total
+    a program, so the loads cannot be dropped."""
+    import jax.numpy as jnp
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plt
+
+    program = pl.program_id(0)
+    start = program * block_rows
+    inside = start + jnp.arange(block_rows, dtype=jnp.int32) < rows
+    window = pl.ds(start, block_rows)
+    y = plt.load(y_ref.at[window], mask=inside, other=0.0)
+    ids = plt.load(id_ref.at[window], mask=inside, other=0)
+    keep = plt.load(mask_ref.at[window], mask=inside, other=False)
+    total = jnp.sum(jnp.where(keep & inside, y + ids.astype(jnp.float32), 0.0))
+    out_ref[pl.ds(program, 1)] = jnp.full((1,), total, jnp.float32)
+
+
+def _rows_read_bandwidth(rows: int, repeats: int, *, interpret: bool = False) -> dict:
+    """GB/s of a Pallas kernel that reads rows laid out as the reduction reads them (9 bytes a
+    row) and only sums them: what a kernel over these arrays can reach on this card, the
+    tighter denominator for the reduce items' share (a plain array sum reads one array)."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plt
+
+    key = jax.random.PRNGKey(1)
+    y = jax.random.normal(key, (rows,), jnp.float32)
+    ids = jax.random.randint(key, (rows,), 0, 1000, jnp.int32)
+    mask = jnp.arange(rows) % 17 != 0
+    out = {"rows": rows, "bytes_per_row": 9}
+    for block_rows, warps in ((1024, 4), (4096, 8)):
+        programs = -(-rows // block_rows)
+        call = jax.jit(pl.pallas_call(
+            functools.partial(_rows_read_kernel, rows=rows, block_rows=block_rows),
+            out_shape=jax.ShapeDtypeStruct((programs,), jnp.float32), grid=(programs,), interpret=interpret,
+            compiler_params=plt.CompilerParams(num_warps=warps, num_stages=1)))
+        total = float(jnp.sum(call(y, ids, mask)))
+        expected = float(jnp.sum(jnp.where(mask, y + ids.astype(jnp.float32), 0.0)))
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(call(y, ids, mask))
+            times.append(time.perf_counter() - t0)
+        out[f"b{block_rows}_gbs"] = 9 * rows / statistics.median(times) / 1e9
+        out[f"b{block_rows}_checks"] = abs(total - expected) <= 1e-4 * max(abs(expected), 1.0)
+    out["gbs"] = max(out["b1024_gbs"], out["b4096_gbs"])
+    return out
+
+
 def section_bandwidth(config: dict, rec: Recorder) -> None:
     import jax
     import numpy as np
@@ -927,6 +980,14 @@ def section_bandwidth(config: dict, rec: Recorder) -> None:
     rec.data.update(result)
     rec.say(f"{result['bytes'] / 2**20:.0f} MiB float32: sum {result['read_gbs']:.0f} GB/s (read), "
             f"scale {result['copy_gbs']:.0f} GB/s (read + write), medians of {sizes['repeats']}")
+    if jax.default_backend() == "gpu":
+        rows_read = _rows_read_bandwidth(int(sizes.get("read_rows", 10**8)), int(sizes["repeats"]))
+        rec.data["rows_read"] = rows_read
+        rec.data["rows_read_gbs"] = rows_read["gbs"]
+        rec.say(f"Pallas read of {rows_read['rows']:.0e} rows (float32, int32, bool): "
+                f"{rows_read['gbs']:.0f} GB/s (1024-row programs {rows_read['b1024_gbs']:.0f}, "
+                f"4096 {rows_read['b4096_gbs']:.0f}; totals check: {rows_read['b1024_checks']}, "
+                f"{rows_read['b4096_checks']})")
     host = np.ones(int(sizes["h2d_elements"]), np.float32)
     times = []
     for _ in range(3):
@@ -955,6 +1016,7 @@ def section_reduce(config: dict, rec: Recorder) -> None:
         bandwidth = _bandwidth(1 << 24, 5)["read_gbs"]
         rec.say(f"(no bandwidth section result; measured read bandwidth {bandwidth:.0f} GB/s here)")
     rec.data["bandwidth_gbs"] = bandwidth
+    rows_read_gbs = (config["context"].get("bandwidth") or {}).get("rows_read_gbs")
     cpu = jax.default_backend() == "cpu"
     target = CPU_BLOCK_ROWS if cpu else BLOCK_ROWS
     memory = (config["context"].get("device") or {}).get("memory_bytes")
@@ -1065,10 +1127,13 @@ def section_reduce(config: dict, rec: Recorder) -> None:
                             calls=timing["calls"], rows_per_s=rows / seconds, bytes_per_row=bytes_per_row,
                             gb_per_s=rows * bytes_per_row / seconds / 1e9)
                 item["bandwidth_fraction"] = item["gb_per_s"] / bandwidth if bandwidth else None
+                if rows_read_gbs and dtype == "float32":   # against a kernel that only reads these rows
+                    item["rows_read_fraction"] = item["gb_per_s"] / rows_read_gbs
                 rate[(path, dtype)] = (rows / max(timing["warm_s"], seconds), compile_s)
                 rec.say(f"{rows:.0e} rows {groups:.0e} groups {path:<12} {dtype}: {seconds * 1e3:9.2f} ms, "
                         f"{rows / seconds / 1e6:9.1f} Mrow/s, {item['gb_per_s']:7.1f} GB/s "
-                        f"({_fmt(item['bandwidth_fraction'], '.1%')} of bw), compile {compile_s:.2f} s")
+                        f"({_fmt(item['bandwidth_fraction'], '.1%')} of bw, "
+                        f"{_fmt(item.get('rows_read_fraction'), '.1%')} of a read), compile {compile_s:.2f} s")
                 rec.add(item)
             except Exception as error:
                 rec.add(_error_item(error, **item))
@@ -1091,7 +1156,8 @@ def section_reduce(config: dict, rec: Recorder) -> None:
 ATOMIC_VARIANTS = {"atomic": {}, "atomic-acqrel": {"relaxed": False}, "atomic-r1": {"replicas": 1},
                    "atomic-r1024": {"replicas": 1024},
                    "atomic-b2048": {"block_rows": 2048, "num_warps": 8},
-                   "atomic-b4096": {"block_rows": 4096, "num_warps": 8}}
+                   "atomic-b4096": {"block_rows": 4096, "num_warps": 8},
+                   "atomic-w8": {"num_warps": 8}}
 
 
 @contextlib.contextmanager

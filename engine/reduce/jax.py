@@ -148,6 +148,8 @@ def reduce_jax(rows: pl.LazyFrame, groups, outcome: str, covariates, *, block_ro
 #: ``kernels.segments.reduce_sums``), is reduced again in float64. The float32 route promises
 #: M2 within 2e-4·n·sd² (``kernels.segments``); this keeps a margin of 20.
 REFINE_ERROR = 1e-5
+#: Rows whose mean shifts float32 rows for the atomic kernel (evenly spaced; no pass over all).
+CENTRE_SAMPLE = 4096
 
 
 def _gpu(array) -> bool:
@@ -183,41 +185,92 @@ def _device_programs():
         state = segments.reduce_blocks(jnp.pad(y, (0, pad)), jnp.pad(x, ((0, pad), (0, 0))),
                                        jnp.pad(ids, (0, pad), constant_values=segments_),
                                        jnp.pad(mask, (0, pad)), segments_, block_rows)
-        return state, centre_y, centre_x
+        return _packed(state, centre_y, centre_x)
 
-    def atomic(y, ids, mask, *, segments_):
+    def sampled_centre(y, mask):
+        """The float64 mean of the kept rows among ``CENTRE_SAMPLE`` evenly spaced ones (of all
+        the kept rows where none of those is kept): a shift near the rows, without a pass."""
+        stride = max(y.shape[0] // CENTRE_SAMPLE, 1)
+        sample = y[::stride][:CENTRE_SAMPLE].astype(jnp.float64)
+        weight = mask[::stride][:CENTRE_SAMPLE].astype(jnp.float64)
+        return jax.lax.cond(jnp.sum(weight) > 0,
+                            lambda: jnp.sum(sample * weight) / jnp.sum(weight),
+                            lambda: centred(y, jnp.zeros((y.shape[0], 0), y.dtype), mask, jnp.float32)[0])
+
+    def atomic(y, ids, mask, num_segments, *, segments_):
         from kernels import atomic_sums   # Pallas: imported only where the kernel runs
 
         TRACES["device-atomic"] += 1
-        centre_y, _, y32, _ = centred(y, jnp.zeros((y.shape[0], 0)), mask, jnp.float32)
-        sums, count, largest = atomic_sums.segment_sums(y32, ids, mask, segments_, 0.0)
+        if y.dtype == jnp.float32:
+            # Rows already float32: the kernel subtracts a float32 shift near them (exact within
+            # a factor of two of it), so the rows are read once.
+            shift = sampled_centre(y, mask).astype(jnp.float32)
+            centre_y, y32 = shift.astype(jnp.float64), y
+        else:   # float64 rows: about their float64 mean, then float32 (one pass more)
+            centre_y, _, y32, _ = centred(y, jnp.zeros((y.shape[0], 0)), mask, jnp.float32)
+            shift = jnp.zeros((), jnp.float32)
+        sums, count, largest, dropped = atomic_sums.segment_sums(y32, ids, mask, segments_, shift)
         state, cancellation = segments.moments_from_sums(
             sums, count, jnp.zeros((1,), jnp.float64), exact=largest < atomic_sums.EXACT_COUNT)
         error = cancellation * jnp.sqrt(jnp.maximum(largest, 1).astype(jnp.float64)) * 2.0 ** -24
         refine = (state.count > 1) & ~(error <= REFINE_ERROR)
-        return state, centre_y, refine
+        # Ids in the padding past ``num_segments`` are as wrong as those the kernel dropped.
+        dropped = dropped + jnp.sum(jnp.where(jnp.arange(segments_) >= num_segments, count, 0))
+        tallies = jnp.stack([jnp.sum(refine), dropped]).astype(jnp.float64)
+        return jnp.concatenate([tallies, _packed(state, centre_y, jnp.zeros(0))]), refine
+
+    def id_range(ids, mask):
+        """The least and the largest id of the kept rows (0, 0 where none is kept)."""
+        return jnp.stack([jnp.min(jnp.where(mask, ids, 0)), jnp.max(jnp.where(mask, ids, 0))])
 
     return (jax.jit(blocks, static_argnames=("segments_", "block_rows", "precision")),
-            jax.jit(atomic, static_argnames=("segments_",)))
+            jax.jit(atomic, static_argnames=("segments_",)), jax.jit(id_range))
 
 
-def _host_moments(state, centre_y, centre_x):
-    """A kernel state as NumPy float64, the centres added back to the means (0 for an empty
-    segment, as the float64 route gives)."""
-    count = np.asarray(state.count)
-    seen = count > 0
-    mean = np.where(seen, np.asarray(state.mean, np.float64) + float(centre_y), 0.0)
-    x_mean = np.where(seen[:, None], np.asarray(state.x_mean, np.float64) + np.asarray(centre_x, np.float64), 0.0)
-    return [count, mean, np.asarray(state.m2, np.float64), x_mean,
-            np.asarray(state.xy_m2, np.float64), np.asarray(state.xx_m2, np.float64)]
+def _packed(state, centre_y, centre_x):
+    """A kernel state as one float64 array (count, mean, M2, x̄, Σxy, Σxx, each flattened), the
+    centres added back to the means (0 for an empty segment, as the float64 route gives): one
+    copy to the host instead of six (each ~0.4–0.6 ms on an H100, whatever its size)."""
+    import jax.numpy as jnp
+
+    seen = state.count > 0
+    mean = jnp.where(seen, state.mean.astype(jnp.float64) + centre_y, 0.0)
+    x_mean = jnp.where(seen[:, None], state.x_mean.astype(jnp.float64) + centre_x, 0.0)
+    return jnp.concatenate([state.count.astype(jnp.float64), mean, state.m2.astype(jnp.float64),
+                            x_mean.ravel(), state.xy_m2.astype(jnp.float64).ravel(),
+                            state.xx_m2.astype(jnp.float64).ravel()])
+
+
+@functools.lru_cache(maxsize=None)
+def _pack_program():
+    import jax
+
+    return jax.jit(_packed)
+
+
+def _host_moments(state, centre_y, centre_x) -> list[np.ndarray]:
+    """A kernel state on the host: ``count, mean, m2, x_mean, xy_m2, xx_m2`` (x64 must be on)."""
+    import jax.numpy as jnp
+
+    flat = _pack_program()(state, jnp.asarray(centre_y, jnp.float64), jnp.asarray(centre_x, jnp.float64))
+    return _unpacked(np.asarray(flat), state.count.shape[0], state.xy_m2.shape[1])
+
+
+def _unpacked(flat: np.ndarray, segments_: int, k: int) -> list[np.ndarray]:
+    """``_packed``'s array on the host → ``count, mean, m2, x_mean, xy_m2, xx_m2``."""
+    s = segments_
+    ends = np.cumsum([s, s, s, s * k, s * k, s * k * k])
+    count, mean, m2, x_mean, xy_m2, xx_m2 = np.split(flat, ends[:-1])
+    return [count.astype(np.int64), mean, m2, x_mean.reshape(s, k), xy_m2.reshape(s, k),
+            xx_m2.reshape(s, k, k)]
 
 
 def reduce_device(y, x, segment_ids, num_segments: int, *, mask=None, precision: str = "float64",
                   method: str = "auto"):
     """Rows already in JAX arrays (on a GPU, or any device) → per-segment moments, on that device.
 
-    ``y`` (rows,), ``x`` (rows, k) or None, ``segment_ids`` (rows,) int in ``[0, num_segments)``,
-    ``mask`` (rows,) bool (default all rows). Returns ``(moments, info)``: ``moments`` the tuple
+    ``y`` (rows,), ``x`` (rows, k) or None, ``segment_ids`` (rows,) int in ``[0, num_segments)``
+    where the mask keeps the row (others are ignored), ``mask`` (rows,) bool (default all rows). Returns ``(moments, info)``: ``moments`` the tuple
     ``count, mean, m2, x_mean, xy_m2, xx_m2`` of ``reduce_arrays`` (NumPy, float64, for
     ``bucket(num_segments)`` segments); ``info`` says which ``method`` ran and how many cells
     were ``refined``.
@@ -230,7 +283,13 @@ def reduce_device(y, x, segment_ids, num_segments: int, *, mask=None, precision:
     block scan, only when there are any: typically cells of a few nearly equal values).
     ``"auto"`` (default): atomic where it applies, else blocks. ``precision="float32"`` subtracts
     the masked rows' float64 mean first (``kernels.segments``: float32 at an offset of 1e9 has no
-    spread left otherwise) and adds it back to the means.
+    spread left otherwise) and adds it back to the means; float32 rows going to the atomic kernel
+    are read once instead: the kernel subtracts the mean of ``CENTRE_SAMPLE`` evenly spaced
+    kept rows (a shift near the rows is all the sums need; cells far from it are refined).
+
+    Bad ids raise ``SpecError`` naming one. The atomic kernel counts them in its own pass (no
+    pass of its own for the check; nothing is returned when it finds any); the block scan checks
+    the ids' range first.
     """
     import jax
     import jax.numpy as jnp
@@ -262,31 +321,37 @@ def reduce_device(y, x, segment_ids, num_segments: int, *, mask=None, precision:
                         "use method='blocks' (or 'auto')")
     chosen = "atomic" if method == "atomic" or (method == "auto" and atomic_applies) else "blocks"
     padded = segments.bucket(num_segments, MIN_SEGMENTS)
-    blocks, atomic = _device_programs()
+    blocks, atomic, id_range = _device_programs()
+
+    def check_ids():
+        low, high = (int(v) for v in np.asarray(id_range(ids, mask)))
+        if low < 0 or high >= num_segments:
+            bad = low if low < 0 else high
+            raise SpecError(f"segment_ids holds {bad}: expected ids in [0, {num_segments}) where the mask "
+                            f"keeps the row; raise num_segments or fix the ids")
+
     with jax.enable_x64(True):
         ids = jnp.asarray(segment_ids).astype(jnp.int32)
-        if rows:
-            low, high = int(jnp.min(ids)), int(jnp.max(ids))
-            if low < 0 or high >= num_segments:
-                bad = low if low < 0 else high
-                raise SpecError(f"segment_ids holds {bad}: expected ids in [0, {num_segments}); "
-                                f"raise num_segments or fix the ids")
         mask = jnp.ones((rows,), bool) if mask is None else jnp.asarray(mask).astype(bool)
         x = jnp.zeros((rows, 0), jnp.asarray(y).dtype) if x is None else jnp.asarray(x)
         target = CPU_BLOCK_ROWS if jax.default_backend() == "cpu" else BLOCK_ROWS
         block_rows = segments.block_rows_for(rows, max_block_rows=min(max(target, padded), BLOCK_ROWS))
         if chosen == "blocks":
-            state, centre_y, centre_x = blocks(jnp.asarray(y), x, ids, mask, segments_=padded,
-                                               block_rows=block_rows, precision=precision)
-            return tuple(_host_moments(state, centre_y, centre_x)), {"method": "blocks", "refined": 0}
-        state, centre_y, refine = atomic(jnp.asarray(y), ids, mask, segments_=padded)
-        moments = _host_moments(state, centre_y, np.zeros(0))
-        refined = int(jnp.sum(refine))
+            if rows:
+                check_ids()
+            flat = blocks(jnp.asarray(y), x, ids, mask, segments_=padded, block_rows=block_rows,
+                          precision=precision)
+            return tuple(_unpacked(np.asarray(flat), padded, k)), {"method": "blocks", "refined": 0}
+        flat, refine = atomic(jnp.asarray(y), ids, mask, num_segments, segments_=padded)
+        flat = np.asarray(flat)   # the one wait for the device, and the one copy
+        refined, dropped = int(flat[0]), int(flat[1])
+        if dropped:   # the kernel's pass was the check: name a bad id (nothing was returned)
+            check_ids()
+        moments = _unpacked(flat[2:], padded, 0)
         if refined:
             # Those cells' rows again, in float64 about each cell's first row (Sterbenz-exact).
-            again, centre_y, centre_x = blocks(jnp.asarray(y), x, ids, mask & refine[ids], segments_=padded,
-                                               block_rows=block_rows, precision="float64")
-            better = _host_moments(again, centre_y, centre_x)
+            better = _unpacked(np.asarray(blocks(jnp.asarray(y), x, ids, mask & refine[ids], segments_=padded,
+                                                 block_rows=block_rows, precision="float64")), padded, 0)
             chosen_cells = np.asarray(refine)
             for i in (1, 2):
                 moments[i] = np.where(chosen_cells, better[i], moments[i])

@@ -46,7 +46,8 @@ def interpreted(num_segments, shift=0.0, **options):
 def test_sums_match_float64_reference(replicas):
     # 5 programs, the last one partial (ids past the rows are not read), 20% masked rows.
     y, ids, mask = distinct_rows(0, 5, 700, rows=5 * BLOCK - 37, offset=3.0)
-    sums, count, largest = interpreted(700, 3.0, replicas=replicas)(y, ids, mask)
+    sums, count, largest, dropped = interpreted(700, 3.0, replicas=replicas)(y, ids, mask)
+    assert int(dropped) == 0
     ref = reference_sums(y, ids, mask, 700, 3.0)
     np.testing.assert_array_equal(np.asarray(count), ref[:, 0].astype(np.int64))
     np.testing.assert_allclose(np.asarray(sums), ref, rtol=0, atol=5e-6 * np.abs(ref).max())
@@ -59,17 +60,29 @@ def test_out_of_range_ids_are_dropped():
     ids = ids.copy()
     ids[:10] = -1
     ids[10:20] = 300 + np.arange(10)     # past the segments: dropped, not wrapped
-    sums, count, _ = interpreted(300)(y, ids, np.ones_like(mask))
+    sums, count, _, dropped = interpreted(300)(y, ids, np.ones_like(mask))
     ref = reference_sums(y, ids, np.ones_like(mask), 300, 0.0)
     np.testing.assert_array_equal(np.asarray(count), ref[:, 0])
     np.testing.assert_allclose(np.asarray(sums), ref, atol=1e-5)
+    assert int(dropped) >= 1             # counted, for the caller's error (see the next test)
+
+
+def test_dropped_rows_are_counted():
+    # One out-of-range id a program: the interpreter's adds into one slot are not atomic.
+    y, ids, mask = distinct_rows(5, 6, 300)
+    ids = ids.copy()
+    ids[np.arange(6) * BLOCK + 3] = [-1, 300, 301, -7, 2**30, 299]   # the last one is in range
+    mask = np.ones_like(mask)
+    assert int(interpreted(300)(y, ids, mask)[3]) == 5
+    mask[3] = False                       # a masked row is not counted, whatever its id
+    assert int(interpreted(300)(y, ids, mask)[3]) == 4
 
 
 def test_default_replicas_keep_the_table_small():
     for segments_ in (10, 1000, 200_000, 20_000_000):
         r = atomic_sums.default_replicas(segments_)
         assert r >= 1 and r & (r - 1) == 0 and r <= atomic_sums.MAX_REPLICAS
-        table = r * (segments_ + atomic_sums.SPILL) * atomic_sums.SLOT * 4
+        table = r * (segments_ + atomic_sums.SPILL + 1) * atomic_sums.SLOT * 4
         assert table <= atomic_sums.TABLE_BYTES or r == 1
     assert atomic_sums.default_replicas(100) == atomic_sums.MAX_REPLICAS
     assert atomic_sums.default_replicas(20_000_000) == 1

@@ -129,3 +129,38 @@ def test_bad_input_is_refused_before_compute(change, message):
     y, x, ids = on_device(args["y"], args["x"], args["segment_ids"])
     with pytest.raises(SpecError, match=message):
         jax_backend.reduce_device(y, x, ids, args["num_segments"], **options)
+
+
+@pytest.mark.parametrize("keep_every", [1, 2])
+def test_atomic_reads_float32_rows_once_about_a_sampled_shift(interpreted_atomic, keep_every):
+    # 32 programs: the centre comes from every other row. keep_every=2 keeps only the rows the
+    # sample skips, so the sampled mean has no rows and the mean of all kept rows stands in
+    # (0/0 would make every moment NaN).
+    y, ids = distinct_rows(6, 32, 300, offset=50.0)
+    y32 = y.astype(np.float32)
+    keep = np.arange(ids.size) % keep_every == keep_every - 1
+    assert ids.size // jax_backend.CENTRE_SAMPLE == 2
+    got, info = jax_backend.reduce_device(jnp.asarray(y32), None, jnp.asarray(ids), 300, mask=jnp.asarray(keep),
+                                          precision="float32")
+    want = jax_backend.reduce_arrays(y32[keep].astype(np.float64), np.zeros((keep.sum(), 0)), ids[keep], 300)
+    assert info["method"] == "atomic"
+    np.testing.assert_array_equal(got[0], want[0])
+    seen = want[0] > 1
+    sd = np.sqrt(want[2][seen] / want[0][seen])
+    assert np.max(np.abs(got[1][seen] - want[1][seen]) / sd) < 2e-5
+    assert np.max(np.abs(got[2][seen] - want[2][seen]) / (want[0][seen] * sd**2)) < 2e-4
+
+
+@pytest.mark.parametrize("method", ["blocks", "atomic"])
+def test_ids_of_masked_rows_are_ignored_and_bad_kept_ids_named(interpreted_atomic, method):
+    y, ids = distinct_rows(7, 3, 300, offset=0.0)
+    y32, ids = y.astype(np.float32), ids.copy()
+    keep = np.ones(ids.size, bool)
+    ids[5], keep[5] = 10**6, False             # masked out: its id does not matter
+    got, _ = jax_backend.reduce_device(*on_device(y32, None, ids), 300, mask=jnp.asarray(keep),
+                                       precision="float32", method=method)
+    np.testing.assert_array_equal(got[0], np.bincount(ids[keep], minlength=got[0].size))
+    ids[BLOCK + 9] = 300                        # kept: refused, and named
+    with pytest.raises(SpecError, match="segment_ids holds 300"):
+        jax_backend.reduce_device(*on_device(y32, None, ids), 300, mask=jnp.asarray(keep),
+                                  precision="float32", method=method)
