@@ -7,6 +7,8 @@ float64: 25 bytes a row):
 - ``groupby``  plain Polars, ``lazy().group_by([key, arm]).agg(cell_aggregates)``
                in one shot: the same statistics, no batching, no determinism;
 - ``polars``   engine.reduce.polars.reduce_polars (fixed batches, fixed merge tree);
+- ``polars-two-pass`` the same without ``engine.reduce.fused``'s window reordering at many
+               segments (``PARTITION_SEGMENTS`` out of reach): its two passes over the rows as they come;
 - ``polars-numpy`` the same with ``CAUSAL_ENGINE_HOST_PASSES=numpy``: the NumPy ``bincount``
                passes of ``kernels.host`` instead of the compiled loops of ``engine.reduce.fused``;
 - ``jax``      engine.reduce.jax.reduce_jax on the default JAX device, warm
@@ -52,7 +54,7 @@ sys.path.insert(0, str(ROOT))
 from engine.reduce.polars import cell_aggregates, reduce_polars, sum_columns  # noqa: E402
 
 BYTES_PER_ROW = 8 + 1 + 8 + 8
-METHODS = ("groupby", "polars", "polars-numpy", "jax", "jax-kernel", "dask")
+METHODS = ("groupby", "polars", "polars-two-pass", "polars-numpy", "jax", "jax-kernel", "dask")
 
 
 def make_rows(rows: int, groups: int, seed: int = 0) -> pl.DataFrame:
@@ -150,6 +152,14 @@ def run(sizes, methods, workers, bound_mib, repeat=1):
                         seconds = _best(repeat, reduce_polars, frame.lazy(), ["key"], "y", ["x"])
                     finally:
                         del os.environ["CAUSAL_ENGINE_HOST_PASSES"]
+                elif method == "polars-two-pass":
+                    from engine.reduce import fused
+
+                    windowed, fused.PARTITION_SEGMENTS = fused.PARTITION_SEGMENTS, 2**62
+                    try:
+                        seconds = _best(repeat, reduce_polars, frame.lazy(), ["key"], "y", ["x"])
+                    finally:
+                        fused.PARTITION_SEGMENTS = windowed
                 elif method == "jax":
                     _, first = _timed(run_jax, frame)
                     seconds = _best(repeat, run_jax, frame)

@@ -165,6 +165,10 @@ class Passes(NamedTuple):
     first: object
     deviations: object
     chunked: bool
+    #: Optional ``(ids, y, x, num_segments, shift, seen)`` → ``Sums`` or None: the whole of
+    #: ``accumulate`` done another way where it chooses to (e.g. with rows reordered for the
+    #: cache when the segments are many); None declines and the two passes run as usual.
+    partitioned: object = None
 
 
 class Sums(NamedTuple):
@@ -212,6 +216,10 @@ def accumulate(segment_ids: np.ndarray, y: np.ndarray, x: np.ndarray, num_segmen
                          "y (rows,), x (rows, k) and segment_ids (rows,)")
     ids, y = np.asarray(segment_ids), np.asarray(y, np.float64)
     x = np.asarray(x, np.float64)
+    if passes.partitioned is not None and threads > 1:
+        done = passes.partitioned(ids, y, x, num_segments, shift, seen)
+        if done is not None:
+            return done
     parts = 1 if threads <= 1 or rows < SPLIT_ROWS else threads
     bounds = np.linspace(0, rows, parts + 1).astype(np.int64)
     slices = [slice(bounds[i], bounds[i + 1]) for i in range(parts)]

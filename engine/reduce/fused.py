@@ -175,11 +175,259 @@ def deviation_sums(ids, y, x, first, num_segments):
     return sums, products
 
 
+# --- many segments: rows in window order first ----------------------------------------------
+
+#: Segments a window covers: its tables (count and sums, then shifts and deviation sums; ~80
+#: bytes a segment with one covariate) stay in the core's L2 cache.
+WINDOW_BITS = 12
+#: From this many segments on, ``partitioned_sums`` puts the rows in window order first. Below it
+#: the whole tables stay in cache anyway and the reordering would cost more than it saves.
+PARTITION_SEGMENTS = 1 << 17
+
+
+def _histogram_loop(ids, bits, segments, counts):
+    """counts[w] += rows of window w (= id >> bits). Returns −1, or the first row whose id is
+    out of range."""
+    for i in range(ids.shape[0]):
+        s = ids[i]
+        if s < 0 or s >= segments:
+            return i
+        counts[s >> bits] += 1
+    return -1
+
+
+def _scatter_loop(ids, y, x, bits, cursor, out):
+    """Rows to window order, stably: row i goes to row cursor[window] of ``out``, which then
+    moves on, as one record (its id's offset within the window, y, x): one stream a window."""
+    mask = (1 << bits) - 1
+    k = x.shape[1]
+    for i in range(ids.shape[0]):
+        s = ids[i]
+        w = s >> bits
+        j = cursor[w]
+        cursor[w] = j + 1
+        out[j, 0] = s & mask
+        out[j, 1] = y[i]
+        for c in range(k):
+            out[j, 2 + c] = x[i, c]
+
+
+# A window's table, one row a segment: count, the shift (c values), Σd (c), then Σdᵤd_v for
+# u ≤ v (row-major upper triangle); c = 1 + k. One covariate: 8 values, one cache line.
+
+
+def _records_loop(rec, a, b, table, only):
+    """Rows a … b of the window's records into its table, about each segment's shift; a segment
+    whose shift is NaN takes its first row's values as the shift. ``only``: where not all
+    False, just the rows of the segments marked there (a second pass)."""
+    c = rec.shape[1] - 1
+    d = np.empty(c)
+    some = False
+    for s in range(only.shape[0]):
+        some = some or only[s]
+    for i in range(a, b):
+        s = np.int64(rec[i, 0])
+        if some and not only[s]:
+            continue
+        if table[s, 1] != table[s, 1]:
+            for j in range(c):
+                table[s, 1 + j] = rec[i, 1 + j]
+        table[s, 0] += 1.0
+        for j in range(c):
+            d[j] = rec[i, 1 + j] - table[s, 1 + j]
+        t = 1 + 2 * c
+        for u in range(c):
+            table[s, 1 + c + u] += d[u]
+            for v in range(u, c):
+                table[s, t] += d[u] * d[v]
+                t += 1
+
+
+def _records_loop_1(rec, a, b, table, only):
+    """``_records_loop`` for one covariate, its terms as scalars (the common case, ~2× faster)."""
+    some = False
+    for s in range(only.shape[0]):
+        some = some or only[s]
+    for i in range(a, b):
+        s = np.int64(rec[i, 0])
+        if some and not only[s]:
+            continue
+        if table[s, 1] != table[s, 1]:
+            table[s, 1] = rec[i, 1]
+            table[s, 2] = rec[i, 2]
+        dy = rec[i, 1] - table[s, 1]
+        dx = rec[i, 2] - table[s, 2]
+        table[s, 0] += 1.0
+        table[s, 3] += dy
+        table[s, 4] += dx
+        table[s, 5] += dy * dy
+        table[s, 6] += dy * dx
+        table[s, 7] += dx * dx
+
+
+def _window_loop(rec, starts, first_window, last_window, bits, segments, shift, seen,
+                 count, shifts, sums, products):
+    """Windows [first_window, last_window): the corrected two-pass algorithm over each window's
+    records, into a table of its segments alone (``_records_loop``), then the window's segments
+    into the outputs. Pass 1 adds each row about the caller's shift where ``seen`` (and that is
+    all those segments need) and about the segment's first row elsewhere, which gives a mean
+    good to the rounding of the spread, not of the level; pass 2, over the rows of the segments
+    not ``seen`` that have two rows or more, adds them again about that mean."""
+    width = 1 << bits
+    c = rec.shape[1] - 1
+    table = np.zeros((width, 1 + 2 * c + c * (c + 1) // 2))
+    again = np.zeros(width, np.bool_)
+    for w in range(first_window, last_window):
+        a, b = starts[w], starts[w + 1]
+        base = w << bits
+        span = min(width, segments - base)
+        for s in range(span):
+            table[s, :] = 0.0
+            again[s] = False
+            if seen[base + s]:
+                for j in range(c):
+                    table[s, 1 + j] = shift[j, base + s]
+            else:
+                table[s, 1] = np.nan
+        for second in range(2):
+            if c == 2:
+                _records_loop_1(rec, a, b, table, again[:span])
+            else:
+                _records_loop(rec, a, b, table, again[:span])
+            if second:
+                break
+            more = False
+            for s in range(span):
+                n = table[s, 0]
+                if n >= 2.0 and not seen[base + s]:
+                    again[s] = more = True
+                    for j in range(c):     # the shift becomes the mean; the sums start again
+                        table[s, 1 + j] += table[s, 1 + c + j] / n
+                    for t in range(1 + c, table.shape[1]):
+                        table[s, t] = 0.0
+                    table[s, 0] = 0.0
+            if not more:
+                break
+        for s in range(span):
+            g = base + s
+            count[g] = np.int64(table[s, 0])
+            t = 1 + 2 * c
+            for u in range(c):
+                value = table[s, 1 + u]
+                shifts[u, g] = 0.0 if value != value else value   # an empty segment's is NaN
+                sums[u, g] = table[s, 1 + c + u]
+                for v in range(u, c):
+                    products[u, v, g] = table[s, t]
+                    products[v, u, g] = table[s, t]
+                    t += 1
+
+
+if numba is not None:
+    _histogram_loop, _scatter_loop, _records_loop, _records_loop_1 = (
+        _jit(_histogram_loop), _jit(_scatter_loop), _jit(_records_loop), _jit(_records_loop_1))
+    _window_loop = _jit(_window_loop)
+
+
+def _records(rows: int, k: int) -> np.ndarray:
+    """This thread's reordered rows, (rows, 2 + k) records, reused from call to call (a fresh
+    array costs page faults)."""
+    held = getattr(_LOCAL, "records", None)
+    if held is None or held.shape[0] < rows or held.shape[1] != 2 + k:
+        held = _LOCAL.records = np.empty((rows, 2 + k))
+    return held[:rows]
+
+
+def partitioned_sums(ids, y, x, num_segments, shift=None, seen=None):
+    """``kernels.host.accumulate``'s result for many segments, or None below
+    ``PARTITION_SEGMENTS`` (the caller's passes then run as usual).
+
+    With 10⁵–10⁶ segments the passes' tables (~80 bytes a segment with one covariate, one per
+    thread) outgrow the caches, and every row costs a miss. Here the rows are first put in
+    window order (``WINDOW_BITS``: 4096 segments a window), stably (a histogram, then a scatter,
+    both in two halves on two threads), then each thread takes whole windows and runs the
+    corrected two-pass algorithm over a window's rows into tables of its segments alone
+    (``_window_loop``: the first pass about each segment's first row, so the means it gives are
+    good to the rounding of the spread; the second about those means). As ``accumulate``, the
+    sums come about the caller's ``shift`` where ``seen`` and about the rows' own means elsewhere.
+    Each segment's rows are added by one thread in row order, so the bits do not depend on the
+    threads, only on the rows.
+    """
+    if numba is None or num_segments < PARTITION_SEGMENTS:
+        return None
+    from kernels import host
+
+    ids, y, x = _rows(ids, y, x)
+    rows, k = y.shape[0], x.shape[1]
+    c = 1 + k
+    if shift is None:
+        shift, seen = np.zeros((c, num_segments)), np.zeros(num_segments, bool)
+    shift = np.ascontiguousarray(shift, np.float64)
+    seen = np.ascontiguousarray(seen, np.bool_)
+    windows = ((num_segments - 1) >> WINDOW_BITS) + 1
+    half = rows // 2
+    halves = [(0, half), (half, rows)]
+    counts = np.zeros((2, windows), np.int64)
+
+    def both(fn, *args_of_half):
+        done = _helper().submit(fn, *args_of_half[0])
+        second = fn(*args_of_half[1])
+        return done.result(), second
+
+    bad = both(_histogram_loop, *[(ids[a:b], WINDOW_BITS, num_segments, counts[h])
+                                  for h, (a, b) in enumerate(halves)])
+    for h, row in enumerate(bad):
+        if row >= 0:
+            at = halves[h][0] + row
+            raise ValueError(f"segment id {int(ids[at])} is outside [0, {num_segments})")
+    # Window-major, the first half's rows before the second's within a window: stable.
+    starts = np.zeros(windows + 1, np.int64)
+    np.cumsum(counts.sum(axis=0), out=starts[1:])
+    cursors = np.stack([starts[:-1], starts[:-1] + counts[0]])
+    records = _records(rows, k)
+    both(_scatter_loop, *[(ids[a:b], y[a:b], x[a:b], WINDOW_BITS, cursors[h], records)
+                          for h, (a, b) in enumerate(halves)])
+
+    count = np.empty(num_segments, np.int64)
+    shifts, sums = np.empty((c, num_segments)), np.empty((c, num_segments))
+    products = np.empty((c, c, num_segments))
+    cut = int(np.searchsorted(starts, rows / 2))        # windows split where the rows halve
+    both(_window_loop, *[(records, starts, lo, hi, WINDOW_BITS, num_segments, shift, seen,
+                          count, shifts, sums, products) for lo, hi in ((0, cut), (cut, windows))])
+    return host.Sums(count, shifts, sums, products)
+
+
+def _far_loop(count, sums, products, part_count, part_sums, part_products, tolerance, out):
+    eps = np.finfo(np.float64).eps
+    for g in range(count.shape[0]):
+        out[g] = False
+        if part_count[g] == 0:
+            continue
+        n = max(count[g] + part_count[g], 1)
+        for u in range(sums.shape[0]):
+            total = sums[u, g] + part_sums[u, g]
+            square = products[u, u, g] + part_products[u, u, g]
+            if eps * np.sqrt(n) * square > tolerance * (square - total * total / n):
+                out[g] = True
+
+
+if numba is not None:
+    _far_loop = _jit(_far_loop)
+
+
+def far_segments(state, part, tolerance):
+    """``engine.reduce.polars._DenseRun._far`` in one loop over the segments (its NumPy form
+    made ~10 segment-sized temporaries: 57 ms a batch at 2·10⁶ segments on machine A).
+    ``state`` and ``part`` are ``kernels.host.Sums`` over the same segments."""
+    out = np.empty(state.count.shape[0], np.bool_)
+    _far_loop(state.count, state.sums, state.products, part.count, part.sums, part.products, tolerance, out)
+    return out
+
+
 def _passes():
     if numba is None:
         return None
     from kernels import host
-    return host.Passes(first=first_sums, deviations=deviation_sums, chunked=False)
+    return host.Passes(first=first_sums, deviations=deviation_sums, chunked=False, partitioned=partitioned_sums)
 
 
 PASSES = _passes()

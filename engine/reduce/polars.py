@@ -274,23 +274,16 @@ class _DenseRun:
         self.rows += batch.height
 
     def _far(self, part, window):
-        """Segments whose sums about their shift would cost M2 more than ``SHIFT_TOLERANCE``.
+        """Segments whose sums about their shift would cost M2 more than ``SHIFT_TOLERANCE``
+        (``far_segments``), after adding ``part`` to the run's ``window``."""
+        from kernels import host
 
-        ``finish`` forms M2 = Σd² − (Σd)²/n from row-order sums whose rounding is ~ε·√n·Σd²,
-        so the relative error of M2 is ~ε·√n·Σd²/M2: ~ε·√n for rows near their shift, but
-        Σd²/M2 grows with the squared distance of the rows from the shift. A level that
-        drifts (sorted or time-ordered data) or jumps that far is refolded (``_rebase``).
-        """
-        import numpy as np
+        from engine.reduce import fused
 
-        count, _, sums, products = self.state
-        n = np.maximum(count[window] + part.count, 1)
-        total = sums[:, window] + part.sums
-        square = (products[:, :, window] + part.products).diagonal().T      # Σd² (k+1, S)
-        m2 = square - total * total / n
-        with np.errstate(invalid="ignore"):
-            far = np.finfo(np.float64).eps * np.sqrt(n) * square > SHIFT_TOLERANCE * m2
-        return far.any(axis=0) & (part.count > 0)
+        here = host.Sums(*(a[..., window] for a in self.state))
+        if fused.numba is not None:
+            return fused.far_segments(here, part, SHIFT_TOLERANCE)
+        return far_segments(here, part, SHIFT_TOLERANCE)
 
     def _rebase(self, far, arrays, window):
         """The run's moments of the ``far`` segments merged with this batch's, by Chan's update
@@ -344,6 +337,27 @@ class _DenseRun:
                              self.dtype, self.covariates)
         self.state, self.rows = None, 0
         return table
+
+
+def far_segments(state, part, tolerance: float):
+    """Segments whose sums about their shift, once ``part`` is added to ``state`` (both
+    ``kernels.host.Sums`` over the same segments), would cost M2 more than ``tolerance``.
+
+    ``finish`` forms M2 = Σd² − (Σd)²/n from row-order sums whose rounding is ~ε·√n·Σd²,
+    so the relative error of M2 is ~ε·√n·Σd²/M2: ~ε·√n for rows near their shift, but
+    Σd²/M2 grows with the squared distance of the rows from the shift. A level that
+    drifts (sorted or time-ordered data) or jumps that far is refolded (``_DenseRun._rebase``).
+    ``engine.reduce.fused.far_segments`` is the same test as one compiled loop.
+    """
+    import numpy as np
+
+    n = np.maximum(state.count + part.count, 1)
+    total = state.sums + part.sums
+    square = (state.products + part.products).diagonal().T      # Σd² (k+1, S)
+    m2 = square - total * total / n
+    with np.errstate(invalid="ignore"):
+        far = np.finfo(np.float64).eps * np.sqrt(n) * square > tolerance * m2
+    return far.any(axis=0) & (part.count > 0)
 
 
 def _one_integer_key(batch: pl.DataFrame, groups) -> bool:

@@ -10,13 +10,22 @@ import pytest
 from engine.reduce import fused
 from kernels import host
 
-PASSES = {"numpy": host.NUMPY, "fused": fused.PASSES}
+PASSES = {"numpy": host.NUMPY, "fused": fused.PASSES, "windowed": fused.PASSES}
+
+
+def windowed(monkeypatch, bits=2):
+    """fused.partitioned_sums at any segment count, in windows of 2**bits segments (tiny, so
+    that a few segments make several windows)."""
+    monkeypatch.setattr(fused, "PARTITION_SEGMENTS", 0)
+    monkeypatch.setattr(fused, "WINDOW_BITS", bits)
 
 
 @pytest.fixture(params=sorted(PASSES))
-def passes(request):
+def passes(request, monkeypatch):
     if PASSES[request.param] is None:
         pytest.skip("numba is not installed")
+    if request.param == "windowed":
+        windowed(monkeypatch)
     return PASSES[request.param]
 
 
@@ -101,9 +110,11 @@ def test_out_of_range_segment_and_bad_shapes_are_refused(passes):
 
 
 @pytest.mark.parametrize("k", [0, 1, 3])
-def test_fused_passes_agree_with_numpy_passes_about_running_shifts(k):
+@pytest.mark.parametrize("route", ["fused", "windowed"])
+def test_fused_passes_agree_with_numpy_passes_about_running_shifts(k, route, monkeypatch):
     """Each covariate count the fused loops specialise (0, 1) and the general loop (3), for a
-    first batch and for a later one added about the first one's shifts (some segments new)."""
+    first batch and for a later one added about the first one's shifts (some segments new);
+    the windowed route at 40 segments in windows of 8."""
     if fused.PASSES is None:
         pytest.skip("numba is not installed")
     rng = np.random.default_rng(5 + k)
@@ -112,6 +123,8 @@ def test_fused_passes_agree_with_numpy_passes_about_running_shifts(k):
     y1, y2 = rng.normal(1e9, 1.0, first_ids.size), rng.normal(1e9 + 0.5, 1.0, later_ids.size)
     x1, x2 = rng.normal(size=(first_ids.size, k)), rng.normal(size=(later_ids.size, k))
     for passes in (host.NUMPY, fused.PASSES):
+        if route == "windowed" and passes is fused.PASSES:
+            windowed(monkeypatch, bits=3)
         state = host.accumulate(first_ids, y1, x1, segments, passes=passes)
         later = host.accumulate(later_ids, y2, x2, segments, shift=state.shift, seen=state.count > 0,
                                 passes=passes)
@@ -149,3 +162,66 @@ def test_fused_segment_ids_never_wrap(dtype, low, high):
         want = np.array([2 * (int(k) - low) + int(a) for k, a in zip(key, arm)], np.int64)
         np.testing.assert_array_equal(fused.segment_ids(key, arm, low), want)
         np.testing.assert_array_equal(fused.segment_ids(key, arm.astype(bool), low), want)
+
+
+def test_windowed_route_is_exact_where_a_first_row_is_far_out(monkeypatch):
+    """The windowed route's first pass adds each segment's rows about its first row: sums whose
+    M2 would carry a relative rounding of ~ε·√n·Σd²/M2, up to ~ε·n^1.5 (Σd²/M2 ≤ 1 + n), ~1e-7
+    for a segment of 10⁶ rows whose first row is 10⁴ sds out. Its second pass, about the first
+    one's mean, leaves the moments equal to the NumPy two-pass ones to 1e-11."""
+    if fused.PASSES is None:
+        pytest.skip("numba is not installed")
+    windowed(monkeypatch)
+    rng = np.random.default_rng(9)
+    rows = 1_000_000
+    ids = np.where(rng.random(rows) < 0.9, 0, rng.integers(1, 11, rows))    # segment 0: ~9e5 rows
+    y = rng.normal(1e9, 1.0, rows)
+    x = rng.normal(5.0, 2.0, (rows, 1))
+    y[0], x[0, 0], ids[0] = 1e9 + 1e4, 5.0 + 2e4, 0                       # its first row, far out
+    got = host.reduce(ids, y, x, 11, passes=fused.PASSES)
+    want = host.reduce(ids, y, x, 11, passes=host.NUMPY)
+    np.testing.assert_array_equal(got.count, want.count)
+    np.testing.assert_allclose(got.mean, want.mean, rtol=1e-15)
+    np.testing.assert_allclose(got.m2, want.m2, rtol=1e-11)
+    np.testing.assert_allclose(got.xx_m2, want.xx_m2, rtol=1e-11)
+    scale = np.sqrt(want.m2 * want.xx_m2[:, 0, 0])                     # |Σxy| ≤ √(M2·Σxx)
+    assert np.all(np.abs(got.xy_m2[:, 0] - want.xy_m2[:, 0]) <= 1e-11 * scale)
+
+
+def test_windowed_route_refuses_out_of_range_ids_and_keeps_shifts(monkeypatch):
+    if fused.PASSES is None:
+        pytest.skip("numba is not installed")
+    windowed(monkeypatch)
+    with pytest.raises(ValueError, match="segment id 9 is outside"):
+        fused.partitioned_sums(np.array([0, 9, 1]), np.zeros(3), np.zeros((3, 0)), 9)
+    with pytest.raises(ValueError, match="segment id -2 is outside"):
+        fused.partitioned_sums(np.array([0, 1, -2]), np.zeros(3), np.zeros((3, 0)), 9)
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, 9, 500)
+    shift, seen = rng.normal(size=(1, 9)), np.arange(9) % 3 == 0
+    got = fused.partitioned_sums(ids, rng.normal(size=500), np.zeros((500, 0)), 9, shift, seen)
+    assert np.array_equal(got.shift[:, seen], shift[:, seen])     # the caller's, where it has one
+    monkeypatch.setattr(fused, "PARTITION_SEGMENTS", 10)
+    assert fused.partitioned_sums(ids, np.zeros(500), np.zeros((500, 0)), 9) is None   # declined
+
+
+def test_compiled_far_test_agrees_with_numpy():
+    """engine.reduce.polars.far_segments (NumPy) and its one-loop form in fused, on sums about
+    shifts near and far from the rows, with empty segments."""
+    if fused.PASSES is None:
+        pytest.skip("numba is not installed")
+    from engine.reduce.polars import far_segments
+
+    rng = np.random.default_rng(4)
+    segments = 400
+    ids = rng.integers(0, segments - 20, 20_000)
+    y = rng.normal(1e6, 1.0, ids.size) + 3e3 * (ids % 7 == 0)     # some segments far from a shift
+    x = rng.normal(size=(ids.size, 2))
+    shift = np.stack([np.full(segments, 1e6), np.zeros(segments), np.zeros(segments)])
+    state, part = (host.accumulate(ids[rows], y[rows], x[rows], segments, shift=shift,
+                                   seen=np.ones(segments, bool), passes=host.NUMPY)
+                   for rows in (slice(0, 10_000), slice(10_000, None)))
+    for tolerance in (1e-11, 1e-13):
+        want = far_segments(state, part, tolerance)
+        assert 0 < want.sum() < segments - 20
+        np.testing.assert_array_equal(fused.far_segments(state, part, tolerance), want)

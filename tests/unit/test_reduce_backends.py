@@ -580,13 +580,28 @@ def test_merging_tables_stacks_the_cells_outside_the_shared_key_range():
     assert_cells_agree(merged, reference_cells(frame, levels, covariates), levels, covariates)
 
 
+def dense_route(route, monkeypatch):
+    """``windowed``: the compiled passes' window reordering (engine.reduce.fused.partitioned_sums)
+    at any segment count, in windows of four segments; ``passes``: the dense route as it comes."""
+    from engine.reduce import fused
+
+    if route == "windowed":
+        if fused.PASSES is None:
+            pytest.skip("numba is not installed")
+        monkeypatch.setattr(fused, "PARTITION_SEGMENTS", 0)
+        monkeypatch.setattr(fused, "WINDOW_BITS", 2)
+
+
+@pytest.mark.parametrize("route", ["passes", "windowed"])
 @pytest.mark.parametrize("offset", [0.0, 1e9])
-def test_dense_run_of_repeated_keys_skips_the_first_pass(offset, monkeypatch):
+def test_dense_run_of_repeated_keys_skips_the_first_pass(offset, route, monkeypatch):
     """Every batch after the first sees only keys the run has shifts for, so its first pass
     only counts; the sums about the first batch's means still give the exact moments, at
     offset 1e9 too, and a level that drifts between batches (by 50 sds) costs nothing."""
     from engine.reduce import polars as backend
     from kernels import host
+
+    dense_route(route, monkeypatch)
 
     calls = []
     original = host.accumulate
@@ -654,7 +669,8 @@ def test_polars_backend_streams_a_dataset_larger_than_its_memory_limit(tmp_path)
     assert float(peak_mib) < limit_mib
 
 
-def test_dense_run_refolds_a_segment_that_jumps_far_from_its_shift(monkeypatch):
+@pytest.mark.parametrize("route", ["passes", "windowed"])
+def test_dense_run_refolds_a_segment_that_jumps_far_from_its_shift(route, monkeypatch):
     """Segment 0 has one row at 1e7 in the first batch, then 1.5e5 rows near 0 (1e7 sds
     away): summed about that first row, its M2 would carry a rounding of ~ε·√n·Σd², ~1e-8
     of itself. The run refolds such segments by Chan's update, so every cell matches exact
@@ -663,6 +679,7 @@ def test_dense_run_refolds_a_segment_that_jumps_far_from_its_shift(monkeypatch):
 
     from engine.reduce import polars as backend
 
+    dense_route(route, monkeypatch)
     rebased = []
     original = backend._DenseRun._rebase
     monkeypatch.setattr(backend._DenseRun, "_rebase", lambda self, far, *a: rebased.append(np.flatnonzero(far))
