@@ -169,6 +169,9 @@ class Passes(NamedTuple):
     #: ``accumulate`` done another way where it chooses to (e.g. with rows reordered for the
     #: cache when the segments are many); None declines and the two passes run as usual.
     partitioned: object = None
+    #: ``deviations`` also takes a trailing ``counting`` flag and then returns (count (S,),
+    #: Σd, Σdᵤd_v): a batch whose segments all have shifts is then one pass, not two.
+    counting: bool = False
 
 
 class Sums(NamedTuple):
@@ -240,6 +243,10 @@ def accumulate(segment_ids: np.ndarray, y: np.ndarray, x: np.ndarray, num_segmen
         return list(_pool(parts).map(lambda part: over(fn, part, *args), slices))
 
     everywhere = seen is not None and bool(np.all(seen))
+    if everywhere and passes.counting:   # every shift known: count in the deviation pass
+        second = each(passes.deviations, shift, num_segments, True)
+        return Sums(_ordered_sum([c for c, _, _ in second]), shift, _ordered_sum([s for _, s, _ in second]),
+                    _ordered_sum([p for _, _, p in second]))
     first = each(passes.first, num_segments, not everywhere)
     count = _ordered_sum([c for c, _ in first])
     if everywhere:

@@ -61,13 +61,18 @@ def _first_loop(ids, y, x, acc, with_sums):
     return -1
 
 
-def _deviation_loop(ids, y, x, shift, acc):
-    """acc (S, c + c(c+1)/2), c = 1 + k: Σd for y and each covariate, then Σdᵤd_v for u ≤ v
-    (row-major upper triangle), about ``shift`` (S, c)."""
+def _deviation_loop(ids, y, x, shift, acc, counting):
+    """acc (S, c + c(c+1)/2 [+ 1]), c = 1 + k: Σd for y and each covariate, then Σdᵤd_v for
+    u ≤ v (row-major upper triangle), about ``shift`` (S, c); ``counting``: and the rows, last."""
     c = shift.shape[1]
     d = np.empty(c)
+    last = acc.shape[1] - 1
     for i in range(ids.shape[0]):
         s = ids[i]
+        if counting:
+            if s < 0 or s >= acc.shape[0]:
+                return i
+            acc[s, last] += 1.0
         d[0] = y[i] - shift[s, 0]
         for j in range(c - 1):
             d[1 + j] = x[i, j] - shift[s, 1 + j]
@@ -77,22 +82,32 @@ def _deviation_loop(ids, y, x, shift, acc):
             for b in range(a, c):
                 acc[s, t] += d[a] * d[b]
                 t += 1
+    return -1
 
 
-def _deviation_loop_0(ids, y, x, shift, acc):
+def _deviation_loop_0(ids, y, x, shift, acc, counting):
     """``_deviation_loop`` with no covariate, its terms as scalars (3× faster than the loop
     over a runtime column count on machine A)."""
     for i in range(ids.shape[0]):
         s = ids[i]
+        if counting:
+            if s < 0 or s >= acc.shape[0]:
+                return i
+            acc[s, 2] += 1.0
         dy = y[i] - shift[s, 0]
         acc[s, 0] += dy
         acc[s, 1] += dy * dy
+    return -1
 
 
-def _deviation_loop_1(ids, y, x, shift, acc):
+def _deviation_loop_1(ids, y, x, shift, acc, counting):
     """``_deviation_loop`` with one covariate (e.g. a pre-period metric), as scalars."""
     for i in range(ids.shape[0]):
         s = ids[i]
+        if counting:
+            if s < 0 or s >= acc.shape[0]:
+                return i
+            acc[s, 5] += 1.0
         dy = y[i] - shift[s, 0]
         dx = x[i, 0] - shift[s, 1]
         acc[s, 0] += dy
@@ -100,6 +115,7 @@ def _deviation_loop_1(ids, y, x, shift, acc):
         acc[s, 2] += dy * dy
         acc[s, 3] += dy * dx
         acc[s, 4] += dx * dx
+    return -1
 
 
 def _segment_loop(key, arm, low, out):
@@ -158,13 +174,17 @@ def first_sums(ids, y, x, num_segments, with_sums=True):
     return count, np.ascontiguousarray(acc[:, 1:].T)
 
 
-def deviation_sums(ids, y, x, first, num_segments):
-    """``kernels.host._deviation_sums`` in one loop: Σd (k+1, S) and Σdᵤd_v (k+1, k+1, S)."""
+def deviation_sums(ids, y, x, first, num_segments, counting=False):
+    """``kernels.host._deviation_sums`` in one loop: Σd (k+1, S) and Σdᵤd_v (k+1, k+1, S);
+    ``counting``: the rows per segment (S,) int64 too, first, in the same loop (a batch whose
+    segments all have shifts needs no pass of its own to count them)."""
     ids, y, x = _rows(ids, y, x)
     c = 1 + x.shape[1]
-    acc = np.zeros((num_segments, c + c * (c + 1) // 2))
+    acc = np.zeros((num_segments, c + c * (c + 1) // 2 + int(counting)))
     loop = _DEVIATION_LOOPS.get(x.shape[1], _deviation_loop)
-    loop(ids, y, x, np.ascontiguousarray(np.asarray(first, np.float64).T), acc)
+    bad = loop(ids, y, x, np.ascontiguousarray(np.asarray(first, np.float64).T), acc, counting)
+    if bad >= 0:   # checked only when counting: otherwise the first pass checked the ids
+        raise ValueError(f"segment id {int(ids[bad])} is outside [0, {num_segments})")
     sums = np.ascontiguousarray(acc[:, :c].T)
     products = np.empty((c, c, num_segments))
     t = c
@@ -172,6 +192,8 @@ def deviation_sums(ids, y, x, first, num_segments):
         for b in range(a, c):
             products[a, b] = products[b, a] = acc[:, t]
             t += 1
+    if counting:
+        return acc[:, -1].astype(np.int64), sums, products
     return sums, products
 
 
@@ -427,7 +449,8 @@ def _passes():
     if numba is None:
         return None
     from kernels import host
-    return host.Passes(first=first_sums, deviations=deviation_sums, chunked=False, partitioned=partitioned_sums)
+    return host.Passes(first=first_sums, deviations=deviation_sums, chunked=False, partitioned=partitioned_sums,
+                       counting=True)
 
 
 PASSES = _passes()

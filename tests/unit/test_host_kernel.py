@@ -225,3 +225,23 @@ def test_compiled_far_test_agrees_with_numpy():
         want = far_segments(state, part, tolerance)
         assert 0 < want.sum() < segments - 20
         np.testing.assert_array_equal(fused.far_segments(state, part, tolerance), want)
+
+
+@pytest.mark.parametrize("k", [0, 1, 3])
+def test_a_batch_with_every_shift_known_is_one_counting_pass(k):
+    """Where every segment has a shift, the compiled passes count in the deviation pass (no
+    first pass): the same bits as a counting first pass and a deviation pass, and an id out of
+    range is still refused."""
+    if fused.PASSES is None:
+        pytest.skip("numba is not installed")
+    rng = np.random.default_rng(20 + k)
+    ids = rng.integers(0, 30, 300_000)
+    y, x = rng.normal(1e9, 1.0, ids.size), rng.normal(size=(ids.size, k))
+    shift, seen = np.full((1 + k, 30), 1e9), np.ones(30, bool)
+    one = host.accumulate(ids, y, x, 30, shift=shift, seen=seen, passes=fused.PASSES)
+    two = host.accumulate(ids, y, x, 30, shift=shift, seen=seen, passes=fused.PASSES._replace(counting=False))
+    assert all(np.array_equal(a, b) for a, b in zip(one, two))
+    assert one.count.dtype == np.int64 and one.count.sum() == ids.size
+    ids[-1] = 30
+    with pytest.raises(ValueError, match="segment id 30 is outside"):
+        host.accumulate(ids, y, x, 30, shift=shift, seen=seen, passes=fused.PASSES)
