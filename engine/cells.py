@@ -141,6 +141,9 @@ def merge_pair(a: pl.DataFrame, b: pl.DataFrame, levels, covariates) -> pl.DataF
         low, high = max(a_low, b_low), min(a_high, b_high)
         if high < low:
             return pl.concat([a, b] if a_high < b_low else [b, a], how="vertical_relaxed")
+        merged = _merge_sorted(a, b, levels, covariates, min(a_low, b_low))
+        if merged is not None:
+            return merged
         inside = pl.col(levels[0]).is_between(pl.lit(low), pl.lit(high))   # strings would name columns
         outside = pl.concat([a.filter(~inside), b.filter(~inside)], how="vertical_relaxed")
         a, b = a.filter(inside), b.filter(inside)
@@ -178,6 +181,42 @@ def merge_pair(a: pl.DataFrame, b: pl.DataFrame, levels, covariates) -> pl.DataF
     if outside is None or not outside.height:
         return merged
     return pl.concat([merged, outside.select(merged.columns)], how="vertical_relaxed")
+
+
+def _merge_sorted(a: pl.DataFrame, b: pl.DataFrame, levels, covariates, low) -> pl.DataFrame | None:
+    """``merge_pair`` without a join, for tables of one integer key sorted by (key, arm) (the
+    reduction's dense route makes them, and ``merge`` returns them): one compiled pass over
+    both (``engine.reduce.fused.merge_sorted``) with the same arithmetic as the join's
+    expressions, so the same bits. A join of 2·8·10⁵ cells took ~0.35 s here. None where it
+    does not apply (Numba missing, several levels, other keys, arms other than 0/1, unsorted
+    or repeated cells): the join then runs."""
+    from engine.reduce import fused
+
+    key = levels[0] if len(levels) == 1 else None
+    if fused.numba is None or key is None or not a.schema[key].is_integer() or a.schema[key] != b.schema[key]:
+        return None
+    stats = ["n", "mean", "m2", *covariate_columns(covariates)]
+    base = np.int64(np.uint64(int(low) % 2**64).astype(np.int64))   # UInt64 keys wrap alike
+    slots, tables = [], []
+    for table in (a, b):
+        if table["arm"].null_count() or table[key].null_count():
+            return None
+        arm = table["arm"].to_numpy().astype(np.int64)
+        if arm.size and (arm.min() < 0 or arm.max() > 1):
+            return None
+        slots.append(2 * (table[key].to_numpy().astype(np.int64) - base) + arm)
+        tables.append(table.select(pl.col(stats).cast(pl.Float64)).to_numpy(order="fortran"))
+    merged = fused.merge_sorted(*slots, *tables, len(covariates))
+    if merged is None:
+        return None
+    slot, values = merged
+    offset = slot // 2
+    keys = (offset.astype(np.uint64) + np.uint64(int(low) % 2**64) if a.schema[key] == pl.UInt64
+            else offset + np.int64(int(low)))
+    columns = {key: pl.Series(key, keys).cast(a.schema[key]), "arm": pl.Series("arm", slot % 2).cast(a.schema["arm"]),
+               "n": pl.Series("n", values[:, 0]).cast(a.schema["n"])}
+    columns.update({name: values[:, c] for c, name in enumerate(stats) if c})
+    return pl.DataFrame(columns)
 
 
 def read(paths, levels=None) -> Cells:

@@ -445,6 +445,67 @@ def far_segments(state, part, tolerance):
     return out
 
 
+def _merge_loop(slot_a, slot_b, a, b, k, out_slot, out):
+    """Two cell tables sorted by slot (strictly increasing) → their union in slot order, the
+    cells in both by Chan et al.'s pairwise update, written as ``engine.cells.merge_pair``'s
+    expressions are, so the same bits; a side without the cell counts as n = 0 with zero
+    statistics. Rows of ``a``, ``b``, ``out``: n, mean, m2, x̄ (k), Σxy (k), Σxx (k(k+1)/2).
+    Returns the cells written, or −1 where a table is not strictly increasing."""
+    i = j = m = 0
+    width = a.shape[1]
+    while i < slot_a.shape[0] or j < slot_b.shape[0]:
+        if (i + 1 < slot_a.shape[0] and slot_a[i + 1] <= slot_a[i]) or \
+                (j + 1 < slot_b.shape[0] and slot_b[j + 1] <= slot_b[j]):
+            return -1
+        take_a = j >= slot_b.shape[0] or (i < slot_a.shape[0] and slot_a[i] <= slot_b[j])
+        take_b = i >= slot_a.shape[0] or (j < slot_b.shape[0] and slot_b[j] <= slot_a[i])
+        out_slot[m] = slot_a[i] if take_a else slot_b[j]
+        na = a[i, 0] if take_a else 0.0
+        nb = b[j, 0] if take_b else 0.0
+        total = na + nb
+        wb = nb / total
+        cross = na * nb / total
+        out[m, 0] = na + nb
+        for c in range(1, width):
+            va = a[i, c] if take_a else 0.0
+            vb = b[j, c] if take_b else 0.0
+            if c == 1 or (3 <= c < 3 + k):     # means: the other side's where one is absent
+                out[m, c] = vb if not take_a else (va if not take_b else va + (vb - va) * wb)
+            else:
+                out[m, c] = va + vb
+        if take_a and take_b:
+            dm = b[j, 1] - a[i, 1]
+            out[m, 2] += dm ** 2 * cross
+            for u in range(k):
+                out[m, 3 + k + u] += (b[j, 3 + u] - a[i, 3 + u]) * dm * cross
+            t = 3 + 2 * k
+            for u in range(k):
+                for v in range(u, k):
+                    out[m, t] += (b[j, 3 + u] - a[i, 3 + u]) * (b[j, 3 + v] - a[i, 3 + v]) * cross
+                    t += 1
+        else:   # the join adds (0 − 0)·… = 0.0 there: the same, down to the sign of a zero
+            out[m, 2] += 0.0
+            for t in range(3 + k, width):
+                out[m, t] += 0.0
+        i += take_a
+        j += take_b
+        m += 1
+    return m
+
+
+if numba is not None:
+    _merge_loop = _jit(_merge_loop)
+
+
+def merge_sorted(slot_a, slot_b, a, b, k):
+    """``_merge_loop`` → (slots, statistics) of the union, or None where a table's slots are
+    not strictly increasing."""
+    out_slot = np.empty(slot_a.shape[0] + slot_b.shape[0], np.int64)
+    out = np.empty((out_slot.shape[0], a.shape[1]), order="F")   # columns for Polars, no copy
+    m = _merge_loop(slot_a, slot_b, a, b, k, out_slot, out)
+    return None if m < 0 else (out_slot[:m], out[:m])
+
+
 def _passes():
     if numba is None:
         return None

@@ -167,3 +167,57 @@ def test_cell_tables_with_fractional_counts_or_null_keys_are_refused(tmp_path, c
     table.with_columns(**{k: pl.Series(v) for k, v in change.items()}).write_parquet(path)
     with pytest.raises(DataError, match=message):
         read([path], levels=["g"])
+
+
+def _integer_cells(seed, low, high, rows, k, dtype):
+    from engine.reduce.polars import reduce_polars
+
+    rng = np.random.default_rng(seed)
+    offsets = rng.integers(0, high - low, rows).astype(np.uint64)
+    key = pl.Series(offsets + np.uint64(low % 2**64)).cast(dtype) if dtype == pl.UInt64 else \
+        pl.Series(rng.integers(low, high, rows)).cast(dtype)
+    data = {"g": key, "arm": rng.integers(0, 2, rows).astype(np.int8), "y": 1e6 + rng.normal(size=rows)}
+    data.update({f"x{j}": rng.normal(size=rows) for j in range(k)})
+    return reduce_polars(pl.DataFrame(data).lazy(), ["g"], "y", [f"x{j}" for j in range(k)]).table
+
+
+@pytest.mark.parametrize("dtype, low", [(pl.Int64, -50), (pl.UInt64, 2**64 - 1000), (pl.Int16, 100), (pl.UInt8, 0)])
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_sorted_integer_merge_gives_the_joins_bits(dtype, low, k, monkeypatch):
+    """Two tables of one integer key, sorted by (key, arm), overlapping in part: the compiled
+    sorted merge (engine.cells._merge_sorted) gives the join's table bit for bit."""
+    from engine import cells as cells_mod
+    from engine.reduce import fused
+
+    if fused.numba is None:
+        pytest.skip("numba is not installed")
+    a, b = _integer_cells(1, low, low + 100, 300, k, dtype), _integer_cells(2, low + 30, low + 120, 200, k, dtype)
+    covariates = [f"x{j}" for j in range(k)]
+    calls = []
+    original = cells_mod._merge_sorted
+    monkeypatch.setattr(cells_mod, "_merge_sorted", lambda *a: calls.append(1) or original(*a))
+    fast = cells_mod.merge_pair(a, b, ["g"], covariates)
+    monkeypatch.setattr(cells_mod, "_merge_sorted", lambda *a: None)
+    joined = cells_mod.merge_pair(a, b, ["g"], covariates).sort(["g", "arm"])
+    assert calls and fast.schema == joined.schema and fast.equals(joined)
+
+
+@pytest.mark.parametrize("change", ["unsorted", "repeated", "arm 2", "null arm"])
+def test_sorted_merge_declines_what_it_cannot_take(change):
+    """Tables the compiled merge must not take go to the join (and merge as before)."""
+    from engine import cells as cells_mod
+    from engine.reduce import fused
+
+    if fused.numba is None:
+        pytest.skip("numba is not installed")
+    a, b = _integer_cells(3, 0, 60, 200, 1, pl.Int64), _integer_cells(4, 20, 80, 200, 1, pl.Int64)
+    if change == "unsorted":
+        a = a.reverse()
+    elif change == "repeated":
+        a = pl.concat([a.head(1), a])
+    elif change == "arm 2":
+        a = a.with_columns(pl.when(pl.int_range(pl.len()) == 3).then(2).otherwise(pl.col("arm")).cast(pl.Int8)
+                           .alias("arm"))
+    else:
+        a = a.with_columns(pl.when(pl.int_range(pl.len()) == 3).then(None).otherwise(pl.col("arm")).alias("arm"))
+    assert cells_mod._merge_sorted(a, b, ["g"], ["x0"], 0) is None
