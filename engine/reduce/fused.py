@@ -1,4 +1,4 @@
-"""The host reduction's two passes, and the segment ids, each one compiled loop over the rows (Numba).
+"""The host reduction's two passes, the segment ids and the cell merges, each one compiled loop (Numba).
 
 ``kernels.host`` runs the corrected two-pass algorithm with NumPy: every per-segment sum is an
 ``np.bincount``, so one covariate costs 8 bincounts, 2 gathers and 5 element-wise passes over the
@@ -14,6 +14,13 @@ last places from the NumPy passes, which add in cache-sized chunks.
 
 ``segment_ids`` computes the dense route's segments ``2·(key − low) + arm`` from the key and arm
 columns as Polars holds them: a Polars expression for it was half of a batch's time at 10⁸ rows.
+
+From ``PARTITION_SEGMENTS`` segments on, ``partitioned_sums`` first puts a batch's rows in windows
+of 2^``WINDOW_BITS`` segments, so that both passes run in tables that fit in L2 (1.5–2.5× at
+10⁵–10⁶ groups). A batch whose segments all have shifts counts its rows in the deviation pass
+(``Passes.counting``). Two more loops serve the dense route's callers: ``far_segments`` (the dense
+run's test for sums that drifted from their shift) and ``merge_sorted`` (two sorted cell tables
+merged by Chan's update without a join, for ``engine.cells.merge_pair``).
 
 ``PASSES`` is None where Numba is not installed (then ``kernels.host``'s NumPy passes run).
 Numba compiles the loops on first use (about a second, once per input dtype) and caches the
