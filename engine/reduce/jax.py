@@ -347,6 +347,7 @@ def reduce_device(y, x, segment_ids, num_segments: int, *, mask=None, precision:
         refined, dropped = int(flat[0]), int(flat[1])
         if dropped:   # the kernel's pass was the check: name a bad id (nothing was returned)
             check_ids()
+            raise SpecError(f"segment_ids: {dropped} kept row(s) with an id outside [0, {num_segments})")
         moments = _unpacked(flat[2:], padded, 0)
         if refined:
             # Those cells' rows again, in float64 about each cell's first row (Sterbenz-exact).
