@@ -9,6 +9,9 @@ float64: 25 bytes a row):
 - ``polars``   engine.reduce.polars.reduce_polars (fixed batches, fixed merge tree);
 - ``polars-two-pass`` the same without ``engine.reduce.fused``'s window reordering at many
                segments (``PARTITION_SEGMENTS`` out of reach): its two passes over the rows as they come;
+- ``polars-ids`` the same with every batch through a segment-id array (``fused.keyed_sums``
+               off: a later batch whose cells all have shifts is otherwise one pass over its key
+               and arm columns);
 - ``polars-numpy`` the same with ``CAUSAL_ENGINE_HOST_PASSES=numpy``: the NumPy ``bincount``
                passes of ``kernels.host`` instead of the compiled loops of ``engine.reduce.fused``;
 - ``jax``      engine.reduce.jax.reduce_jax on the default JAX device, warm
@@ -54,7 +57,7 @@ sys.path.insert(0, str(ROOT))
 from engine.reduce.polars import cell_aggregates, reduce_polars, sum_columns  # noqa: E402
 
 BYTES_PER_ROW = 8 + 1 + 8 + 8
-METHODS = ("groupby", "polars", "polars-two-pass", "polars-numpy", "jax", "jax-kernel", "dask")
+METHODS = ("groupby", "polars", "polars-two-pass", "polars-ids", "polars-numpy", "jax", "jax-kernel", "dask")
 
 
 def make_rows(rows: int, groups: int, seed: int = 0) -> pl.DataFrame:
@@ -143,7 +146,7 @@ def run(sizes, methods, workers, bound_mib, repeat=1):
         for warm_groups in (100, 1 << 20):
             warm = make_rows(1 << 22, warm_groups)
             for method in ("polars", "polars-numpy"):
-                if method in methods or (method == "polars" and "polars-two-pass" in methods):
+                if method in methods or (method == "polars" and {"polars-two-pass", "polars-ids"} & set(methods)):
                     os.environ["CAUSAL_ENGINE_HOST_PASSES"] = "numpy" if method == "polars-numpy" else "fused"
                     try:
                         reduce_polars(warm.lazy(), ["key"], "y", ["x"])
@@ -164,14 +167,18 @@ def run(sizes, methods, workers, bound_mib, repeat=1):
                         seconds = _best(repeat, reduce_polars, frame.lazy(), ["key"], "y", ["x"])
                     finally:
                         del os.environ["CAUSAL_ENGINE_HOST_PASSES"]
-                elif method == "polars-two-pass":
+                elif method in ("polars-two-pass", "polars-ids"):
                     from engine.reduce import fused
 
-                    windowed, fused.PARTITION_SEGMENTS = fused.PARTITION_SEGMENTS, 2**62
+                    saved = fused.PARTITION_SEGMENTS, fused.keyed_applies
+                    if method == "polars-two-pass":
+                        fused.PARTITION_SEGMENTS = 2**62
+                    else:
+                        fused.keyed_applies = lambda *a: False
                     try:
                         seconds = _best(repeat, reduce_polars, frame.lazy(), ["key"], "y", ["x"])
                     finally:
-                        fused.PARTITION_SEGMENTS = windowed
+                        fused.PARTITION_SEGMENTS, fused.keyed_applies = saved
                 elif method == "jax":
                     _, first = _timed(run_jax, frame)
                     seconds = _best(repeat, run_jax, frame)

@@ -68,14 +68,17 @@ def _first_loop(ids, y, x, acc, with_sums):
     return -1
 
 
-def _deviation_loop(ids, y, x, shift, acc, counting):
+def _deviation_loop(ids, arm, low, y, x, shift, acc, counting):
     """acc (S, c + c(c+1)/2 [+ 1]), c = 1 + k: Σd for y and each covariate, then Σdᵤd_v for
-    u ≤ v (row-major upper triangle), about ``shift`` (S, c); ``counting``: and the rows, last."""
+    u ≤ v (row-major upper triangle), about ``shift`` (S, c); ``counting``: and the rows, last.
+    ``arm`` empty: ``ids`` are the segments; else ``ids`` is the key column and a row's segment
+    is 2·(key − low) + arm, computed here (no pass of its own)."""
     c = shift.shape[1]
     d = np.empty(c)
     last = acc.shape[1] - 1
+    keyed = arm.shape[0] > 0
     for i in range(ids.shape[0]):
-        s = ids[i]
+        s = 2 * (np.int64(ids[i]) - low) + np.int64(arm[i]) if keyed else np.int64(ids[i])
         if counting:
             if s < 0 or s >= acc.shape[0]:
                 return i
@@ -92,11 +95,12 @@ def _deviation_loop(ids, y, x, shift, acc, counting):
     return -1
 
 
-def _deviation_loop_0(ids, y, x, shift, acc, counting):
+def _deviation_loop_0(ids, arm, low, y, x, shift, acc, counting):
     """``_deviation_loop`` with no covariate, its terms as scalars (3× faster than the loop
     over a runtime column count on machine A)."""
+    keyed = arm.shape[0] > 0
     for i in range(ids.shape[0]):
-        s = ids[i]
+        s = 2 * (np.int64(ids[i]) - low) + np.int64(arm[i]) if keyed else np.int64(ids[i])
         if counting:
             if s < 0 or s >= acc.shape[0]:
                 return i
@@ -107,10 +111,11 @@ def _deviation_loop_0(ids, y, x, shift, acc, counting):
     return -1
 
 
-def _deviation_loop_1(ids, y, x, shift, acc, counting):
+def _deviation_loop_1(ids, arm, low, y, x, shift, acc, counting):
     """``_deviation_loop`` with one covariate (e.g. a pre-period metric), as scalars."""
+    keyed = arm.shape[0] > 0
     for i in range(ids.shape[0]):
-        s = ids[i]
+        s = 2 * (np.int64(ids[i]) - low) + np.int64(arm[i]) if keyed else np.int64(ids[i])
         if counting:
             if s < 0 or s >= acc.shape[0]:
                 return i
@@ -181,17 +186,27 @@ def first_sums(ids, y, x, num_segments, with_sums=True):
     return count, np.ascontiguousarray(acc[:, 1:].T)
 
 
-def deviation_sums(ids, y, x, first, num_segments, counting=False):
+_NO_ARM = np.zeros(0, np.int8)
+
+
+def deviation_sums(ids, y, x, first, num_segments, counting=False, *, arm=None, low=0):
     """``kernels.host._deviation_sums`` in one loop: Σd (k+1, S) and Σdᵤd_v (k+1, k+1, S);
     ``counting``: the rows per segment (S,) int64 too, first, in the same loop (a batch whose
-    segments all have shifts needs no pass of its own to count them)."""
-    ids, y, x = _rows(ids, y, x)
+    segments all have shifts needs no pass of its own to count them). With ``arm``, ``ids`` is
+    the key column and the segments are ``2·(key − low) + arm`` (``keyed_sums``)."""
+    if arm is None:
+        ids, y, x = _rows(ids, y, x)
+        arm = _NO_ARM
+    else:
+        _, y, x = _rows(ids[:0], y, x)
+        low = int(low) - 2**64 if int(low) >= 2**63 else int(low)   # as a UInt64 key reads
     c = 1 + x.shape[1]
     acc = np.zeros((num_segments, c + c * (c + 1) // 2 + int(counting)))
     loop = _DEVIATION_LOOPS.get(x.shape[1], _deviation_loop)
-    bad = loop(ids, y, x, np.ascontiguousarray(np.asarray(first, np.float64).T), acc, counting)
+    bad = loop(ids, arm, low, y, x, np.ascontiguousarray(np.asarray(first, np.float64).T), acc, counting)
     if bad >= 0:   # checked only when counting: otherwise the first pass checked the ids
-        raise ValueError(f"segment id {int(ids[bad])} is outside [0, {num_segments})")
+        segment = int(ids[bad]) if arm is _NO_ARM else 2 * (int(ids[bad]) - low) + int(arm[bad])
+        raise ValueError(f"segment id {segment} is outside [0, {num_segments})")
     sums = np.ascontiguousarray(acc[:, :c].T)
     products = np.empty((c, c, num_segments))
     t = c
@@ -202,6 +217,34 @@ def deviation_sums(ids, y, x, first, num_segments, counting=False):
     if counting:
         return acc[:, -1].astype(np.int64), sums, products
     return sums, products
+
+
+def keyed_applies(passes, num_segments: int) -> bool:
+    """Whether ``keyed_sums`` may stand in for ``kernels.host.accumulate`` with ``passes``:
+    these compiled passes, where they count in the deviation pass and would not reorder the
+    rows in windows (there, random access to many segments costs more than the ids pass)."""
+    return passes is PASSES and PASSES is not None and passes.counting and num_segments < PARTITION_SEGMENTS
+
+
+def keyed_sums(key, arm, low, y, x, shift, num_segments):
+    """``kernels.host.accumulate`` for a dense-route batch whose segments all have shifts,
+    from the key and arm columns themselves: one counting deviation pass that computes each
+    row's segment ``2·(key − low) + arm`` as it goes, with no segment-id array written and read
+    back (1e4 groups, 4·2²⁰ rows: 288 → 452 M rows/s with the ids pass on machine A). The rows
+    split into ``accumulate``'s parts and add in its order, so the same bits."""
+    from kernels import host
+
+    rows = y.shape[0]
+    parts = 1 if rows < host.SPLIT_ROWS else 2
+    bounds = np.linspace(0, rows, parts + 1).astype(np.int64)
+
+    def part(i):
+        a, b = bounds[i], bounds[i + 1]
+        return deviation_sums(key[a:b], y[a:b], x[a:b], shift, num_segments, True, arm=arm[a:b], low=low)
+
+    done = [part(0)] if parts == 1 else list(host._pool(parts).map(part, range(parts)))
+    return host.Sums(host._ordered_sum([c for c, _, _ in done]), shift, host._ordered_sum([s for _, s, _ in done]),
+                     host._ordered_sum([p for _, _, p in done]))
 
 
 # --- many segments: rows in window order first ----------------------------------------------

@@ -186,25 +186,27 @@ def _reduce_dense(batch: pl.DataFrame, group: str, outcome: str, covariates, spa
 def _dense_arrays(batch: pl.DataFrame, group: str, outcome: str, covariates, low: int, passes):
     """(segment ids ``2·(key − low) + arm``, y, x (rows, k) Fortran order) as NumPy arrays; the
     ids by a compiled loop when ``passes`` are the compiled ones, else by Polars."""
-    import numpy as np
-
     from kernels import host
 
-    dtype = batch.schema[group]
-    compiled = passes is not host.NUMPY
-    frame = batch.select(
-        *([] if compiled else
-          [(key_offsets(group, dtype, low) * 2 + pl.col("arm").cast(pl.Int64)).alias("_segment")]),
-        pl.col(outcome).cast(pl.Float64).alias("_y"),
-        *[pl.col(c).cast(pl.Float64) for c in covariates])
-    x = (frame.select(covariates).to_numpy(order="fortran") if covariates
-         else np.zeros((frame.height, 0)))
-    if compiled:   # one compiled pass over the key and arm columns as they are (no copies)
+    if passes is not host.NUMPY:   # one compiled pass over the key and arm columns as they are
         from engine.reduce import fused
-        ids = fused.segment_ids(batch[group].to_numpy(), batch["arm"].to_numpy(), low)
-    else:
-        ids = frame["_segment"].to_numpy()
-    return ids, frame["_y"].to_numpy(), x
+        return (fused.segment_ids(*_key_and_arm(batch, group), low), *_dense_values(batch, outcome, covariates))
+    segment = (key_offsets(group, batch.schema[group], low) * 2 + pl.col("arm").cast(pl.Int64)).alias("_segment")
+    return (batch.select(segment)["_segment"].to_numpy(), *_dense_values(batch, outcome, covariates))
+
+
+def _dense_values(batch: pl.DataFrame, outcome: str, covariates):
+    """y (rows,) and x (rows, k) Fortran order, float64, as NumPy arrays."""
+    import numpy as np
+
+    frame = batch.select(pl.col(outcome).cast(pl.Float64).alias("_y"), *[pl.col(c).cast(pl.Float64) for c in covariates])
+    x = frame.select(covariates).to_numpy(order="fortran") if covariates else np.zeros((frame.height, 0))
+    return frame["_y"].to_numpy(), x
+
+
+def _key_and_arm(batch: pl.DataFrame, group: str):
+    """The key and arm columns as NumPy arrays, as Polars holds them (no copies)."""
+    return batch[group].to_numpy(), batch["arm"].to_numpy()
 
 
 def _dense_table(moments, low: int, group: str, dtype, covariates) -> pl.DataFrame:
@@ -251,8 +253,8 @@ class _DenseRun:
         from kernels import host
 
         passes = host_passes()
-        arrays = _dense_arrays(batch, self.group, outcome, self.covariates, span[0], passes)
         if self.state is None:
+            arrays = _dense_arrays(batch, self.group, outcome, self.covariates, span[0], passes)
             self.state = host.accumulate(*arrays, 2 * span[1], passes=passes)
             (self.low, self.keys), self.rows = span, batch.height
             self.base, self.capacity = span
@@ -260,9 +262,20 @@ class _DenseRun:
         self._cover(span)
         window = slice(2 * (span[0] - self.base), 2 * (span[0] - self.base + span[1]))
         count, shift, sums, products = self.state
-        part = host.accumulate(*arrays, 2 * span[1], shift=shift[:, window], seen=count[window] > 0,
-                               passes=passes)
+        seen = count[window] > 0
+        from engine.reduce import fused
+
+        if fused.keyed_applies(passes, 2 * span[1]) and seen.all():
+            # Every segment has a shift: one pass straight from the key and arm columns.
+            arrays = None
+            y, x = _dense_values(batch, outcome, self.covariates)
+            part = fused.keyed_sums(*_key_and_arm(batch, self.group), span[0], y, x, shift[:, window], 2 * span[1])
+        else:
+            arrays = _dense_arrays(batch, self.group, outcome, self.covariates, span[0], passes)
+            part = host.accumulate(*arrays, 2 * span[1], shift=shift[:, window], seen=seen, passes=passes)
         far = self._far(part, window)
+        if far.any() and arrays is None:
+            arrays = _dense_arrays(batch, self.group, outcome, self.covariates, span[0], passes)
         rebased = self._rebase(far, arrays, window) if far.any() else None
         shift[:, window] = part.shift        # unchanged where seen; the batch's means elsewhere
         count[window] += part.count

@@ -603,9 +603,13 @@ def test_dense_run_of_repeated_keys_skips_the_first_pass(offset, route, monkeypa
 
     dense_route(route, monkeypatch)
 
+    from engine.reduce import fused
+
     calls = []
-    original = host.accumulate
+    original, keyed = host.accumulate, fused.keyed_sums
     monkeypatch.setattr(host, "accumulate", lambda *a, **k: calls.append(k.get("seen")) or original(*a, **k))
+    # The compiled passes take a batch whose segments all have shifts straight from the keys.
+    monkeypatch.setattr(fused, "keyed_sums", lambda *a: calls.append("keyed") or keyed(*a))
     rng = np.random.default_rng(11)
     rows = 6_000
     key = rng.integers(0, 20, rows)
@@ -613,7 +617,9 @@ def test_dense_run_of_repeated_keys_skips_the_first_pass(offset, route, monkeypa
     frame = pl.DataFrame({"g": key, "arm": rng.integers(0, 2, rows).astype(np.int8),
                           "y": offset + drift + rng.normal(size=rows), "x": offset + rng.normal(size=rows)})
     got = backend.reduce_polars(frame.lazy(), ["g"], "y", ["x"], batch_rows=500)
-    assert calls[0] is None and all(seen is not None and seen.all() for seen in calls[1:])
+    assert calls[0] is None and len(calls) == 12
+    assert all(seen == "keyed" if route == "passes" and fused.PASSES is not None
+               else seen is not None and seen.all() for seen in calls[1:])
     assert_cells_agree(got, reference_cells(frame, ["g"], ["x"], arm="arm"), ["g"], ["x"])
 
 
@@ -725,3 +731,33 @@ def test_host_passes_fused_and_numpy_give_the_same_cells(monkeypatch):
     monkeypatch.setenv("CAUSAL_ENGINE_HOST_PASSES", "numba")
     with pytest.raises(SpecError, match="CAUSAL_ENGINE_HOST_PASSES='numba'"):
         host_passes()
+
+
+@pytest.mark.parametrize("dtype, low, k, rows, batch_rows", [
+    *[(dtype, low, k, 40_000, 5_000) for dtype, low in [(pl.Int64, -10**12), (pl.UInt64, 2**64 - 40), (pl.Int8, -100)]
+      for k in (0, 1, 2)],
+    (pl.Int64, 7, 1, 700_000, 300_000),                       # batches split in two parts (threads)
+])
+def test_keyed_batches_give_the_same_bits(dtype, low, k, rows, batch_rows, monkeypatch):
+    """A dense run's later batches whose segments all have shifts go through one pass from the
+    key and arm columns (engine.reduce.fused.keyed_sums): the same cells, bit for bit, as the
+    segment-id route, for keys at the ends of their types, 0–2 covariates, batches in two parts."""
+    from engine.reduce import fused
+    from engine.reduce import polars as backend
+
+    if fused.PASSES is None:
+        pytest.skip("numba is not installed")
+    rng = np.random.default_rng(30 + k)
+    offsets = rng.integers(0, 25, rows)
+    key = (pl.Series(offsets.astype(np.uint64) + np.uint64(low % 2**64)) if dtype == pl.UInt64
+           else pl.Series(offsets + low)).cast(dtype)
+    data = {"g": key, "arm": rng.integers(0, 2, rows).astype(np.int8), "y": 1e9 + rng.normal(size=rows)}
+    data.update({f"x{j}": rng.normal(size=rows) for j in range(k)})
+    frame, covariates = pl.DataFrame(data), [f"x{j}" for j in range(k)]
+    calls = []
+    keyed = fused.keyed_sums
+    monkeypatch.setattr(fused, "keyed_sums", lambda *a: calls.append(1) or keyed(*a))
+    got = backend.reduce_polars(frame.lazy(), ["g"], "y", covariates, batch_rows=batch_rows).table
+    assert len(calls) == -(-rows // batch_rows) - 1          # every batch after the first
+    monkeypatch.setattr(fused, "keyed_applies", lambda *a: False)
+    assert got.equals(backend.reduce_polars(frame.lazy(), ["g"], "y", covariates, batch_rows=batch_rows).table)
