@@ -82,16 +82,24 @@ def _deviation_loops(keyed: bool, counting: bool):
     def segment(ids, arm, low, i):
         return 2 * (np.int64(ids[i]) - low) + np.int64(arm[i]) if keyed else np.int64(ids[i])
 
+    def out_of_range(acc, s, column):
+        """Counting: False after adding the row to segment ``s``'s count in ``column``, True
+        (and nothing added) where ``s`` is not a segment. Not counting: False."""
+        if not counting:
+            return False
+        if s < 0 or s >= acc.shape[0]:
+            return True
+        acc[s, column] += 1.0
+        return False
+
     def general(ids, arm, low, y, x, shift, acc):
         c = shift.shape[1]
         d = np.empty(c)
-        last, segments = acc.shape[1] - 1, acc.shape[0]
+        last = acc.shape[1] - 1
         for i in range(ids.shape[0]):
             s = segment(ids, arm, low, i)
-            if counting:
-                if s < 0 or s >= segments:
-                    return i
-                acc[s, last] += 1.0
+            if out_of_range(acc, s, last):
+                return i
             d[0] = y[i] - shift[s, 0]
             for j in range(c - 1):
                 d[1 + j] = x[i, j] - shift[s, 1 + j]
@@ -105,13 +113,10 @@ def _deviation_loops(keyed: bool, counting: bool):
 
     def none(ids, arm, low, y, x, shift, acc):
         # No covariate, the terms as scalars (3× faster than ``general`` on machine A).
-        segments = acc.shape[0]
         for i in range(ids.shape[0]):
             s = segment(ids, arm, low, i)
-            if counting:
-                if s < 0 or s >= segments:
-                    return i
-                acc[s, 2] += 1.0
+            if out_of_range(acc, s, 2):
+                return i
             dy = y[i] - shift[s, 0]
             acc[s, 0] += dy
             acc[s, 1] += dy * dy
@@ -119,13 +124,10 @@ def _deviation_loops(keyed: bool, counting: bool):
 
     def one(ids, arm, low, y, x, shift, acc):
         # One covariate (e.g. a pre-period metric), as scalars.
-        segments = acc.shape[0]
         for i in range(ids.shape[0]):
             s = segment(ids, arm, low, i)
-            if counting:
-                if s < 0 or s >= segments:
-                    return i
-                acc[s, 5] += 1.0
+            if out_of_range(acc, s, 5):
+                return i
             dy = y[i] - shift[s, 0]
             dx = x[i, 0] - shift[s, 1]
             acc[s, 0] += dy
@@ -136,7 +138,7 @@ def _deviation_loops(keyed: bool, counting: bool):
         return -1
 
     if numba is not None:
-        segment = numba.njit(inline="always")(segment)
+        segment, out_of_range = (numba.njit(inline="always")(f) for f in (segment, out_of_range))
         general, none, one = (numba.njit(nogil=True, cache=True)(f) for f in (general, none, one))
     return {0: none, 1: one, None: general}
 
@@ -207,8 +209,8 @@ def deviation_sums(ids, y, x, first, num_segments, counting=False, *, arm=None, 
     if arm is None:
         ids, y, x = _rows(ids, y, x)
         arm = _NO_ARM
-    else:
-        _, y, x = _rows(ids[:0], y, x)
+    else:   # the key column as it is (any integer type); the loop reads it as int64
+        y, x = np.ascontiguousarray(y, np.float64), np.ascontiguousarray(x, np.float64)
         low = int(low) - 2**64 if int(low) >= 2**63 else int(low)   # as a UInt64 key reads
     c = 1 + x.shape[1]
     acc = np.zeros((num_segments, c + c * (c + 1) // 2 + int(counting)))
@@ -245,17 +247,10 @@ def keyed_sums(key, arm, low, y, x, shift, num_segments):
     split into ``accumulate``'s parts and add in its order, so the same bits."""
     from kernels import host
 
-    rows = y.shape[0]
-    parts = 1 if rows < host.SPLIT_ROWS else 2
-    bounds = np.linspace(0, rows, parts + 1).astype(np.int64)
+    def part(rows):
+        return deviation_sums(key[rows], y[rows], x[rows], shift, num_segments, True, arm=arm[rows], low=low)
 
-    def part(i):
-        a, b = bounds[i], bounds[i + 1]
-        return deviation_sums(key[a:b], y[a:b], x[a:b], shift, num_segments, True, arm=arm[a:b], low=low)
-
-    done = [part(0)] if parts == 1 else list(host._pool(parts).map(part, range(parts)))
-    return host.Sums(host._ordered_sum([c for c, _, _ in done]), shift, host._ordered_sum([s for _, s, _ in done]),
-                     host._ordered_sum([p for _, _, p in done]))
+    return host.counted_sums(host.in_parts(part, host.row_parts(y.shape[0])), shift)
 
 
 # --- many segments: rows in window order first ----------------------------------------------
