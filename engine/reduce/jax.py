@@ -270,7 +270,8 @@ def reduce_device(y, x, segment_ids, num_segments: int, *, mask=None, precision:
     """Rows already in JAX arrays (on a GPU, or any device) → per-segment moments, on that device.
 
     ``y`` (rows,), ``x`` (rows, k) or None, ``segment_ids`` (rows,) int in ``[0, num_segments)``
-    where the mask keeps the row (others are ignored), ``mask`` (rows,) bool (default all rows). Returns ``(moments, info)``: ``moments`` the tuple
+    where the mask keeps the row (others are ignored), ``mask`` (rows,) bool (default all rows).
+    Returns ``(moments, info)``: ``moments`` the tuple
     ``count, mean, m2, x_mean, xy_m2, xx_m2`` of ``reduce_arrays`` (NumPy, float64, for
     ``bucket(num_segments)`` segments); ``info`` says which ``method`` ran and how many cells
     were ``refined``.
