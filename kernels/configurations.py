@@ -410,3 +410,101 @@ def effect_sums(arms: LeafArms, weights) -> np.ndarray:
     mean = np.asarray(arms.mean, dtype=np.float64)
     return np.stack([np.bincount(index, w * mean[:, 0], size), np.bincount(index, w * mean[:, 1], size),
                      np.bincount(index, w, size), np.bincount(index, w * w, size)], axis=1)
+
+
+# P(τ_g > 0) over the posterior is the mean over hyperparameter draws d of Φ(s_d · x_g), with
+# s_d = (a_0, a_1, k)/√v of the leaf's configuration and x_g = (ȳ_g0, ȳ_g1, 1): one Φ per
+# leaf and draw (10⁹ at 10⁶ groups × 1000 draws). Around a reference s̄ (the draws' mean),
+# with δ_d = (s_d − s̄) · x and z̄ = s̄ · x, Taylor's theorem (Lagrange remainder) gives
+#
+#     mean_d Φ(z̄ + δ_d) = Φ(z̄) + φ(z̄) Σ_{k=1..K} (−1)^{k−1} He_{k−1}(z̄) E[δ^k] / k!  + R,
+#     |R| ≤ sup|Φ^{(K+1)}| · E[δ^{K+1}] / (K+1)!      (K odd, so δ^{K+1} = |δ|^{K+1}),
+#
+# He the probabilists' Hermite polynomials (Φ^{(k)} = (−1)^{k−1} He_{k−1} φ) and E over the
+# draws. Each E[δ^k] is a polynomial in (ȳ_0, ȳ_1) whose coefficients are the configuration's
+# moments of s_d − s̄. So O(draws × configurations) moments and O(leaves) once replace the
+# O(draws × leaves) Φ, for every leaf whose bound is within tolerance; the others take the
+# exact mean. The bound is computed, not assumed: no approximation enters unchecked.
+EXPANSION_ORDER = 5
+
+
+def expansion_terms(order: int = EXPANSION_ORDER) -> tuple:
+    """``(k, a, b, c, multinomial)`` for every monomial ``Δ_0^a Δ_1^b Δ_2^c`` of degree
+    ``k = 1..order + 1`` in the powers of ``(s_d − s̄) · x``, ``x = (ȳ_0, ȳ_1, 1)``: the
+    series' moments and, last, the remainder's."""
+    from math import factorial
+
+    return tuple((k, a, b, k - a - b, factorial(k) // (factorial(a) * factorial(b) * factorial(k - a - b)))
+                 for k in range(1, order + 2) for a in range(k + 1) for b in range(k - a + 1))
+
+
+def expansion_remainder(order: int = EXPANSION_ORDER) -> float:
+    """``sup_t |Φ^{(order+1)}(t)| / (order+1)!``: the remainder's bound is this × E[δ^{order+1}].
+
+    ``Φ^{(K+1)} = ±He_K φ``; its supremum is taken on a grid of step h over [−40, 40] (beyond,
+    |He_K φ| < 1e-300) plus h/2 · sup|He_{K+1} φ|, which bounds what the grid can miss."""
+    from math import factorial
+
+    if order % 2 == 0:
+        raise ValueError(f"expansion order {order}: expected an odd order (the remainder needs an even moment)")
+    step = 1e-3
+    t = np.arange(-40.0, 40.0, step)
+    phi = np.exp(-0.5 * t * t) / np.sqrt(2 * np.pi)
+    hermite = [np.ones_like(t), t.copy()]                # He_0, He_1
+    for n in range(1, order + 1):
+        hermite.append(t * hermite[-1] - n * hermite[-2])
+    sup = np.abs(hermite[order] * phi).max() + 0.5 * step * np.abs(hermite[order + 1] * phi).max()
+    return float(sup / factorial(order + 1))
+
+
+def deviation_powers(delta, terms):
+    """``Δ_0^a Δ_1^b Δ_2^c`` per term and configuration (T, K): one draw's contribution to
+    the expansion's moment table, ``delta = s_d − s̄`` (K, 3). Each monomial is one product
+    of a lower one, and rows are terms so every product runs along the configurations
+    (vectorised; 2.7× faster than terms along the last axis at 3,584 configurations)."""
+    monomials = {(0, 0, 0): jnp.ones_like(delta[:, 0])}
+    for k in range(1, max(t[0] for t in terms) + 1):
+        for a, b, c in [key for key in monomials if sum(key) == k - 1]:
+            for j, step in enumerate(((1, 0, 0), (0, 1, 0), (0, 0, 1))):
+                key = (a + step[0], b + step[1], c + step[2])
+                if key not in monomials:
+                    monomials[key] = monomials[(a, b, c)] * delta[:, j]
+    return jnp.stack([monomials[(a, b, c)] for _, a, b, c, _ in terms])
+
+
+def expanded_positive(reference, moments, config, mean, *, terms, remainder: float, tolerance: float):
+    """Each leaf's mean over draws of ``Φ(s_d · x)`` by the expansion above, and whether its
+    remainder bound is within ``tolerance`` (leaves where it is not need the exact mean).
+
+    Parameters
+    ----------
+    reference : (K, 3)  s̄ per configuration.
+    moments : (T, K)  mean over draws of ``deviation_powers`` (``terms`` order).
+    config, mean : the leaves' ``LeafArms.config`` (leaves,) and ``LeafArms.mean`` (leaves, 2).
+
+    Returns
+    -------
+    (prob, within) : (leaves,) float, (leaves,) bool
+    """
+    from jax.scipy.special import ndtr
+
+    x0, x1 = mean[:, 0], mean[:, 1]
+    z = reference[:, 0][config] * x0 + reference[:, 1][config] * x1 + reference[:, 2][config]
+    top = max(t[0] for t in terms)
+    p0, p1 = [jnp.ones_like(x0)], [jnp.ones_like(x1)]
+    for _ in range(top):
+        p0.append(p0[-1] * x0)
+        p1.append(p1[-1] * x1)
+    moment = [jnp.zeros_like(z) for _ in range(top + 1)]
+    for t, (k, a, b, _, multinomial) in enumerate(terms):
+        moment[k] = moment[k] + (multinomial * moments[t])[config] * p0[a] * p1[b]
+    # Σ_{k<top} (−1)^{k−1} He_{k−1}(z) E[δ^k] / k!, He by its recurrence.
+    series, factorial = jnp.zeros_like(z), 1.0
+    he_prev, he = jnp.zeros_like(z), jnp.ones_like(z)       # He_{−1} (unused), He_0
+    for k in range(1, top):
+        factorial *= k
+        series = series + (-1.0) ** (k - 1) * he * moment[k] / factorial
+        he_prev, he = he, z * he - (k - 1) * he_prev
+    density = jnp.exp(-0.5 * z * z) * (1.0 / np.sqrt(2 * np.pi))
+    prob = jnp.clip(ndtr(z) + density * series, 0.0, 1.0)
+    return prob, remainder * jnp.abs(moment[top]) <= tolerance

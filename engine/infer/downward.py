@@ -77,6 +77,7 @@ class Summaries(NamedTuple):
     ate_link: np.ndarray    # (total draws,)
     batch: int
     seconds: float          # wall time of the downward passes, compiling included
+    exact_positive: int = -1  # leaves whose P(τ > 0) took the exact mean (−1: every leaf, no expansion)
 
 
 class Moments(NamedTuple):
@@ -216,48 +217,84 @@ class LeafMoments(NamedTuple):
     mean: object            # (K, 3)  mean of (a_0, a_1, k)
     m2: object              # (K, 3, 3)  Σ (c − mean)(c − mean)ᵀ
     var_sum: object         # (K,)  Σ v
-    pos_sum: object         # (leaves,)  Σ P(τ_g > 0 | draw)
+    scaled: object          # (K, 3)  mean of s = (a_0, a_1, k)/√v, the expansion's reference
+
+
+#: Largest error allowed in a leaf's P(τ > 0) from the expansion (kernels.configurations);
+#: leaves whose computed bound exceeds it take the exact mean over draws instead. Below the
+#: float32 Φ (error < 1e-7) the exact route uses.
+EXPANSION_TOLERANCE = 1e-8
 
 
 def _scan_leaves(hyper, rng_key, arms, sums, *, prior_of):
-    """Every draw in one compiled loop, one draw a step, per configuration: ``hyper`` name ->
-    (draws,), ``sums`` from ``effect_sums``; the ATE draws' standard normals come from the
-    first half of ``rng_key`` (``_kept_leaves`` takes the second). Returns the merged
-    ``LeafMoments`` (Welford's update) and one ATE draw per draw. The keys are split in here,
-    not eagerly: each eager random op is a program of its own to compile (~0.1 s each)."""
+    """Every draw in compiled loops over the draws, O(configurations) each, then one pass over
+    the leaves: ``hyper`` name -> (draws,), ``sums`` from ``effect_sums``; the ATE draws'
+    standard normals come from the first half of ``rng_key`` (``_kept_leaves`` takes the
+    second). Returns the merged ``LeafMoments`` (Welford's update), one ATE draw per draw,
+    and per leaf P(τ > 0) by the expansion with whether its bound held. The keys are split in
+    here, not eagerly: each eager random op is a program of its own to compile (~0.1 s each)."""
+    import jax
+    import jax.numpy as jnp
+
+    from kernels import configurations as cf
+
+    dtype = jnp.result_type(float)
+    draws = next(iter(hyper.values())).shape[0]
+    eps = jax.random.normal(jax.random.split(rng_key)[0], (draws,), dtype)
+    size = arms.config_rows.shape[0]
+
+    def scaled_coefficients(hyper_s):
+        coef, var = cf.effect_coefficients(arms.config_rows, *prior_of(hyper_s))
+        return coef, var, coef * jax.lax.rsqrt(var)[:, None]
+
+    def step(acc, xs):
+        hyper_s, eps_s = xs
+        coef, var, scaled = scaled_coefficients(hyper_s)
+        count = acc.count + 1
+        delta = coef - acc.mean
+        m2 = acc.m2 + delta[:, :, None] * delta[:, None, :] * ((count - 1) / count)
+        acc = LeafMoments(count, acc.mean + delta / count, m2, acc.var_sum + var,
+                          acc.scaled + (scaled - acc.scaled) / count)
+        ate = (coef[:, 0] @ sums[:, 0] + coef[:, 1] @ sums[:, 1] + coef[:, 2] @ sums[:, 2]
+               + jnp.sqrt(var @ sums[:, 3]) * eps_s)
+        return acc, ate
+
+    zeros = jnp.zeros((size, 3), dtype)
+    init = LeafMoments(jnp.zeros((), dtype), zeros, jnp.zeros((size, 3, 3), dtype), jnp.zeros(size, dtype), zeros)
+    acc, ate = jax.lax.scan(step, init, (hyper, eps))
+
+    # P(τ_g > 0 | data) = mean_d Φ(s_d · x_g): the moments of s_d − s̄ per configuration, a second
+    # loop over the draws, then every leaf once (kernels.configurations: the expansion).
+    terms = cf.expansion_terms()
+
+    def moment_step(total, hyper_s):
+        return total + cf.deviation_powers(scaled_coefficients(hyper_s)[2] - acc.scaled, terms), None
+
+    totals, _ = jax.lax.scan(moment_step, jnp.zeros((len(terms), size), dtype), hyper)
+    prob, within = cf.expanded_positive(acc.scaled, totals / draws, arms.config, arms.mean, terms=terms,
+                                        remainder=cf.expansion_remainder(), tolerance=EXPANSION_TOLERANCE)
+    return acc, ate, prob, within
+
+
+def _exact_positive(hyper, config_rows, config, mean, *, prior_of):
+    """P(τ > 0) of some leaves (``config`` (L,), ``mean`` (L, 2)) as the mean over the draws of
+    Φ(s_d · x): one Φ per leaf and draw, for the leaves where the expansion's bound did not
+    hold. Φ in float32 (absolute error < 1e-7, summed in float64): 4 ns a leaf-draw on machine
+    A against ~29 in float64, with the coefficients scaled per configuration before the gather."""
     import jax
     import jax.numpy as jnp
     from jax.scipy.special import ndtr
 
     from kernels.configurations import effect_coefficients
 
-    dtype = jnp.result_type(float)
-    eps = jax.random.normal(jax.random.split(rng_key)[0], (next(iter(hyper.values())).shape[0],), dtype)
-    size = arms.config_rows.shape[0]
-
-    def step(acc, xs):
-        hyper_s, eps_s = xs
-        coef, var = effect_coefficients(arms.config_rows, *prior_of(hyper_s))
-        count = acc.count + 1
-        delta = coef - acc.mean
-        m2 = acc.m2 + delta[:, :, None] * delta[:, None, :] * ((count - 1) / count)
-        # P(τ_g > 0 | draw) = Φ(c_k · x_g / √v_k) for every leaf: the only O(leaves) work a
-        # draw. One draw a step, the coefficients scaled per configuration before the gather,
-        # and Φ in float32 (absolute error < 1e-7, summed in float64): 4 ns a leaf-draw on
-        # machine A against 20-50 for batched draws or float64 Φ (XLA materialises batched
-        # gathers on a CPU).
+    def step(total, hyper_s):
+        coef, var = effect_coefficients(config_rows, *prior_of(hyper_s))
         scaled = coef * jax.lax.rsqrt(var)[:, None]
-        z = (scaled[:, 0][arms.config] * arms.mean[:, 0] + scaled[:, 1][arms.config] * arms.mean[:, 1]
-             + scaled[:, 2][arms.config])
-        acc = LeafMoments(count, acc.mean + delta / count, m2, acc.var_sum + var,
-                          acc.pos_sum + ndtr(z.astype(jnp.float32)).astype(dtype))
-        ate = (coef[:, 0] @ sums[:, 0] + coef[:, 1] @ sums[:, 1] + coef[:, 2] @ sums[:, 2]
-               + jnp.sqrt(var @ sums[:, 3]) * eps_s)
-        return acc, ate
+        z = scaled[:, 0][config] * mean[:, 0] + scaled[:, 1][config] * mean[:, 1] + scaled[:, 2][config]
+        return total + ndtr(z.astype(jnp.float32)).astype(total.dtype), None
 
-    init = LeafMoments(jnp.zeros((), dtype), jnp.zeros((size, 3), dtype), jnp.zeros((size, 3, 3), dtype),
-                       jnp.zeros(size, dtype), jnp.zeros(arms.mean.shape[0], dtype))
-    return jax.lax.scan(step, init, (hyper, eps))
+    total, _ = jax.lax.scan(step, jnp.zeros(config.shape[0], jnp.result_type(float)), hyper)
+    return total / next(iter(hyper.values())).shape[0]
 
 
 def _kept_leaves(rng_key, hyper, arms, leaf_weights, *, prior_of):
@@ -286,8 +323,11 @@ def summarise_leaves(prior_of, flat_hyper: dict, arms, leaf_weights, *, rng_key,
     Rao-Blackwellised mean and variance follow from the per-configuration mean and
     scatter of ``c`` and mean of ``v``: O(draws × configurations), then O(leaves) once.
     The same numbers as ``summarise`` with per-leaf draws (a test), without a random
-    normal per leaf and draw. Still O(draws × leaves): P(τ > 0), one ``ndtr`` per leaf and
-    draw, and the retained joint draws (bounded by the quantile budget). The ATE draws
+    normal per leaf and draw. P(τ > 0) likewise, by an expansion in the configuration's
+    moments whose error bound is computed per leaf (kernels.configurations); a leaf whose
+    bound exceeds ``EXPANSION_TOLERANCE`` takes the exact mean over draws, one ``ndtr``
+    each. Still O(draws × leaves): the retained joint draws (bounded by the quantile
+    budget), and P(τ > 0) of those leaves. The ATE draws
     are exact, O(configurations) each (``effect_sums``), except at the retained draws,
     where they are those draws' own weighted means (the rows stay joint).
 
@@ -303,24 +343,32 @@ def summarise_leaves(prior_of, flat_hyper: dict, arms, leaf_weights, *, rng_key,
     leaves = arms.mean.shape[0]
     on_device = jax.tree.map(jnp.asarray, arms)
     sums = jnp.asarray(effect_sums(arms, leaf_weights))
-    acc, ate = _compiled(_scan_leaves, "prior_of", prior_of)(
-        {name: jnp.asarray(values) for name, values in flat_hyper.items()}, rng_key, on_device, sums)
-
+    hyper = {name: jnp.asarray(values) for name, values in flat_hyper.items()}
+    acc, ate, prob, within = _compiled(_scan_leaves, "prior_of", prior_of)(hyper, rng_key, on_device, sums)
     stride = retained_stride(total, leaves, keep)
     kept_at = np.arange(0, total, stride)
     kept, kept_ate = _compiled(_kept_leaves, "prior_of", prior_of)(
-        rng_key, {name: jnp.asarray(v[kept_at]) for name, v in flat_hyper.items()}, on_device,
-        jnp.asarray(leaf_weights))
+        rng_key, {name: v[kept_at] for name, v in hyper.items()}, on_device, jnp.asarray(leaf_weights))
+
+    prob = np.array(prob, dtype=np.float64)
+    exact = np.flatnonzero(~np.asarray(within)[:real_nodes])
+    if exact.size:
+        size = max(1 << int(exact.size - 1).bit_length(), 256)   # bucketed: few compiles
+        index = np.zeros(size, dtype=np.int64)
+        index[: exact.size] = exact
+        prob[exact] = np.asarray(_compiled(_exact_positive, "prior_of", prior_of)(
+            hyper, on_device.config_rows, jnp.asarray(np.asarray(arms.config)[index]),
+            jnp.asarray(np.asarray(arms.mean)[index])))[: exact.size]
 
     mean, m2, var_sum = jax.device_get(_leaf_moments()(acc.mean, acc.m2, acc.var_sum, on_device.config,
                                                           on_device.mean))
-    moments = Moments(float(acc.count), mean, m2, var_sum, jax.device_get(acc.pos_sum), jax.device_get(kept))
+    moments = Moments(float(acc.count), mean, m2, var_sum, prob * float(acc.count), jax.device_get(kept))
     group = finish_moments(moments, interval, stride, scale).first(real_nodes)
     # The retained rows are joint draws: their ATE is theirs, not an independent draw.
     ate = np.array(ate, dtype=np.float64)
     ate[kept_at] = np.asarray(kept_ate, dtype=np.float64)
     ate *= scale
-    return Summaries((group,), (group,), ate, ate, 1, round(time.perf_counter() - started, 3))
+    return Summaries((group,), (group,), ate, ate, 1, round(time.perf_counter() - started, 3), int(exact.size))
 
 
 @lru_cache(maxsize=1)

@@ -84,5 +84,9 @@ def fit_exact(problem, spec, method_reason: str) -> Posterior:
     sampler = dict(sampler, marginal=marginal, downward_s=result.seconds, downward_batch=batch,
                    quantile_draws=groups[0].quantile_draws,
                    group_intervals=interval_rule(groups[0].quantile_draws, spec.interval))
+    if result.exact_positive >= 0:
+        # Leaves whose P(τ > 0) is the exact mean over draws; the rest are the expansion's,
+        # within downward.EXPANSION_TOLERANCE by their computed bound.
+        sampler["prob_positive_exact_groups"] = result.exact_positive
     return assemble(problem, spec, "exact", method_reason, hyper, groups, ate.reshape(chains, draws),
                     divergences, sampler, time.perf_counter() - start)

@@ -138,11 +138,67 @@ def test_one_pass_gives_both_forms():
         np.testing.assert_array_equal(got, want)
 
 
-def test_leaves_route_summaries_match_tree_route():
+def test_expansion_remainder_bounds_the_taylor_error():
+    """The constant is sup|Φ^(K+1)| / (K+1)!: at random points the series' error stays within
+    it times δ^(K+1), and the bound is attained to within a small factor (not vacuous)."""
+    from math import factorial
+
+    from scipy.special import ndtr
+
+    rng = np.random.default_rng(21)
+    z = rng.uniform(-6, 6, 200_000)
+    delta = rng.normal(0, 0.3, z.size)
+    for order in (1, 3, 5):
+        series, he_prev, he = np.zeros_like(z), np.zeros_like(z), np.ones_like(z)
+        for k in range(1, order + 1):
+            series += (-1.0) ** (k - 1) * he * delta**k / factorial(k)
+            he_prev, he = he, z * he - (k - 1) * he_prev
+        error = np.abs(ndtr(z + delta) - ndtr(z) - np.exp(-z * z / 2) / np.sqrt(2 * np.pi) * series)
+        bound = cf.expansion_remainder(order) * delta ** (order + 1)
+        assert (error <= bound + 1e-15).all(), order          # 1e-15: float64 rounding of Φ
+        ratio = (error / bound)[bound > 1e-10]
+        assert ratio.max() > 0.2, (order, ratio.max())
+    with pytest.raises(ValueError, match="odd"):
+        cf.expansion_remainder(4)
+
+
+@pytest.mark.parametrize("spread", [0.002, 0.02, 0.3])
+def test_expanded_positive_matches_mean_over_draws(spread):
+    """P(τ > 0) by the expansion against the float64 mean of Φ over every draw: within the
+    tolerance wherever the computed bound says so; tight draws take the expansion everywhere,
+    wide ones nowhere (they fall back to the exact mean)."""
+    from scipy.special import ndtr
+
+    rng = np.random.default_rng(int(spread * 1000))
+    configs, draws, leaves, tolerance = 7, 500, 5000, 1e-8
+    scaled = rng.normal(0, 1, (configs, 3)) + rng.normal(0, spread, (draws, configs, 3)) * [1.0, 0.5, 2.0]
+    scaled[:, 0, 0] = 0.0                       # a configuration with one arm: a_0 = 0
+    reference = scaled.mean(0)
+    terms = cf.expansion_terms()
+    moments = np.mean([np.asarray(cf.deviation_powers(jnp.asarray(s - reference), terms)) for s in scaled], 0)
+    config = rng.integers(0, configs, leaves).astype(np.int32)
+    mean = rng.normal(0, 2, (leaves, 2))
+    prob, within = cf.expanded_positive(jnp.asarray(reference), jnp.asarray(moments), jnp.asarray(config),
+                                        jnp.asarray(mean), terms=terms, remainder=cf.expansion_remainder(),
+                                        tolerance=tolerance)
+    prob, within = np.asarray(prob), np.asarray(within)
+    x = np.column_stack([mean, np.ones(leaves)])
+    want = ndtr(np.einsum("dlj,lj->dl", scaled[:, config], x)).mean(0)
+    assert np.abs(prob - want)[within].max(initial=0.0) <= tolerance
+    assert within.all() if spread == 0.002 else True
+    assert not within.any() if spread == 0.3 else True
+    if spread == 0.02:
+        assert 0 < within.sum() < leaves
+
+
+@pytest.mark.parametrize("spread", [0.3, 0.003])
+def test_leaves_route_summaries_match_tree_route(spread):
     """The per-configuration downward pass (``summarise_leaves``) against the generic one over
     the Gaussian tree (``summarise``), on the same hyperparameter draws: every group's
     Rao-Blackwellised mean, sd and P(τ > 0) are the same numbers; the ATE and the retained
-    joint draws are random, so they are checked within Monte Carlo error."""
+    joint draws are random, so they are checked within Monte Carlo error. Wide draws take
+    P(τ > 0) as the exact mean over draws, tight ones (a posterior from many groups) by the
+    expansion, within its tolerance."""
     from functools import partial
 
     import engine
@@ -163,11 +219,11 @@ def test_leaves_route_summaries_match_tree_route():
     flat = {}
     for name in gaussian.hyper_names(problem.std_priors):
         if "correlation" in name:
-            flat[name] = rng.uniform(-0.5, 0.5, total)
+            flat[name] = rng.uniform(-0.5, 0.5, total) * spread / 0.3
         elif "scale" in name or "noise" in name:
-            flat[name] = np.exp(rng.normal(np.log(0.6), 0.3, total))
+            flat[name] = np.exp(rng.normal(np.log(0.6), spread, total))
         else:
-            flat[name] = rng.normal(0.0, 0.3, total)
+            flat[name] = rng.normal(0.0, spread, total)
     levels, real = tuple(problem.levels), problem.real_nodes[0]
     weights = problem.leaf_rows / problem.leaf_rows.sum()
     tree = downward.summarise(
@@ -180,8 +236,15 @@ def test_leaves_route_summaries_match_tree_route():
     want, got = tree.link[0], leaves.link[0]
     for field in ("mean", "sd"):
         np.testing.assert_allclose(getattr(got, field), getattr(want, field), rtol=1e-9, atol=1e-12, err_msg=field)
-    # Φ is evaluated in float32 on this route: absolute error below 1e-7 per draw.
-    np.testing.assert_allclose(got.prob_positive, want.prob_positive, rtol=0, atol=2e-7)
+    if spread == 0.3:
+        # The expansion's bound fails for every group, which takes the exact mean, with Φ in
+        # float32 (absolute error below 1e-7 per draw).
+        assert leaves.exact_positive == real
+        np.testing.assert_allclose(got.prob_positive, want.prob_positive, rtol=0, atol=2e-7)
+    else:
+        assert leaves.exact_positive == 0
+        tolerance = downward.EXPANSION_TOLERANCE + 1e-13       # + float64 rounding over 400 draws
+        np.testing.assert_allclose(got.prob_positive, want.prob_positive, rtol=0, atol=tolerance)
 
     # Retained joint draws: every 4th of 400; each group's draw mean within 4.5 standard errors.
     assert got.draws.shape == (100, real) and got.draw_index.tolist() == list(range(0, total, 4))
