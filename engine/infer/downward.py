@@ -348,7 +348,8 @@ def summarise_leaves(prior_of, flat_hyper: dict, arms, leaf_weights, *, rng_key,
     stride = retained_stride(total, leaves, keep)
     kept_at = np.arange(0, total, stride)
     kept, kept_ate = _compiled(_kept_leaves, "prior_of", prior_of)(
-        rng_key, {name: v[kept_at] for name, v in hyper.items()}, on_device, jnp.asarray(leaf_weights))
+        rng_key, {name: jnp.asarray(v[kept_at]) for name, v in flat_hyper.items()}, on_device,
+        jnp.asarray(leaf_weights))
 
     prob = np.array(prob, dtype=np.float64)
     exact = np.flatnonzero(~np.asarray(within)[:real_nodes])
