@@ -224,14 +224,20 @@ class LeafMoments(NamedTuple):
 #: leaves whose computed bound exceeds it take the exact mean over draws instead. Below the
 #: float32 Φ (error < 1e-7) the exact route uses.
 EXPANSION_TOLERANCE = 1e-8
+#: The expansion is tried from this many (leaf, draw) pairs: below, the exact mean's Φ costs
+#: less than compiling the expansion (~0.2–0.4 s on machine A; 2e8 Φ take ~0.8 s there), and
+#: few groups leave the hyperparameters too uncertain for its bound anyway (at 1e3 groups it
+#: failed for every group).
+EXPANSION_MIN_WORK = 2e8
 
 
-def _scan_leaves(hyper, rng_key, arms, sums, *, prior_of):
+def _scan_leaves(hyper, rng_key, arms, sums, *, prior_of, expand: bool):
     """Every draw in compiled loops over the draws, O(configurations) each, then one pass over
     the leaves: ``hyper`` name -> (draws,), ``sums`` from ``effect_sums``; the ATE draws'
     standard normals come from the first half of ``rng_key`` (``_kept_leaves`` takes the
     second). Returns the merged ``LeafMoments`` (Welford's update), one ATE draw per draw,
-    and per leaf P(τ > 0) by the expansion with whether its bound held. The keys are split in
+    and per leaf P(τ > 0) with whether it is final: by the expansion where its bound held
+    (``expand``), else the exact mean over draws for every leaf. The keys are split in
     here, not eagerly: each eager random op is a program of its own to compile (~0.1 s each)."""
     import jax
     import jax.numpy as jnp
@@ -262,6 +268,9 @@ def _scan_leaves(hyper, rng_key, arms, sums, *, prior_of):
     zeros = jnp.zeros((size, 3), dtype)
     init = LeafMoments(jnp.zeros((), dtype), zeros, jnp.zeros((size, 3, 3), dtype), jnp.zeros(size, dtype), zeros)
     acc, ate = jax.lax.scan(step, init, (hyper, eps))
+    if not expand:
+        prob = _exact_positive(hyper, arms.config_rows, arms.config, arms.mean, prior_of=prior_of)
+        return acc, ate, prob, jnp.ones(prob.shape, bool)
 
     # P(τ_g > 0 | data) = mean_d Φ(s_d · x_g): the moments of s_d − s̄ per configuration, a second
     # loop over the draws, then every leaf once (kernels.configurations: the expansion).
@@ -315,7 +324,8 @@ def _kept_leaves(rng_key, hyper, arms, leaf_weights, *, prior_of):
 
 
 def summarise_leaves(prior_of, flat_hyper: dict, arms, leaf_weights, *, rng_key, real_nodes: int,
-                     interval: float, scale: float = 1.0, keep: int | None = None) -> Summaries:
+                     interval: float, scale: float = 1.0, keep: int | None = None,
+                     expand: bool | None = None) -> Summaries:
     """``summarise`` for one level without covariates, per arm configuration.
 
     Each leaf's effect given a draw is ``N(c_k · (ȳ_0, ȳ_1, 1), v_k)`` with ``c_k, v_k`` its
@@ -326,10 +336,12 @@ def summarise_leaves(prior_of, flat_hyper: dict, arms, leaf_weights, *, rng_key,
     normal per leaf and draw. P(τ > 0) likewise, by an expansion in the configuration's
     moments whose error bound is computed per leaf (kernels.configurations); a leaf whose
     bound exceeds ``EXPANSION_TOLERANCE`` takes the exact mean over draws, one ``ndtr``
-    each. Still O(draws × leaves): the retained joint draws (bounded by the quantile
-    budget), and P(τ > 0) of those leaves. The ATE draws
-    are exact, O(configurations) each (``effect_sums``), except at the retained draws,
-    where they are those draws' own weighted means (the rows stay joint).
+    each. ``expand``: whether to try the expansion (default: from ``EXPANSION_MIN_WORK``
+    leaf-draws; below, every leaf takes the exact mean and ``exact_positive`` is −1).
+    Still O(draws × leaves): the retained joint draws (bounded by the quantile budget), and
+    P(τ > 0) of the leaves that take the exact mean. The ATE draws are exact,
+    O(configurations) each (``effect_sums``), except at the retained draws, where they are
+    those draws' own weighted means (the rows stay joint).
 
     ``prior_of(hyper)`` gives ``(Σ, μ, σ²)``; ``arms`` is a host ``LeafArms``.
     """
@@ -344,7 +356,10 @@ def summarise_leaves(prior_of, flat_hyper: dict, arms, leaf_weights, *, rng_key,
     on_device = jax.tree.map(jnp.asarray, arms)
     sums = jnp.asarray(effect_sums(arms, leaf_weights))
     hyper = {name: jnp.asarray(values) for name, values in flat_hyper.items()}
-    acc, ate, prob, within = _compiled(_scan_leaves, "prior_of", prior_of)(hyper, rng_key, on_device, sums)
+    if expand is None:
+        expand = leaves * total >= EXPANSION_MIN_WORK
+    acc, ate, prob, within = _compiled(_scan_leaves, "prior_of", prior_of, expand=bool(expand))(
+        hyper, rng_key, on_device, sums)
     stride = retained_stride(total, leaves, keep)
     kept_at = np.arange(0, total, stride)
     kept, kept_ate = _compiled(_kept_leaves, "prior_of", prior_of)(
@@ -369,7 +384,8 @@ def summarise_leaves(prior_of, flat_hyper: dict, arms, leaf_weights, *, rng_key,
     ate = np.array(ate, dtype=np.float64)
     ate[kept_at] = np.asarray(kept_ate, dtype=np.float64)
     ate *= scale
-    return Summaries((group,), (group,), ate, ate, 1, round(time.perf_counter() - started, 3), int(exact.size))
+    return Summaries((group,), (group,), ate, ate, 1, round(time.perf_counter() - started, 3),
+                     int(exact.size) if expand else -1)
 
 
 @lru_cache(maxsize=1)

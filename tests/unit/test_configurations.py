@@ -232,7 +232,8 @@ def test_leaves_route_summaries_match_tree_route(spread):
          jnp.asarray(weights)), rng_key=jax.random.PRNGKey(1), num_nodes=problem.num_nodes,
         real_nodes=problem.real_nodes, interval=0.9)
     leaves = downward.summarise_leaves(partial(exact._leaf_prior, levels=levels), flat, arms, weights,
-                                       rng_key=jax.random.PRNGKey(2), real_nodes=real, interval=0.9, keep=100)
+                                       rng_key=jax.random.PRNGKey(2), real_nodes=real, interval=0.9, keep=100,
+                                       expand=True)
     want, got = tree.link[0], leaves.link[0]
     for field in ("mean", "sd"):
         np.testing.assert_allclose(getattr(got, field), getattr(want, field), rtol=1e-9, atol=1e-12, err_msg=field)
@@ -241,6 +242,12 @@ def test_leaves_route_summaries_match_tree_route(spread):
         # float32 (absolute error below 1e-7 per draw).
         assert leaves.exact_positive == real
         np.testing.assert_allclose(got.prob_positive, want.prob_positive, rtol=0, atol=2e-7)
+        # Not trying the expansion (few groups) gives those numbers without the bound's pass.
+        plain = downward.summarise_leaves(partial(exact._leaf_prior, levels=levels), flat, arms, weights,
+                                          rng_key=jax.random.PRNGKey(2), real_nodes=real, interval=0.9,
+                                          keep=100, expand=False)
+        assert plain.exact_positive == -1
+        np.testing.assert_array_equal(plain.link[0].prob_positive, got.prob_positive)
     else:
         assert leaves.exact_positive == 0
         tolerance = downward.EXPANSION_TOLERANCE + 1e-13       # + float64 rounding over 400 draws
