@@ -170,6 +170,10 @@ def explain(record: dict, summary: dict | None = None, refute: dict | None = Non
         lines.append(f"  leaf integrals: {sampler.get('quadrature_leaves', 0)} small leaves by adaptive "
                      f"Gauss–Hermite quadrature ({sampler['quadrature_nodes']} nodes), the rest by Laplace; "
                      f"Newton converged in ≤ {sampler.get('newton_steps_max')} steps")
+    if "prob_positive_exact_groups" in sampler:
+        lines.append(f"  prob_positive: a Taylor expansion with a per-group error bound of "
+                     f"{sampler.get('prob_positive_tolerance')}, except "
+                     f"{sampler['prob_positive_exact_groups']} group(s) that took the exact mean over draws")
     user = set(spec.get("priors_set_by_user", []))
     for name, prior in (spec.get("priors") or {}).items():
         by = "user" if name in user or name.split(".")[0] in user else "default, scaled to the data"

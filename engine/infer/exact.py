@@ -88,5 +88,6 @@ def fit_exact(problem, spec, method_reason: str) -> Posterior:
         # Leaves whose P(τ > 0) is the exact mean over draws; the rest are the expansion's,
         # within downward.EXPANSION_TOLERANCE by their computed bound.
         sampler["prob_positive_exact_groups"] = result.exact_positive
+        sampler["prob_positive_tolerance"] = downward.EXPANSION_TOLERANCE
     return assemble(problem, spec, "exact", method_reason, hyper, groups, ate.reshape(chains, draws),
                     divergences, sampler, time.perf_counter() - start)
