@@ -7,6 +7,8 @@ float64: 25 bytes a row):
 - ``groupby``  plain Polars, ``lazy().group_by([key, arm]).agg(cell_aggregates)``
                in one shot: the same statistics, no batching, no determinism;
 - ``polars``   engine.reduce.polars.reduce_polars (fixed batches, fixed merge tree);
+- ``polars-no-codes`` the same with string keys grouped by Polars (``string_codes=False``), not
+               coded to integers for the dense route (integer keys: the same as ``polars``);
 - ``polars-two-pass`` the same without ``engine.reduce.fused``'s window reordering at many
                segments (``PARTITION_SEGMENTS`` out of reach): its two passes over the rows as they come;
 - ``polars-ids`` the same with every batch through a segment-id array (``fused.keyed_sums``
@@ -57,16 +59,20 @@ sys.path.insert(0, str(ROOT))
 from engine.reduce.polars import cell_aggregates, reduce_polars, sum_columns  # noqa: E402
 
 BYTES_PER_ROW = 8 + 1 + 8 + 8
-METHODS = ("groupby", "polars", "polars-two-pass", "polars-ids", "polars-numpy", "jax", "jax-kernel", "dask")
+METHODS = ("groupby", "polars", "polars-no-codes", "polars-two-pass", "polars-ids", "polars-numpy", "jax", "jax-kernel",
+           "dask")
 
 
-def make_rows(rows: int, groups: int, seed: int = 0) -> pl.DataFrame:
+def make_rows(rows: int, groups: int, seed: int = 0, keys: str = "int") -> pl.DataFrame:
     rng = np.random.default_rng(seed)
     key = rng.integers(0, groups, rows)
     arm = rng.integers(0, 2, rows).astype(np.int8)
     x = rng.standard_normal(rows)
     y = 10.0 + 0.5 * x + 0.3 * arm + 0.01 * (key % 100) + rng.standard_normal(rows)
-    return pl.DataFrame({"key": key, "arm": arm, "y": y, "x": x})
+    frame = pl.DataFrame({"key": key, "arm": arm, "y": y, "x": x})
+    if keys == "string":   # "g123": what group ids in users' tables usually are
+        frame = frame.with_columns(pl.format("g{}", pl.col("key")).alias("key"))
+    return frame
 
 
 def memory_read_bound(mib: int) -> float:
@@ -127,7 +133,7 @@ def _best(repeat, fn, *args):
     return min(_timed(fn, *args)[1] for _ in range(max(repeat, 1)))
 
 
-def run(sizes, methods, workers, bound_mib, repeat=1):
+def run(sizes, methods, workers, bound_mib, repeat=1, keys="int"):
     import jax
 
     results = []
@@ -144,7 +150,7 @@ def run(sizes, methods, workers, bound_mib, repeat=1):
         # the thread pools, make the thread-local buffers (a repeat-1 run would charge the first
         # method it times with all of it: 0.8 s against 0.3 s at 1e8 rows, session 10).
         for warm_groups in (100, 1 << 20):
-            warm = make_rows(1 << 22, warm_groups)
+            warm = make_rows(1 << 22, warm_groups, keys=keys)
             for method in ("polars", "polars-numpy"):
                 if method in methods or (method == "polars" and {"polars-two-pass", "polars-ids"} & set(methods)):
                     os.environ["CAUSAL_ENGINE_HOST_PASSES"] = "numpy" if method == "polars-numpy" else "fused"
@@ -153,14 +159,16 @@ def run(sizes, methods, workers, bound_mib, repeat=1):
                     finally:
                         del os.environ["CAUSAL_ENGINE_HOST_PASSES"]
         for rows, groups in sizes:
-            frame = make_rows(rows, groups)
-            record = {"rows": rows, "groups": groups}
+            frame = make_rows(rows, groups, keys=keys)
+            record = {"rows": rows, "groups": groups, "keys": keys}
             for method in methods:
                 extra = {}
                 if method == "groupby":
                     seconds = _best(repeat, run_groupby, frame)
                 elif method == "polars":
                     seconds = _best(repeat, reduce_polars, frame.lazy(), ["key"], "y", ["x"])
+                elif method == "polars-no-codes":
+                    seconds = _best(repeat, lambda: reduce_polars(frame.lazy(), ["key"], "y", ["x"], string_codes=False))
                 elif method == "polars-numpy":
                     os.environ["CAUSAL_ENGINE_HOST_PASSES"] = "numpy"
                     try:
@@ -238,6 +246,8 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="dask worker processes")
     parser.add_argument("--bound-mib", type=int, default=1024)
     parser.add_argument("--repeat", type=int, default=3, help="time each method this many times, keep the best")
+    parser.add_argument("--keys", choices=("int", "string"), default="int",
+                        help="group keys as int64, or as strings 'g<int>' (Polars' hashed group-by route)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "reduce.json"))
     args = parser.parse_args(argv)
     row_counts = [int(float(r)) for r in args.rows.split(",")] + ([10**8] if args.huge else [])
@@ -247,7 +257,7 @@ def main(argv=None):
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         parser.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
-    report = run(sizes, methods, args.workers, args.bound_mib, args.repeat)
+    report = run(sizes, methods, args.workers, args.bound_mib, args.repeat, args.keys)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")

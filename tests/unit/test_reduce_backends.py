@@ -10,6 +10,7 @@ import os
 import numpy as np
 import polars as pl
 import pytest
+from polars.testing import assert_frame_equal
 
 from engine import validate
 from engine.cells import Cells, covariate_columns
@@ -761,3 +762,49 @@ def test_keyed_batches_give_the_same_bits(dtype, low, k, rows, batch_rows, monke
     assert len(calls) == -(-rows // batch_rows) - 1          # every batch after the first
     monkeypatch.setattr(fused, "keyed_applies", lambda *a: False)
     assert got.equals(backend.reduce_polars(frame.lazy(), ["g"], "y", covariates, batch_rows=batch_rows).table)
+
+
+def _string_rows(rows: int, groups: int, seed: int) -> pl.DataFrame:
+    rng = np.random.default_rng(seed)
+    key = rng.integers(0, groups, rows) ** 2          # later keys first appear in later batches
+    key[: rows // 3] %= 7
+    return pl.DataFrame({"name": pl.Series(key).cast(pl.String).str.pad_start(6, "k"),
+                         "arm": rng.integers(0, 2, rows).astype(np.int8),
+                         "y": 1e6 + rng.standard_normal(rows), "x": rng.standard_normal(rows)})
+
+
+@pytest.mark.parametrize("batch_rows", [700, 1 << 22])
+def test_string_keys_are_coded_like_first_seen_integers(batch_rows):
+    """One string group column is coded to integers in first-seen order and reduced on the
+    dense route: the same bits as integer keys numbered that way, the strings put back, sorted
+    by (key, arm); and the same cells as Polars' group-by over the strings to 1e-9."""
+    from engine.reduce.polars import reduce_polars
+
+    frame = _string_rows(5000, 900, seed=8)
+    got = reduce_polars(frame.lazy(), ["name"], "y", ["x"], batch_rows=batch_rows).table
+    assert got["name"].dtype == pl.String
+    assert got.select(["name", "arm"]).equals(got.select(["name", "arm"]).sort(["name", "arm"]))
+
+    first_seen = frame["name"].unique(maintain_order=True)
+    coded = frame.with_columns(pl.col("name").replace_strict(first_seen, pl.int_range(first_seen.len(), eager=True)))
+    by_int = reduce_polars(coded.lazy(), ["name"], "y", ["x"], batch_rows=batch_rows).table
+    by_int = by_int.with_columns(first_seen.gather(by_int["name"]).alias("name")).sort(["name", "arm"])
+    assert_frame_equal(got, by_int)
+
+    grouped = reduce_polars(frame.lazy(), ["name"], "y", ["x"], batch_rows=batch_rows, string_codes=False).table
+    assert_frame_equal(got, grouped, check_exact=False, rel_tol=1e-9)
+
+
+def test_string_key_hash_collision_falls_back_to_the_group_by(monkeypatch):
+    """Two strings under one hash are caught by the row check, never merged: the reduction
+    starts over by the group-by and gives its cells exactly."""
+    from engine.reduce import polars as reduce_module
+
+    frame = _string_rows(3000, 400, seed=9)
+    monkeypatch.setattr(reduce_module._StringCodes, "_hash",
+                        lambda self, column: column.str.len_bytes().cast(pl.UInt64))   # collides often
+    with pytest.raises(reduce_module._HashCollision):
+        reduce_module._StringCodes("name").encode(frame)
+    got = reduce_module.reduce_polars(frame.lazy(), ["name"], "y", ["x"], batch_rows=1000).table
+    want = reduce_module.reduce_polars(frame.lazy(), ["name"], "y", ["x"], batch_rows=1000, string_codes=False).table
+    assert_frame_equal(got, want)
