@@ -100,7 +100,10 @@ class Cells:
             if column.dtype.is_numeric():
                 digest.update(np.ascontiguousarray(column.to_numpy()).tobytes())
             else:
-                digest.update("\x1f".join(column.cast(pl.String).to_list()).encode())
+                # The same bytes as "\x1f".join(values), without a Python string per value.
+                text = column.cast(pl.String)
+                joined = text.str.join("\x1f")[0] if not text.null_count() else "\x1f".join(text.to_list())
+                digest.update(joined.encode())
         return digest.hexdigest()
 
     def write(self, path) -> None:

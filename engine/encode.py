@@ -41,6 +41,10 @@ def encode(cells: Cells) -> Encoding:
         # One population: a single pseudo-leaf that every cell belongs to.
         leaf_rows = np.array([float(table["n"].sum())])
         return Encoding((), (), (), np.zeros(table.height, np.int32), leaf_rows)
+    key = table[levels[0]]
+    if (len(levels) == 1 and table.height and not key.null_count()
+            and (key.dtype == pl.String or key.dtype.is_integer()) and key.is_sorted()):
+        return _sorted_one_level(table, levels[0])
     treated_rows = pl.when(pl.col("arm") == 1).then(pl.col("n")).otherwise(0)
     nodes: list[pl.DataFrame] = []
     for depth, level in enumerate(levels):
@@ -73,3 +77,25 @@ def encode(cells: Cells) -> Encoding:
         cell_leaf=cell_leaf.to_numpy().astype(np.int32),
         leaf_rows=nodes[-1]["n"].to_numpy().astype(np.float64),
     )
+
+
+def _sorted_one_level(table: pl.DataFrame, level: str) -> Encoding:
+    """``encode`` for one level when the cells are sorted by their key (what every reduce
+    backend returns): each key's cells are one run, so the codes are the runs' ranks and
+    the node sums one ``np.add.reduceat``, with no hashing (0.16 s → ~0.03 s at 10⁶ keys).
+    The same encoding as the general path (a test)."""
+    key = table[level]
+    starts = np.flatnonzero(np.concatenate([[True], (key.slice(1) != key.slice(0, key.len() - 1)).to_numpy()]))
+    n = table["n"].to_numpy().astype(np.int64)
+    treated = np.where(table["arm"].to_numpy() == 1, n, 0)
+    first = np.zeros(table.height, dtype=np.int32)
+    first[starts] = 1
+    cell_leaf = np.cumsum(first, dtype=np.int32) - 1
+    node = pl.DataFrame({
+        level: key.gather(starts),
+        "n": np.add.reduceat(n, starts),
+        "n_treated": np.add.reduceat(treated, starts),
+    }).with_row_index("code").with_columns(pl.col("code").cast(pl.Int32), pl.lit(None, dtype=pl.Int32).alias("parent"))
+    node = node.select("code", level, "n", "n_treated", "parent")
+    return Encoding(levels=(level,), nodes=(node,), parents=(), cell_leaf=cell_leaf,
+                    leaf_rows=node["n"].to_numpy().astype(np.float64))
