@@ -250,8 +250,7 @@ def _scan_leaves(hyper, rng_key, arms, sums, *, prior_of, expand: bool):
     size = arms.config_rows.shape[0]
 
     def scaled_coefficients(hyper_s):
-        coef, var = cf.effect_coefficients(arms.config_rows, *prior_of(hyper_s))
-        return coef, var, coef * jax.lax.rsqrt(var)[:, None]
+        return _scaled_coefficients(arms.config_rows, prior_of(hyper_s))
 
     def step(acc, xs):
         hyper_s, eps_s = xs
@@ -285,6 +284,17 @@ def _scan_leaves(hyper, rng_key, arms, sums, *, prior_of, expand: bool):
     return acc, ate, prob, within
 
 
+def _scaled_coefficients(config_rows, prior):
+    """Each configuration's ``(coef, v)`` (``effect_coefficients``) and ``s = coef/√v``: a
+    leaf's P(τ > 0 | draw) is Φ(s · (ȳ_0, ȳ_1, 1))."""
+    import jax
+
+    from kernels.configurations import effect_coefficients
+
+    coef, var = effect_coefficients(config_rows, *prior)
+    return coef, var, coef * jax.lax.rsqrt(var)[:, None]
+
+
 def _exact_positive(hyper, config_rows, config, mean, *, prior_of):
     """P(τ > 0) of some leaves (``config`` (L,), ``mean`` (L, 2)) as the mean over the draws of
     Φ(s_d · x): one Φ per leaf and draw, for the leaves where the expansion's bound did not
@@ -294,11 +304,8 @@ def _exact_positive(hyper, config_rows, config, mean, *, prior_of):
     import jax.numpy as jnp
     from jax.scipy.special import ndtr
 
-    from kernels.configurations import effect_coefficients
-
     def step(total, hyper_s):
-        coef, var = effect_coefficients(config_rows, *prior_of(hyper_s))
-        scaled = coef * jax.lax.rsqrt(var)[:, None]
+        scaled = _scaled_coefficients(config_rows, prior_of(hyper_s))[2]
         z = scaled[:, 0][config] * mean[:, 0] + scaled[:, 1][config] * mean[:, 1] + scaled[:, 2][config]
         return total + ndtr(z.astype(jnp.float32)).astype(total.dtype), None
 

@@ -386,8 +386,9 @@ def _one_integer_key(batch: pl.DataFrame, groups) -> bool:
     return low is not None and -(2**61) < low and high < 2**61
 
 
-class _HashCollision(Exception):
-    """Two different strings met under one 64-bit hash: ``reduce_polars`` starts over without codes."""
+class _CodesDecline(Exception):
+    """``_StringCodes`` cannot code these rows (two strings under one 64-bit hash, or null keys,
+    which only unvalidated rows have): ``reduce_polars`` starts over by the group-by."""
 
 
 class _StringCodes:
@@ -399,7 +400,7 @@ class _StringCodes:
     route (``kernels.host``). A row's code comes from its string's 64-bit hash by a join, and
     every row's string is then compared with its code's: a collision of two strings under one
     hash (~n²/2⁶⁵ for n keys) is caught, never merged, and the reduction starts over by the
-    group-by. The codes depend only on the rows' order, so the cells are the same bits on every
+    group-by, as it does for null keys (only unvalidated rows have them). The codes depend only on the rows' order, so the cells are the same bits on every
     run: the same as the dense route gives integer keys numbered in first-seen order (a test).
     """
 
@@ -415,14 +416,16 @@ class _StringCodes:
         return len(groups) == 1 and schema[groups[0]] == pl.String
 
     def encode(self, batch: pl.DataFrame) -> pl.DataFrame:
-        """``batch`` with its group column replaced by the codes (nulls stay null)."""
+        """``batch`` with its group column replaced by the codes."""
         column = batch[self.group]
+        if column.null_count():
+            raise _CodesDecline
         hashed = self._hash(column).alias("_hash").to_frame()
         codes = self._codes(hashed, self.hashes) if self.strings.len() else None   # first batch: all new
-        if codes is None or codes.null_count() > column.null_count():
-            unseen = column.is_not_null() if codes is None else codes.is_null() & column.is_not_null()
-            fresh = (pl.DataFrame({"_hash": hashed["_hash"], "_key": column}).filter(unseen)
-                     .unique("_hash", keep="first", maintain_order=True))
+        if codes is None or codes.null_count():
+            unseen = None if codes is None else codes.is_null()
+            fresh = pl.DataFrame({"_hash": hashed["_hash"], "_key": column})
+            fresh = (fresh if unseen is None else fresh.filter(unseen)).unique("_hash", keep="first", maintain_order=True)
             start = self.strings.len()
             fresh = fresh.with_columns(pl.int_range(start, start + fresh.height, dtype=pl.Int64).alias("_code"))
             self.hashes = pl.concat([self.hashes, fresh.select("_hash", "_code")])
@@ -432,8 +435,8 @@ class _StringCodes:
             else:   # only the unseen rows look their codes up again
                 where = unseen.arg_true()
                 codes = codes.scatter(where, self._codes(hashed[where], fresh))
-        if not (self.strings.gather(codes) == column).fill_null(True).all():
-            raise _HashCollision
+        if not (self.strings.gather(codes) == column).all():
+            raise _CodesDecline
         return batch.with_columns(codes.alias(self.group))
 
     def _hash(self, column: pl.Series) -> pl.Series:
@@ -505,7 +508,7 @@ def reduce_polars(rows: pl.LazyFrame, groups, outcome: str, covariates, *,
     codes = _StringCodes(groups[0]) if string_codes and _StringCodes.applies(rows.collect_schema(), groups) else None
     try:
         return _reduce_batches(rows, groups, outcome, covariates, batch_rows, codes)
-    except _HashCollision:
+    except _CodesDecline:
         return _reduce_batches(rows, groups, outcome, covariates, batch_rows, None)
 
 

@@ -803,8 +803,20 @@ def test_string_key_hash_collision_falls_back_to_the_group_by(monkeypatch):
     frame = _string_rows(3000, 400, seed=9)
     monkeypatch.setattr(reduce_module._StringCodes, "_hash",
                         lambda self, column: column.str.len_bytes().cast(pl.UInt64))   # collides often
-    with pytest.raises(reduce_module._HashCollision):
+    with pytest.raises(reduce_module._CodesDecline):
         reduce_module._StringCodes("name").encode(frame)
     got = reduce_module.reduce_polars(frame.lazy(), ["name"], "y", ["x"], batch_rows=1000).table
     want = reduce_module.reduce_polars(frame.lazy(), ["name"], "y", ["x"], batch_rows=1000, string_codes=False).table
     assert_frame_equal(got, want)
+
+
+def test_string_keys_with_nulls_take_the_group_by():
+    """Null keys (rows that skipped validation) are not coded: the group-by's cells, a null
+    key's arms apart."""
+    from engine.reduce.polars import reduce_polars
+
+    frame = pl.DataFrame({"g": ["b", None, "a", "b", None, "c"], "arm": pl.Series([0, 1, 0, 1, 0, 0], dtype=pl.Int8),
+                          "y": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]})
+    got = reduce_polars(frame.lazy(), ["g"], "y", []).table
+    assert_frame_equal(got, reduce_polars(frame.lazy(), ["g"], "y", [], string_codes=False).table)
+    assert got.filter(pl.col("g").is_null())["arm"].to_list() == [0, 1]
