@@ -7,8 +7,8 @@ float64: 25 bytes a row):
 - ``groupby``  plain Polars, ``lazy().group_by([key, arm]).agg(cell_aggregates)``
                in one shot: the same statistics, no batching, no determinism;
 - ``polars``   engine.reduce.polars.reduce_polars (fixed batches, fixed merge tree);
-- ``polars-no-codes`` the same with string keys grouped by Polars (``string_codes=False``), not
-               coded to integers for the dense route (integer keys: the same as ``polars``);
+- ``polars-no-codes`` the same with string keys grouped by Polars (``key_codes=False``), not
+               coded to integers for the dense route (one integer key: the same as ``polars``);
 - ``polars-two-pass`` the same without ``engine.reduce.fused``'s window reordering at many
                segments (``PARTITION_SEGMENTS`` out of reach): its two passes over the rows as they come;
 - ``polars-ids`` the same with every batch through a segment-id array (``fused.keyed_sums``
@@ -72,7 +72,14 @@ def make_rows(rows: int, groups: int, seed: int = 0, keys: str = "int") -> pl.Da
     frame = pl.DataFrame({"key": key, "arm": arm, "y": y, "x": x})
     if keys == "string":   # "g123": what group ids in users' tables usually are
         frame = frame.with_columns(pl.format("g{}", pl.col("key")).alias("key"))
+    elif keys == "nested":   # two levels: "c<key mod 97>" above "g<key>"
+        frame = frame.with_columns(pl.format("c{}", pl.col("key") % 97).alias("country"),
+                                   pl.format("g{}", pl.col("key")).alias("key"))
     return frame
+
+
+def group_columns(keys: str) -> list[str]:
+    return ["country", "key"] if keys == "nested" else ["key"]
 
 
 def memory_read_bound(mib: int) -> float:
@@ -88,9 +95,9 @@ def _timed(fn, *args, **kwargs):
     return out, time.perf_counter() - start
 
 
-def run_groupby(frame):
+def run_groupby(frame, groups=("key",)):
     # cell_aggregates reads the row-wise sums whose variances give the co-moments.
-    return (frame.lazy().with_columns(sum_columns(["x"], "y")).group_by(["key", "arm"])
+    return (frame.lazy().with_columns(sum_columns(["x"], "y")).group_by([*groups, "arm"])
             .agg(cell_aggregates("y", ["x"])).collect())
 
 
@@ -155,7 +162,7 @@ def run(sizes, methods, workers, bound_mib, repeat=1, keys="int"):
                 if method in methods or (method == "polars" and {"polars-two-pass", "polars-ids"} & set(methods)):
                     os.environ["CAUSAL_ENGINE_HOST_PASSES"] = "numpy" if method == "polars-numpy" else "fused"
                     try:
-                        reduce_polars(warm.lazy(), ["key"], "y", ["x"])
+                        reduce_polars(warm.lazy(), group_columns(keys), "y", ["x"])
                     finally:
                         del os.environ["CAUSAL_ENGINE_HOST_PASSES"]
         for rows, groups in sizes:
@@ -164,15 +171,16 @@ def run(sizes, methods, workers, bound_mib, repeat=1, keys="int"):
             for method in methods:
                 extra = {}
                 if method == "groupby":
-                    seconds = _best(repeat, run_groupby, frame)
+                    seconds = _best(repeat, run_groupby, frame, group_columns(keys))
                 elif method == "polars":
-                    seconds = _best(repeat, reduce_polars, frame.lazy(), ["key"], "y", ["x"])
+                    seconds = _best(repeat, reduce_polars, frame.lazy(), group_columns(keys), "y", ["x"])
                 elif method == "polars-no-codes":
-                    seconds = _best(repeat, lambda: reduce_polars(frame.lazy(), ["key"], "y", ["x"], string_codes=False))
+                    seconds = _best(repeat, lambda: reduce_polars(frame.lazy(), group_columns(keys), "y", ["x"],
+                                                              key_codes=False))
                 elif method == "polars-numpy":
                     os.environ["CAUSAL_ENGINE_HOST_PASSES"] = "numpy"
                     try:
-                        seconds = _best(repeat, reduce_polars, frame.lazy(), ["key"], "y", ["x"])
+                        seconds = _best(repeat, reduce_polars, frame.lazy(), group_columns(keys), "y", ["x"])
                     finally:
                         del os.environ["CAUSAL_ENGINE_HOST_PASSES"]
                 elif method in ("polars-two-pass", "polars-ids"):
@@ -184,7 +192,7 @@ def run(sizes, methods, workers, bound_mib, repeat=1, keys="int"):
                     else:
                         fused.keyed_applies = lambda *a: False
                     try:
-                        seconds = _best(repeat, reduce_polars, frame.lazy(), ["key"], "y", ["x"])
+                        seconds = _best(repeat, reduce_polars, frame.lazy(), group_columns(keys), "y", ["x"])
                     finally:
                         fused.PARTITION_SEGMENTS, fused.keyed_applies = saved
                 elif method == "jax":
@@ -246,8 +254,9 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="dask worker processes")
     parser.add_argument("--bound-mib", type=int, default=1024)
     parser.add_argument("--repeat", type=int, default=3, help="time each method this many times, keep the best")
-    parser.add_argument("--keys", choices=("int", "string"), default="int",
-                        help="group keys as int64, or as strings 'g<int>' (Polars' hashed group-by route)")
+    parser.add_argument("--keys", choices=("int", "string", "nested"), default="int",
+                        help="group keys as int64, as strings 'g<int>', or nested: 'c<int mod 97>' above 'g<int>' "
+                             "(groupby and the polars methods only)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "reduce.json"))
     args = parser.parse_args(argv)
     row_counts = [int(float(r)) for r in args.rows.split(",")] + ([10**8] if args.huge else [])

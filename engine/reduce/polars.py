@@ -12,9 +12,10 @@ both deterministic:
   passes over segments ``2·(key − low) + arm``, no hashing; successive such
   batches fold into one set of arrays over their joint key range
   (``_DenseRun``), with no table joins;
-- one string group column: coded to integers in first-seen order (``_StringCodes``:
-  a 64-bit hash per row, its code by a join, every row's string checked against its
-  code's), then the dense route as above, the strings put back at the end;
+- one string group column, or several key columns (nested levels, a GLM's bin): coded to
+  one integer in first-seen order (``_KeyCodes``: a 64-bit hash per row, its code by a
+  join, every row's key checked against its code's), then the dense route as above, the
+  keys put back at the end;
 - any other keys: Polars' in-memory group-by (``cell_aggregates``).
 
 The batch (or run) cell tables are merged pairwise in a binary-counter tree
@@ -387,82 +388,97 @@ def _one_integer_key(batch: pl.DataFrame, groups) -> bool:
 
 
 class _CodesDecline(Exception):
-    """``_StringCodes`` cannot code these rows (two strings under one 64-bit hash, or null keys,
+    """``_KeyCodes`` cannot code these rows (two keys under one 64-bit hash, or null keys,
     which only unvalidated rows have): ``reduce_polars`` starts over by the group-by."""
 
 
-class _StringCodes:
-    """One string group column as Int64 codes, 0, 1, 2, … in the order keys first appear, the
-    same code in every batch, and the strings back from the codes at the end.
+class _KeyCodes:
+    """The group key columns (one string column, or several string or integer columns: nested
+    levels, a GLM's covariate bin) as one Int64 code, 0, 1, 2, … in the order keys first
+    appear, the same code in every batch, and the key columns back from the codes at the end.
 
     Polars' in-memory group-by over strings with variances took 0.19 s a 2²²-row batch at 100
     keys (machine A) where hashing the strings takes 4 ms; with codes the batch takes the dense
-    route (``kernels.host``). A row's code comes from its string's 64-bit hash by a join, and
-    every row's string is then compared with its code's: a collision of two strings under one
-    hash (~n²/2⁶⁵ for n keys) is caught, never merged, and the reduction starts over by the
-    group-by, as it does for null keys (only unvalidated rows have them). The codes depend only on the rows' order, so the cells are the same bits on every
-    run: the same as the dense route gives integer keys numbered in first-seen order (a test).
+    route (``kernels.host``). A row's code comes from its key's 64-bit hash by a join, and
+    every row's key is then compared with its code's: a collision of two keys under one hash
+    (~n²/2⁶⁵ for n keys) is caught, never merged, and the reduction starts over by the
+    group-by, as it does for null keys (only unvalidated rows have them). The codes depend
+    only on the rows' order, so the cells are the same bits on every run: the same as the
+    dense route gives integer keys numbered in first-seen order (a test).
     """
 
     SEED = 0x5EED
+    CODE = "__key_code"
 
-    def __init__(self, group: str):
-        self.group = group
+    def __init__(self, groups, schema):
+        self.groups = list(groups)
         self.hashes = pl.DataFrame(schema={"_hash": pl.UInt64, "_code": pl.Int64})
-        self.strings = pl.Series(group, [], dtype=pl.String)
+        self.keys = pl.DataFrame(schema={g: schema[g] for g in self.groups})
 
     @staticmethod
     def applies(schema, groups) -> bool:
-        return len(groups) == 1 and schema[groups[0]] == pl.String
+        """One string column, or several string or integer ones (one integer column already
+        takes the dense route)."""
+        dtypes = [schema[g] for g in groups]
+        if not groups or not all(d == pl.String or d.is_integer() for d in dtypes):
+            return False
+        return len(groups) > 1 or dtypes[0] == pl.String
 
     def encode(self, batch: pl.DataFrame) -> pl.DataFrame:
-        """``batch`` with its group column replaced by the codes."""
-        column = batch[self.group]
-        if column.null_count():
+        """``batch`` with its key columns replaced by the one code column ``CODE``."""
+        keys = batch.select(self.groups)
+        if any(keys.null_count().row(0)):
             raise _CodesDecline
-        hashed = self._hash(column).alias("_hash").to_frame()
-        codes = self._codes(hashed, self.hashes) if self.strings.len() else None   # first batch: all new
+        hashed = self._hash(keys).alias("_hash").to_frame()
+        codes = self._codes(hashed, self.hashes) if self.keys.height else None   # first batch: all new
         if codes is None or codes.null_count():
             unseen = None if codes is None else codes.is_null()
-            fresh = pl.DataFrame({"_hash": hashed["_hash"], "_key": column})
+            fresh = keys.with_columns(hashed["_hash"])
             fresh = (fresh if unseen is None else fresh.filter(unseen)).unique("_hash", keep="first", maintain_order=True)
-            start = self.strings.len()
+            start = self.keys.height
             fresh = fresh.with_columns(pl.int_range(start, start + fresh.height, dtype=pl.Int64).alias("_code"))
             self.hashes = pl.concat([self.hashes, fresh.select("_hash", "_code")])
-            self.strings = pl.concat([self.strings, fresh["_key"].alias(self.group)])
+            self.keys = pl.concat([self.keys, fresh.select(self.groups)])
             if codes is None:
                 codes = self._codes(hashed, fresh)
             else:   # only the unseen rows look their codes up again
                 where = unseen.arg_true()
                 codes = codes.scatter(where, self._codes(hashed[where], fresh))
-        if not (self.strings.gather(codes) == column).all():
+        if not all((self.keys[g].gather(codes) == keys[g]).all() for g in self.groups):
             raise _CodesDecline
-        return batch.with_columns(codes.alias(self.group))
+        return batch.drop(self.groups).with_columns(codes.alias(self.CODE))
 
-    def _hash(self, column: pl.Series) -> pl.Series:
-        return column.hash(self.SEED)
+    def _hash(self, keys: pl.DataFrame) -> pl.Series:
+        """One 64-bit hash per row: the columns' own hashes, each with its own seed, XORed
+        (4× faster than hashing a struct of them; every collision is caught in ``encode``)."""
+        hashes = [pl.col(g).hash(self.SEED + i) for i, g in enumerate(self.groups)]
+        combined = hashes[0]
+        for h in hashes[1:]:
+            combined = combined ^ h
+        return keys.select(combined).to_series()
 
     @staticmethod
     def _codes(hashed: pl.DataFrame, table: pl.DataFrame) -> pl.Series:
         return hashed.join(table.select("_hash", "_code"), on="_hash", how="left", maintain_order="left")["_code"]
 
     def decode(self, table: pl.DataFrame) -> pl.DataFrame:
-        """A cell table keyed by codes, sorted by (code, arm) → keyed by the strings, sorted by
-        (key, arm): the codes' order by string is one sort of the distinct keys, and each
-        code's one or two cells move together (a sort of the cells by string took 0.4 s at
-        2·10⁶ cells on machine A)."""
+        """A cell table keyed by ``CODE``, sorted by (code, arm) → keyed by the key columns,
+        sorted by (keys, arm): the codes' order by key is one sort of the distinct keys, and
+        each code's one or two cells move together (a sort of the cells by string took 0.4 s
+        at 2·10⁶ cells on machine A)."""
         import numpy as np
 
-        code = table[self.group].to_numpy()
-        if code.size and np.any(np.diff(code) < 0):
-            return table.with_columns(self.strings.gather(table[self.group])).sort([self.group, "arm"])
-        order = self.strings.arg_sort().to_numpy()                 # codes by string
-        cells = np.bincount(code, minlength=self.strings.len())    # each code's cells (0–2)
+        code = table[self.CODE].to_numpy()
+        if code.size and np.any(np.diff(code) < 0):   # not in code order: sort the cells themselves
+            keyed = pl.concat([self.keys[table[self.CODE]], table.drop(self.CODE)], how="horizontal")
+            return keyed.sort([*self.groups, "arm"])
+        order = self.keys.with_row_index("_code").sort(self.groups)["_code"].to_numpy()   # codes by key
+        cells = np.bincount(code, minlength=self.keys.height)      # each code's cells (0–2)
         first = np.concatenate([[0], np.cumsum(cells)[:-1]])
         taken = np.repeat(first[order], cells[order])
         taken += np.arange(taken.size) - np.repeat(np.cumsum(cells[order]) - cells[order], cells[order])
         moved = table[taken]
-        return moved.with_columns(self.strings.gather(moved[self.group]))
+        return pl.concat([self.keys[moved[self.CODE]], moved.drop(self.CODE)], how="horizontal")
 
 
 class _TreeMerger:
@@ -504,8 +520,9 @@ def _exact_batches(rows: pl.LazyFrame, batch_rows: int):
 
 
 def reduce_polars(rows: pl.LazyFrame, groups, outcome: str, covariates, *,
-                  batch_rows: int = BATCH_ROWS, string_codes: bool = True) -> Cells:
-    codes = _StringCodes(groups[0]) if string_codes and _StringCodes.applies(rows.collect_schema(), groups) else None
+                  batch_rows: int = BATCH_ROWS, key_codes: bool = True) -> Cells:
+    schema = rows.collect_schema()
+    codes = _KeyCodes(groups, schema) if key_codes and _KeyCodes.applies(schema, groups) else None
     try:
         return _reduce_batches(rows, groups, outcome, covariates, batch_rows, codes)
     except _CodesDecline:
@@ -513,19 +530,20 @@ def reduce_polars(rows: pl.LazyFrame, groups, outcome: str, covariates, *,
 
 
 def _reduce_batches(rows: pl.LazyFrame, groups, outcome: str, covariates, batch_rows: int, codes) -> Cells:
-    merger = _TreeMerger(groups, covariates)
+    keys = groups if codes is None else [codes.CODE]     # what the batches are keyed by
+    merger = _TreeMerger(keys, covariates)
     empty, run = True, None
     for batch in _exact_batches(rows, batch_rows):
         empty = False
         if codes is not None:
             batch = codes.encode(batch)
-        span = _dense_integer_span(batch, groups, outcome, covariates)
+        span = _dense_integer_span(batch, keys, outcome, covariates)
         if span is None:
-            merger.push(_grouped_batch(batch, groups, outcome, covariates))
+            merger.push(_grouped_batch(batch, keys, outcome, covariates))
             del batch
             continue
         if run is None:
-            run = _DenseRun(groups[0], batch.schema[groups[0]], covariates)
+            run = _DenseRun(keys[0], batch.schema[keys[0]], covariates)
         elif not run.fits(span, batch.height):
             merger.push(run.table())
         run.add(batch, outcome, span)

@@ -791,7 +791,7 @@ def test_string_keys_are_coded_like_first_seen_integers(batch_rows):
     by_int = by_int.with_columns(first_seen.gather(by_int["name"]).alias("name")).sort(["name", "arm"])
     assert_frame_equal(got, by_int)
 
-    grouped = reduce_polars(frame.lazy(), ["name"], "y", ["x"], batch_rows=batch_rows, string_codes=False).table
+    grouped = reduce_polars(frame.lazy(), ["name"], "y", ["x"], batch_rows=batch_rows, key_codes=False).table
     assert_frame_equal(got, grouped, check_exact=False, rel_tol=1e-9)
 
 
@@ -801,12 +801,12 @@ def test_string_key_hash_collision_falls_back_to_the_group_by(monkeypatch):
     from engine.reduce import polars as reduce_module
 
     frame = _string_rows(3000, 400, seed=9)
-    monkeypatch.setattr(reduce_module._StringCodes, "_hash",
-                        lambda self, column: column.str.len_bytes().cast(pl.UInt64))   # collides often
+    monkeypatch.setattr(reduce_module._KeyCodes, "_hash",
+                        lambda self, keys: keys.to_series().str.len_bytes().cast(pl.UInt64))   # collides often
     with pytest.raises(reduce_module._CodesDecline):
-        reduce_module._StringCodes("name").encode(frame)
+        reduce_module._KeyCodes(["name"], frame.schema).encode(frame)
     got = reduce_module.reduce_polars(frame.lazy(), ["name"], "y", ["x"], batch_rows=1000).table
-    want = reduce_module.reduce_polars(frame.lazy(), ["name"], "y", ["x"], batch_rows=1000, string_codes=False).table
+    want = reduce_module.reduce_polars(frame.lazy(), ["name"], "y", ["x"], batch_rows=1000, key_codes=False).table
     assert_frame_equal(got, want)
 
 
@@ -818,5 +818,25 @@ def test_string_keys_with_nulls_take_the_group_by():
     frame = pl.DataFrame({"g": ["b", None, "a", "b", None, "c"], "arm": pl.Series([0, 1, 0, 1, 0, 0], dtype=pl.Int8),
                           "y": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]})
     got = reduce_polars(frame.lazy(), ["g"], "y", []).table
-    assert_frame_equal(got, reduce_polars(frame.lazy(), ["g"], "y", [], string_codes=False).table)
+    assert_frame_equal(got, reduce_polars(frame.lazy(), ["g"], "y", [], key_codes=False).table)
     assert got.filter(pl.col("g").is_null())["arm"].to_list() == [0, 1]
+
+
+@pytest.mark.parametrize("batch_rows", [600, 1 << 22])
+def test_nested_keys_are_coded_as_one(batch_rows):
+    """Several key columns (nested levels; here a string and an integer one) are coded as one:
+    the group-by's cells to 1e-9, sorted by (keys, arm), the key columns exactly."""
+    from engine.reduce.polars import reduce_polars
+
+    rng = np.random.default_rng(10)
+    rows = 4000
+    region = rng.integers(0, 300, rows) ** 2
+    frame = pl.DataFrame({"country": pl.Series(region % 17).cast(pl.String).str.pad_start(3, "c"),
+                          "region": region, "arm": rng.integers(0, 2, rows).astype(np.int8),
+                          "y": -1e6 + rng.standard_normal(rows)})
+    keys = ["country", "region"]
+    got = reduce_polars(frame.lazy(), keys, "y", [], batch_rows=batch_rows).table
+    want = reduce_polars(frame.lazy(), keys, "y", [], batch_rows=batch_rows, key_codes=False).table
+    assert got.columns == want.columns and got.schema == want.schema
+    assert_frame_equal(got.select(*keys, "arm", "n"), want.select(*keys, "arm", "n"))
+    assert_frame_equal(got, want, check_exact=False, rel_tol=1e-9)
