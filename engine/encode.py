@@ -86,15 +86,15 @@ def _sorted_one_level(table: pl.DataFrame, level: str) -> Encoding:
     The same encoding as the general path (a test)."""
     key = table[level]
     starts = np.flatnonzero(np.concatenate([[True], (key.slice(1) != key.slice(0, key.len() - 1)).to_numpy()]))
-    n = table["n"].to_numpy().astype(np.int64)
+    n = table["n"].to_numpy()        # its own dtype: a shared cell table may hold float counts
     treated = np.where(table["arm"].to_numpy() == 1, n, 0)
     first = np.zeros(table.height, dtype=np.int32)
     first[starts] = 1
     cell_leaf = np.cumsum(first, dtype=np.int32) - 1
     node = pl.DataFrame({
         level: key.gather(starts),
-        "n": np.add.reduceat(n, starts),
-        "n_treated": np.add.reduceat(treated, starts),
+        "n": pl.Series(np.add.reduceat(n, starts)).cast(table["n"].dtype),
+        "n_treated": pl.Series(np.add.reduceat(treated, starts)).cast(table["n"].dtype),
     }).with_row_index("code").with_columns(pl.col("code").cast(pl.Int32), pl.lit(None, dtype=pl.Int32).alias("parent"))
     node = node.select("code", level, "n", "n_treated", "parent")
     return Encoding(levels=(level,), nodes=(node,), parents=(), cell_leaf=cell_leaf,

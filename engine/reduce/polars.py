@@ -415,12 +415,14 @@ class _KeyCodes:
         self.hashes = pl.DataFrame(schema={"_hash": pl.UInt64, "_code": pl.Int64})
         self.keys = pl.DataFrame(schema={g: schema[g] for g in self.groups})
 
-    @staticmethod
-    def applies(schema, groups) -> bool:
+    @classmethod
+    def applies(cls, schema, groups) -> bool:
         """One string column, or several string or integer ones (one integer column already
-        takes the dense route)."""
+        takes the dense route), and no column named like the codes' own."""
         dtypes = [schema[g] for g in groups]
         if not groups or not all(d == pl.String or d.is_integer() for d in dtypes):
+            return False
+        if {cls.CODE, "_hash", "_code"} & set(schema.names()):
             return False
         return len(groups) > 1 or dtypes[0] == pl.String
 

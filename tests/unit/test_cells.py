@@ -258,3 +258,8 @@ def test_sorted_one_level_encoding_equals_the_general_one():
     np.testing.assert_array_equal(fast.leaf_rows, general.leaf_rows)
     leaf_of = dict(zip(shuffled.table["group"].to_list(), general.cell_leaf.tolist()))
     assert fast.cell_leaf.tolist() == [leaf_of[k] for k in cells.table["group"].to_list()]
+    # A shared cell table may hold float counts: the nodes keep that dtype on both paths.
+    floats = cells.table.with_columns(pl.col("n").cast(pl.Float64))
+    fast = encode(Cells(table=floats, levels=cells.levels))
+    general = encode(Cells(table=floats.sample(fraction=1.0, shuffle=True, seed=4), levels=cells.levels))
+    assert fast.nodes[0].equals(general.nodes[0]) and fast.nodes[0].schema == general.nodes[0].schema

@@ -840,3 +840,18 @@ def test_nested_keys_are_coded_as_one(batch_rows):
     assert got.columns == want.columns and got.schema == want.schema
     assert_frame_equal(got.select(*keys, "arm", "n"), want.select(*keys, "arm", "n"))
     assert_frame_equal(got, want, check_exact=False, rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["__key_code", "_hash", "_code"])
+def test_columns_named_like_the_codes_own_take_the_group_by(name):
+    """A column the codes would overwrite (an outcome named ``__key_code``, a key named
+    ``_hash``) keeps the group-by route, and its values."""
+    from engine.reduce.polars import reduce_polars
+
+    frame = pl.DataFrame({"g": ["a", "b", "a", "c"], "arm": pl.Series([0, 1, 1, 0], dtype=pl.Int8),
+                          "v": [1.0, 2.0, 3.0, 4.0]})
+    key, outcome = ("g", name) if name == "__key_code" else (name, "v")
+    frame = frame.rename({"g": key, "v": outcome})
+    got = reduce_polars(frame.lazy(), [key], outcome, []).table
+    assert_frame_equal(got, reduce_polars(frame.lazy(), [key], outcome, [], key_codes=False).table)
+    assert got["mean"].to_list() == [1.0, 3.0, 2.0, 4.0]
