@@ -388,8 +388,8 @@ def _one_integer_key(batch: pl.DataFrame, groups) -> bool:
 
 
 class _CodesDecline(Exception):
-    """``_KeyCodes`` cannot code these rows (two keys under one 64-bit hash, or null keys,
-    which only unvalidated rows have): ``reduce_polars`` starts over by the group-by."""
+    """``_KeyCodes`` cannot code these rows (null keys, which only unvalidated rows have):
+    ``reduce_polars`` starts over by the group-by, which keeps a null key's arms apart."""
 
 
 class _KeyCodes:
@@ -398,31 +398,34 @@ class _KeyCodes:
     appear, the same code in every batch, and the key columns back from the codes at the end.
 
     Polars' in-memory group-by over strings with variances took 0.19 s a 2²²-row batch at 100
-    keys (machine A) where hashing the strings takes 4 ms; with codes the batch takes the dense
-    route (``kernels.host``). A row's code comes from its key's 64-bit hash by a join, and
-    every row's key is then compared with its code's: a collision of two keys under one hash
-    (~n²/2⁶⁵ for n keys) is caught, never merged, and the reduction starts over by the
-    group-by, as it does for null keys (only unvalidated rows have them). The codes depend
-    only on the rows' order, so the cells are the same bits on every run: the same as the
-    dense route gives integer keys numbered in first-seen order (a test).
+    keys (machine A); with codes the batch takes the dense route (``kernels.host``). The codes
+    come from ``engine.reduce.hashed``'s tables, which compare keys by their bytes: each
+    string column has its own table, and several columns are combined one at a time by a
+    table of (codes so far, next column) pairs. The codes depend only on the rows' order, so
+    the cells are the same bits on every run: the same as the dense route gives integer keys
+    numbered in first-seen order (a test).
     """
 
-    SEED = 0x5EED
     CODE = "__key_code"
 
     def __init__(self, groups, schema):
+        from engine.reduce.hashed import CodeTable
+
         self.groups = list(groups)
-        self.hashes = pl.DataFrame(schema={"_hash": pl.UInt64, "_code": pl.Int64})
+        self.strings = {g: CodeTable() for g in self.groups if schema[g] == pl.String}
+        self.pairs = [CodeTable() for _ in self.groups[1:]]
         self.keys = pl.DataFrame(schema={g: schema[g] for g in self.groups})
 
     @classmethod
     def applies(cls, schema, groups) -> bool:
         """One string column, or several string or integer ones (one integer column already
-        takes the dense route), and no column named like the codes' own."""
+        takes the dense route), no column named like the code column, and Numba for the tables."""
+        from engine.reduce.hashed import numba
+
         dtypes = [schema[g] for g in groups]
-        if not groups or not all(d == pl.String or d.is_integer() for d in dtypes):
+        if numba is None or not groups or not all(d == pl.String or d.is_integer() for d in dtypes):
             return False
-        if {cls.CODE, "_hash", "_code"} & set(schema.names()):
+        if cls.CODE in schema.names():
             return False
         return len(groups) > 1 or dtypes[0] == pl.String
 
@@ -431,37 +434,21 @@ class _KeyCodes:
         keys = batch.select(self.groups)
         if any(keys.null_count().row(0)):
             raise _CodesDecline
-        hashed = self._hash(keys).alias("_hash").to_frame()
-        codes = self._codes(hashed, self.hashes) if self.keys.height else None   # first batch: all new
-        if codes is None or codes.null_count():
-            unseen = None if codes is None else codes.is_null()
-            fresh = keys.with_columns(hashed["_hash"])
-            fresh = (fresh if unseen is None else fresh.filter(unseen)).unique("_hash", keep="first", maintain_order=True)
-            start = self.keys.height
-            fresh = fresh.with_columns(pl.int_range(start, start + fresh.height, dtype=pl.Int64).alias("_code"))
-            self.hashes = pl.concat([self.hashes, fresh.select("_hash", "_code")])
-            self.keys = pl.concat([self.keys, fresh.select(self.groups)])
-            if codes is None:
-                codes = self._codes(hashed, fresh)
-            else:   # only the unseen rows look their codes up again
-                where = unseen.arg_true()
-                codes = codes.scatter(where, self._codes(hashed[where], fresh))
-        if not all((self.keys[g].gather(codes) == keys[g]).all() for g in self.groups):
-            raise _CodesDecline
-        return batch.drop(self.groups).with_columns(codes.alias(self.CODE))
+        codes, first = self._column(keys, self.groups[0])
+        for g, pairs in zip(self.groups[1:], self.pairs):
+            codes, first = pairs.pairs(codes, self._column(keys, g)[0])
+        if first.size:
+            self.keys = pl.concat([self.keys, keys[first]])
+        return batch.drop(self.groups).with_columns(pl.Series(self.CODE, codes))
 
-    def _hash(self, keys: pl.DataFrame) -> pl.Series:
-        """One 64-bit hash per row: the columns' own hashes, each with its own seed, XORed
-        (4× faster than hashing a struct of them; every collision is caught in ``encode``)."""
-        hashes = [pl.col(g).hash(self.SEED + i) for i, g in enumerate(self.groups)]
-        combined = hashes[0]
-        for h in hashes[1:]:
-            combined = combined ^ h
-        return keys.select(combined).to_series()
+    def _column(self, keys: pl.DataFrame, name: str):
+        """One key column as 64-bit words: a string column's codes (and its new codes' first
+        rows), an integer column's values."""
+        import numpy as np
 
-    @staticmethod
-    def _codes(hashed: pl.DataFrame, table: pl.DataFrame) -> pl.Series:
-        return hashed.join(table.select("_hash", "_code"), on="_hash", how="left", maintain_order="left")["_code"]
+        if name in self.strings:
+            return self.strings[name].strings(keys[name])
+        return keys[name].to_numpy().astype(np.int64, copy=False), None
 
     def decode(self, table: pl.DataFrame) -> pl.DataFrame:
         """A cell table keyed by ``CODE``, sorted by (code, arm) → keyed by the key columns,
@@ -474,14 +461,25 @@ class _KeyCodes:
         if code.size and np.any(np.diff(code) < 0):   # not in code order: sort the cells themselves
             keyed = pl.concat([self.keys[table[self.CODE]], table.drop(self.CODE)], how="horizontal")
             return keyed.sort([*self.groups, "arm"])
-        order = self.keys.with_row_index("_code").sort(self.groups)["_code"].to_numpy()   # codes by key
-        cells = np.bincount(code, minlength=self.keys.height)      # each code's cells (0–2)
-        first = np.concatenate([[0], np.cumsum(cells)[:-1]])
-        taken = np.repeat(first[order], cells[order])
-        taken += np.arange(taken.size) - np.repeat(np.cumsum(cells[order]) - cells[order], cells[order])
-        moved = table[taken]
-        return pl.concat([self.keys[moved[self.CODE]], moved.drop(self.CODE)], how="horizontal")
+        order, ordered = self._by_key()
+        cells = np.bincount(code, minlength=self.keys.height)[order]   # each code's cells (0–2), in key order
+        first = np.concatenate([[0], np.cumsum(np.bincount(code, minlength=self.keys.height))[:-1]])
+        taken = np.repeat(first[order], cells)
+        taken += np.arange(taken.size) - np.repeat(np.cumsum(cells) - cells, cells)
+        keys = ordered[np.repeat(np.arange(order.size), cells)]
+        return pl.concat([keys, table[taken].drop(self.CODE)], how="horizontal")
 
+    def _by_key(self):
+        """(The codes in key order (keys,) int64, the keys in that order): one string column
+        sorted as a Series and its codes looked up again (at 10⁶ keys, 0.05 + 0.03 s where a
+        sort of the keys with their codes took 0.21 s on machine A), else a sort of the keys
+        with their codes."""
+        if len(self.groups) == 1:
+            (name, strings), = self.strings.items()
+            ordered = self.keys[name].sort()
+            return strings.strings(ordered)[0], ordered.to_frame()
+        ordered = self.keys.with_row_index(self.CODE).sort(self.groups)
+        return ordered[self.CODE].to_numpy(), ordered.drop(self.CODE)
 
 class _TreeMerger:
     """Merges equal-sized partial results pairwise, like carries in a binary counter."""

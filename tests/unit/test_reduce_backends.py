@@ -795,21 +795,6 @@ def test_string_keys_are_coded_like_first_seen_integers(batch_rows):
     assert_frame_equal(got, grouped, check_exact=False, rel_tol=1e-9)
 
 
-def test_string_key_hash_collision_falls_back_to_the_group_by(monkeypatch):
-    """Two strings under one hash are caught by the row check, never merged: the reduction
-    starts over by the group-by and gives its cells exactly."""
-    from engine.reduce import polars as reduce_module
-
-    frame = _string_rows(3000, 400, seed=9)
-    monkeypatch.setattr(reduce_module._KeyCodes, "_hash",
-                        lambda self, keys: keys.to_series().str.len_bytes().cast(pl.UInt64))   # collides often
-    with pytest.raises(reduce_module._CodesDecline):
-        reduce_module._KeyCodes(["name"], frame.schema).encode(frame)
-    got = reduce_module.reduce_polars(frame.lazy(), ["name"], "y", ["x"], batch_rows=1000).table
-    want = reduce_module.reduce_polars(frame.lazy(), ["name"], "y", ["x"], batch_rows=1000, key_codes=False).table
-    assert_frame_equal(got, want)
-
-
 def test_string_keys_with_nulls_take_the_group_by():
     """Null keys (rows that skipped validation) are not coded: the group-by's cells, a null
     key's arms apart."""
@@ -844,8 +829,9 @@ def test_nested_keys_are_coded_as_one(batch_rows):
 
 @pytest.mark.parametrize("name", ["__key_code", "_hash", "_code"])
 def test_columns_named_like_the_codes_own_take_the_group_by(name):
-    """A column the codes would overwrite (an outcome named ``__key_code``, a key named
-    ``_hash``) keeps the group-by route, and its values."""
+    """A column the codes would overwrite (an outcome named ``__key_code``) keeps the group-by
+    route, and its values; keys named like the old join's columns (``_hash``, ``_code``) are
+    coded like any other, to the same cells."""
     from engine.reduce.polars import reduce_polars
 
     frame = pl.DataFrame({"g": ["a", "b", "a", "c"], "arm": pl.Series([0, 1, 1, 0], dtype=pl.Int8),

@@ -1,0 +1,84 @@
+"""engine.reduce.hashed: exact first-seen codes for string keys and pairs of words."""
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+
+hashed = pytest.importorskip("engine.reduce.hashed")
+if hashed.numba is None:   # pragma: no cover
+    pytest.skip("the tables need numba", allow_module_level=True)
+
+
+def _reference(keys, seen):
+    """Codes by a dict in first-seen order, and each new code's first row."""
+    before = len(seen)
+    codes = [seen.setdefault(k, len(seen)) for k in keys]
+    first = {}
+    for row, code in enumerate(codes):
+        if code >= before:
+            first.setdefault(code, row)
+    return codes, [first[c] for c in sorted(first)]
+
+
+def _awkward_strings(rng, count):
+    """Short and long strings that share lengths, prefixes (4 and 12 bytes) and suffixes,
+    the empty string, zero bytes and non-ASCII text."""
+    base = ["", "a", "a\x00", "\x00", "abcd", "abcde", "abcdefghijkl", "abcdefghijklm", "abcdefghijkln",
+            "bbcdefghijklm", "é", "ée", "x" * 40, "x" * 39 + "y", "y" + "x" * 39, "x" * 41]
+    made = [f"{'k' * int(rng.integers(0, 3))}{int(v)}{'-' * int(rng.integers(0, 20))}"
+            for v in rng.integers(0, 10**9, count)]
+    return base + made
+
+
+@pytest.mark.parametrize("bits", [1, 10])
+def test_string_codes_match_a_dict_across_batches(bits):
+    """Codes over batches that grow the table and the long strings' copy many times (from 2
+    slots), repeat earlier keys, arrive in several chunks or as slices, and are large enough
+    for the two-thread lookup."""
+    rng = np.random.default_rng(12)
+    pool = np.array(_awkward_strings(rng, 20_000), dtype=object)
+    table, seen = hashed.CodeTable(bits), {}
+    for rows in (7, 70_000, 3, 150_000, 0):
+        picked = pool[rng.integers(0, 600 if rows == 70_000 else pool.size, rows)].tolist()
+        column = pl.Series("k", picked, dtype=pl.String)
+        if rows > 10:   # several chunks (to_arrow joins their views) and a slice (an offset)
+            column = pl.concat([column[: rows // 3], column[rows // 3:]], rechunk=False)
+            column = pl.concat([pl.Series("k", ["pad"], dtype=pl.String), column])[1:]
+        codes, first = table.strings(column)
+        want, want_first = _reference(picked, seen)
+        assert codes.tolist() == want
+        assert first.tolist() == want_first
+    assert table.count == len(seen) == (table.slots[:, 2] > 0).sum()
+
+
+def test_short_strings_ignore_what_lies_past_them_in_the_view():
+    """A view's bytes past a short string need not be zero: the key is its length and bytes."""
+    def view(text: bytes, junk: int) -> list[int]:
+        raw = len(text).to_bytes(4, "little") + text + bytes([junk]) * (12 - len(text))
+        return [int.from_bytes(raw[:8], "little"), int.from_bytes(raw[8:], "little")]
+
+    texts = [b"", b"ab", b"abcd", b"abcde", b"abcdefghijk", b"abcdefghijkl"]
+    views = np.array([view(t, junk) for junk in (0, 0xAB, 0xFF) for t in texts], np.uint64)
+    codes, first = hashed.CodeTable()._codes(views, np.empty(0, np.uint64), np.empty(0, np.uint8), np.zeros(1, np.int64),
+                                             True)
+    assert codes.tolist() == list(range(len(texts))) * 3
+    assert first.tolist() == list(range(len(texts)))
+
+
+def test_pair_codes_match_a_dict():
+    rng = np.random.default_rng(13)
+    table, seen = hashed.CodeTable(2), {}
+    for rows in (5, 100_000, 20_000):
+        a = rng.integers(-3, 3, rows) * 2**62 + rng.integers(0, 40, rows)
+        b = rng.integers(0, 50, rows).astype(np.int64)
+        codes, first = table.pairs(a, b)
+        want, want_first = _reference(list(zip(a.tolist(), b.tolist())), seen)
+        assert codes.tolist() == want and first.tolist() == want_first
+
+
+def test_a_table_holds_one_kind_of_key():
+    table = hashed.CodeTable()
+    table.strings(pl.Series(["a"]))
+    with pytest.raises(ValueError, match="not both"):
+        table.pairs(np.zeros(1, np.int64), np.zeros(1, np.int64))
