@@ -10,7 +10,8 @@ bytes, so no check is needed:
 - a string column is read as Arrow string views (zero copy from Polars): 16 bytes a row, the
   length and, up to 12 bytes, the whole string, zero-padded; a longer string's view holds its
   first 4 bytes and where the rest lies. A short string is its two 64-bit words; a long one is
-  compared byte for byte with the copy the table keeps of each long key it holds;
+  hashed a word at a time and compared byte for byte with the copy the table keeps of each
+  long key it holds;
 - an integer column is its value's 64 bits;
 - several columns are coded one at a time, each step keyed by (codes so far, next column), two
   words.
@@ -38,6 +39,8 @@ except ImportError:   # pragma: no cover - numba is a dependency; the caller the
     numba = None
 
 _EMPTY = np.uint64(0)          # a slot's third word: 0 for empty, else its code + 1
+_LONG = -2                      # a row's code, for now: a long string, not looked up yet
+WARM_ROWS = 1 << 16             # a fresh table takes this many rows serially before the first lookup
 _LOW = np.uint64(0xFFFFFFFF)
 _SHORT = np.uint64(12)          # the longest string a view holds whole
 _P1 = np.uint64(0x9E3779B97F4A7C15)
@@ -61,12 +64,43 @@ def _short_words(w0, w1, n):
     return w0, (w1 & ((np.uint64(1) << keep) - np.uint64(1)) if keep < np.uint64(64) else w1)
 
 
+def _load8(data, at):
+    """data[at: at + 8] as a little-endian word. Unsigned indices: Numba then emits no
+    wraparound test, and LLVM merges the eight byte loads into one (1.8× faster hashing)."""
+    i = np.uint64(at)
+    return (np.uint64(data[i]) | (np.uint64(data[i + np.uint64(1)]) << np.uint64(8))
+            | (np.uint64(data[i + np.uint64(2)]) << np.uint64(16)) | (np.uint64(data[i + np.uint64(3)]) << np.uint64(24))
+            | (np.uint64(data[i + np.uint64(4)]) << np.uint64(32)) | (np.uint64(data[i + np.uint64(5)]) << np.uint64(40))
+            | (np.uint64(data[i + np.uint64(6)]) << np.uint64(48)) | (np.uint64(data[i + np.uint64(7)]) << np.uint64(56)))
+
+
+def _word(data, at, k):
+    """k ≤ 8 bytes from data[at] as one little-endian word (the rest zero)."""
+    if at + 8 <= data.shape[0]:
+        w = _load8(data, at)
+        return w if k == 8 else w & ((np.uint64(1) << np.uint64(8 * k)) - np.uint64(1))
+    w = np.uint64(0)
+    for b in range(k):
+        w |= np.uint64(data[at + b]) << np.uint64(8 * b)
+    return w
+
+
 def _bytes_hash(data, start, n):
+    """A string's n bytes, a word at a time."""
     h = np.uint64(n) * _P2
-    for i in range(n):
-        h = (h ^ np.uint64(data[start + i])) * _P1
-        h ^= h >> np.uint64(27)
-    return _mix(h, np.uint64(n))
+    full = n // 8
+    for i in range(full):
+        h = (h ^ _word(data, start + 8 * i, 8)) * _P1
+        h ^= h >> np.uint64(29)
+    return _mix(h, _word(data, start + 8 * full, n - 8 * full))
+
+
+def _same_bytes(a, a_start, b, b_start, n):
+    full = n // 8
+    for i in range(full):
+        if _word(a, a_start + 8 * i, 8) != _word(b, b_start + 8 * i, 8):
+            return False
+    return _word(a, a_start + 8 * full, n - 8 * full) == _word(b, b_start + 8 * full, n - 8 * full)
 
 
 def _find_words(slots, shift, w0, w1):
@@ -78,21 +112,23 @@ def _find_words(slots, shift, w0, w1):
     return j
 
 
-def _find_long(slots, arena, shift, w0, data, start, n):
-    """As ``_find_words`` for a string longer than 12 bytes: w0 is its length and first 4
-    bytes, and a slot's second word is where the table's copy of its bytes starts in the arena."""
+def _long_tag(h, n):
+    """A long string's first word in the table: 32 bits of its hash (not the slot's bits) and
+    its length. The length (> 12) tells it from a short key's first word; the hash bits spare
+    a byte comparison with the keys the probe passes (keys sharing a length and first bytes,
+    such as UUIDs, cost one each and made a lookup 3× slower)."""
+    return (h << np.uint64(32)) | np.uint64(n)
+
+
+def _find_long(slots, arena, shift, h, data, start, n):
+    """As ``_find_words`` for a string longer than 12 bytes, of hash h: a slot's second word
+    is where the table's copy of its bytes starts in the arena."""
     mask = slots.shape[0] - 1
-    j = np.int64(_bytes_hash(data, start, n) >> shift)
+    tag = _long_tag(h, n)
+    j = np.int64(h >> shift)
     while slots[j, 2] != _EMPTY:
-        if slots[j, 0] == w0:
-            at = np.int64(slots[j, 1])
-            same = True
-            for i in range(n):
-                if arena[at + i] != data[start + i]:
-                    same = False
-                    break
-            if same:
-                return j
+        if slots[j, 0] == tag and _same_bytes(arena, np.int64(slots[j, 1]), data, start, n):
+            return j
         j = (j + 1) & mask
     return j
 
@@ -108,39 +144,44 @@ def _loops(strings: bool):
 
     ``keys`` is (rows, 2) uint64 string views, or (rows, 1) the pairs' first words and
     ``second`` (rows,) their second words (unused for strings). Lookup: out[i] = the code of row
-    i's key, or −1 where the table lacks it; returns the misses. Insert: from ``row`` on, give
-    each row with out[i] = −1 its key's code, a new one (the next, ``count``) where the table
-    lacks the key, recording the row in first[code − base] and a long string's bytes in the
-    arena; it stops before the table would pass ``limit`` codes or the arena its size, and
+    i's key, or −1 where the table lacks it; returns the misses. Insert: over rows [row, stop),
+    give each row with out[i] = −1 its key's code, a new one (the next, ``count``) where the
+    table lacks the key, recording the row in first[code − base] and a long string's bytes in
+    the arena; it stops before the table would pass ``limit`` codes or the arena its size, and
     returns (the row to resume at, or −1 when done; codes; arena bytes used).
 
     The slot search is written out in each loop, not in a shared helper returning a tuple:
-    that way (Numba, inlined) a lookup took 75 ns a row instead of 3."""
+    that way (Numba, inlined) a lookup took 75 ns a row instead of 3; and the lookup leaves
+    long strings (out[i] = −2) to ``_long_lookup``: their code inlined in the same loop made
+    short ones 2.7× slower. It returns (misses, long strings left)."""
 
     def lookup(slots, arena, shift, keys, second, data, starts, out):
-        misses = 0
+        misses, longs = 0, 0
         for i in range(keys.shape[0]):
             w0, w1 = keys[i, 0], (keys[i, 1] if strings else second[i])
-            if strings and (w0 & _LOW) > _SHORT:
-                j = _find_long(slots, arena, shift, w0, data, _long_start(w1, starts), np.int64(w0 & _LOW))
-            else:
-                if strings:
-                    w0, w1 = _short_words(w0, w1, w0 & _LOW)
-                j = _find_words(slots, shift, w0, w1)
+            if strings and (w0 & _LOW) > _SHORT:   # left to ``_long_lookup``
+                out[i] = _LONG
+                longs += 1
+                continue
+            if strings:
+                w0, w1 = _short_words(w0, w1, w0 & _LOW)
+            j = _find_words(slots, shift, w0, w1)
             out[i] = np.int64(slots[j, 2]) - 1
             if slots[j, 2] == _EMPTY:
                 misses += 1
-        return misses
+        return misses, longs
 
-    def insert(slots, arena, shift, keys, second, data, starts, out, row, count, used, limit, base, first):
-        for i in range(row, keys.shape[0]):
+    def insert(slots, arena, shift, keys, second, data, starts, out, row, stop, count, used, limit, base, first):
+        for i in range(row, stop):
             if out[i] != -1:
                 continue
             w0, w1 = keys[i, 0], (keys[i, 1] if strings else second[i])
             n, start = np.int64(0), np.int64(0)
             if strings and (w0 & _LOW) > _SHORT:
                 n, start = np.int64(w0 & _LOW), _long_start(w1, starts)
-                j = _find_long(slots, arena, shift, w0, data, start, n)
+                h = _bytes_hash(data, start, n)
+                j = _find_long_call(slots, arena, shift, h, data, start, n)
+                w0 = _long_tag(h, n)
             else:
                 if strings:
                     w0, w1 = _short_words(w0, w1, w0 & _LOW)
@@ -163,6 +204,20 @@ def _loops(strings: bool):
     return lookup, insert
 
 
+def _long_lookup(slots, arena, shift, keys, data, starts, out):
+    """``_loops``' lookup for the rows it left (out[i] = −2, strings longer than 12 bytes)."""
+    misses = 0
+    for i in range(keys.shape[0]):
+        if out[i] != _LONG:
+            continue
+        n, start = np.int64(keys[i, 0] & _LOW), _long_start(keys[i, 1], starts)
+        j = _find_long(slots, arena, shift, _bytes_hash(data, start, n), data, start, n)
+        out[i] = np.int64(slots[j, 2]) - 1
+        if slots[j, 2] == _EMPTY:
+            misses += 1
+    return misses
+
+
 def _rehash_loop(slots, arena, shift, strings, new):
     """Every key into the new (larger) table, at the slot its own hash gives there."""
     mask = new.shape[0] - 1
@@ -183,9 +238,12 @@ def _rehash_loop(slots, arena, shift, strings, new):
 
 if numba is not None:
     _inline = numba.njit(inline="always")
-    _mix, _short_words, _bytes_hash, _find_words, _long_start = (
-        _inline(f) for f in (_mix, _short_words, _bytes_hash, _find_words, _long_start))
-    _find_long = numba.njit(_find_long)   # a call: only long strings take it
+    _mix, _short_words, _load8, _word, _bytes_hash, _same_bytes, _find_words, _long_start, _long_tag = (
+        _inline(f) for f in (_mix, _short_words, _load8, _word, _bytes_hash, _same_bytes, _find_words, _long_start,
+                             _long_tag))
+    _find_long_call = numba.njit(_find_long)   # a call where short strings share the loop
+    _find_long = _inline(_find_long)
+    _long_lookup = numba.njit(nogil=True, cache=True)(_long_lookup)
     _rehash_loop = numba.njit(nogil=True, cache=True)(_rehash_loop)
 _LOOPS = {strings: _loops(strings) for strings in (False, True)}
 
@@ -197,10 +255,12 @@ class CodeTable:
     def __init__(self, bits: int = 10):
         self.bits = bits
         # (slots, 3) uint64, a slot's words side by side (one cache line a probe, not three:
-        # 20% faster at 10⁶ keys): the key's first word (a string: length | bytes 0–3), its
-        # second (a long string: where the table's copy starts), its code + 1 (0: empty)
+        # 20% faster at 10⁶ keys): the key's first word (a short string: length | bytes 0–3;
+        # a long one: ``_long_tag``), its second (a long string: where the table's copy
+        # starts), its code + 1 (0: empty)
         self.slots = np.zeros((1 << bits, 3), np.uint64)
         self.arena = np.empty(0, np.uint8)              # (bytes,) the long strings' copies
+        self.scratch = np.empty(0, np.uint8)            # (bytes,) a batch's data buffers, joined
         self.used = 0
         self.count = 0
         self.holds_strings = None   # fixed by the first call: True for ``strings``, False for ``pairs``
@@ -212,12 +272,20 @@ class CodeTable:
 
         array = column.to_arrow(compat_level=pl.CompatLevel.newest())   # string views, zero copy
         views = np.frombuffer(array.buffers()[1], np.uint64).reshape(-1, 2)[array.offset: array.offset + len(array)]
-        parts = [np.frombuffer(b, np.uint8) for b in array.buffers()[2:]]
-        data = parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.empty(0, np.uint8)
+        parts = [np.frombuffer(b, np.uint8) for b in array.buffers()[2:]]   # the long strings' bytes
         starts = np.cumsum([0] + [p.size for p in parts[:-1]]).astype(np.int64)
+        data = parts[0] if len(parts) == 1 else self._joined(parts)
         if parts and self.arena.size == 0:
             self.arena = np.empty(1 << 16, np.uint8)
         return self._codes(views, np.empty(0, np.uint64), data, starts, True)
+
+    def _joined(self, parts) -> np.ndarray:
+        """Several data buffers as one, in a buffer the table keeps: a fresh one each batch
+        (~150 MB at 2²² UUID keys) cost 0.2–0.3 s of page faults on machine A, a copy 10 ms."""
+        size = sum(p.size for p in parts)
+        if self.scratch.size < size:
+            self.scratch = np.empty(size + size // 4, np.uint8)
+        return np.concatenate(parts, out=self.scratch[:size]) if parts else self.scratch[:0]
 
     def pairs(self, first_word: np.ndarray, second_word: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Rows' keys as two integer words each (64-bit ones read as uint64, narrower ones cast:
@@ -231,19 +299,27 @@ class CodeTable:
             self.holds_strings = strings
         if self.holds_strings != strings:
             raise ValueError("a CodeTable holds strings or pairs of words, not both")
-        out = np.empty(keys.shape[0], np.int64)
+        rows = keys.shape[0]
+        out = np.empty(rows, np.int64)
         lookup, insert = _LOOPS[strings]
-        if self._lookup(lookup, keys, second, data, starts, out) == 0:
-            return out, np.empty(0, np.int64)
-        before, row = self.count, 0
-        first = np.empty(0, np.int64)   # first[c − before]: the first row of new code c
+        before, first = self.count, np.empty(0, np.int64)   # first[c − before]: the first row of new code c
+        head = min(rows, WARM_ROWS) if self.count == 0 else 0
+        if head:   # a fresh table: its first rows go in serially, so that the lookup finds most keys
+            out[:head] = -1
+            first = self._insert(insert, keys, second, data, starts, out, 0, head, before, first)
+        if self._lookup(lookup, keys[head:], second[head:] if second.size else second, data, starts, out[head:]):
+            first = self._insert(insert, keys, second, data, starts, out, head, rows, before, first)
+        return out, first[: self.count - before]
+
+    def _insert(self, insert, keys, second, data, starts, out, row, stop, before, first):
+        """``insert`` over rows [row, stop), growing the table and the arena as it asks."""
         while True:
             limit = self.slots.shape[0] // 2
             first = np.concatenate([first, np.empty(limit - before - first.shape[0], np.int64)])
             row, self.count, self.used = insert(self.slots, self.arena, np.uint64(64 - self.bits), keys, second, data,
-                                                starts, out, row, self.count, self.used, limit, before, first)
+                                                starts, out, row, stop, self.count, self.used, limit, before, first)
             if row < 0:
-                return out, first[: self.count - before]
+                return first
             if self.count >= limit:
                 self._grow()
             else:   # the arena is full
@@ -251,15 +327,31 @@ class CodeTable:
                 self.arena = np.concatenate([self.arena, np.empty(max(self.arena.size, n), np.uint8)])
 
     def _lookup(self, lookup, keys, second, data, starts, out) -> int:
+        """Misses: short keys first, then long strings, each in two halves on two threads."""
         args = (self.slots, self.arena, np.uint64(64 - self.bits))
+        misses, longs = self._halves(lookup, keys, (*args, keys, second, data, starts, out), second=second)
+        if longs:
+            misses += self._halves(_long_lookup, keys, (*args, keys, data, starts, out))[0]
+        return misses
+
+    @staticmethod
+    def _halves(loop, keys, args, second=None):
+        """``loop(*args)`` over all rows, in two halves on two threads from 2¹⁶ rows: the
+        row-indexed arguments (``keys``, ``second``, out: the last) are cut in two."""
         rows = keys.shape[0]
         if rows < 1 << 16:
-            return lookup(*args, keys, second, data, starts, out)
+            result = loop(*args)
+            return result if isinstance(result, tuple) else (result, 0)
         from engine.reduce.fused import _helper   # the reduction's one helper thread
+
+        def cut(part):
+            return tuple(a[part] if (a is keys or a is second or a is args[-1]) and a is not None else a for a in args)
         half = rows // 2
-        done = _helper().submit(lookup, *args, keys[:half], second[:half], data, starts, out[:half])
-        misses = lookup(*args, keys[half:], second[half:], data, starts, out[half:])
-        return misses + done.result()
+        done = _helper().submit(loop, *cut(slice(None, half)))
+        mine = loop(*cut(slice(half, None)))
+        theirs = done.result()
+        mine, theirs = ((r if isinstance(r, tuple) else (r, 0)) for r in (mine, theirs))
+        return mine[0] + theirs[0], mine[1] + theirs[1]
 
     def _grow(self) -> None:
         self.bits += 1

@@ -764,23 +764,24 @@ def test_keyed_batches_give_the_same_bits(dtype, low, k, rows, batch_rows, monke
     assert got.equals(backend.reduce_polars(frame.lazy(), ["g"], "y", covariates, batch_rows=batch_rows).table)
 
 
-def _string_rows(rows: int, groups: int, seed: int) -> pl.DataFrame:
+def _string_rows(rows: int, groups: int, seed: int, width: int = 6) -> pl.DataFrame:
+    """Keys ``k…k<int>`` of ``width`` characters (more than 12: stored apart from Arrow's views)."""
     rng = np.random.default_rng(seed)
     key = rng.integers(0, groups, rows) ** 2          # later keys first appear in later batches
     key[: rows // 3] %= 7
-    return pl.DataFrame({"name": pl.Series(key).cast(pl.String).str.pad_start(6, "k"),
+    return pl.DataFrame({"name": pl.Series(key).cast(pl.String).str.pad_start(width, "k"),
                          "arm": rng.integers(0, 2, rows).astype(np.int8),
                          "y": 1e6 + rng.standard_normal(rows), "x": rng.standard_normal(rows)})
 
 
-@pytest.mark.parametrize("batch_rows", [700, 1 << 22])
-def test_string_keys_are_coded_like_first_seen_integers(batch_rows):
+@pytest.mark.parametrize("batch_rows, width", [(700, 6), (1 << 22, 6), (700, 30)])
+def test_string_keys_are_coded_like_first_seen_integers(batch_rows, width):
     """One string group column is coded to integers in first-seen order and reduced on the
     dense route: the same bits as integer keys numbered that way, the strings put back, sorted
     by (key, arm); and the same cells as Polars' group-by over the strings to 1e-9."""
     from engine.reduce.polars import reduce_polars
 
-    frame = _string_rows(5000, 900, seed=8)
+    frame = _string_rows(5000, 900, seed=8, width=width)
     got = reduce_polars(frame.lazy(), ["name"], "y", ["x"], batch_rows=batch_rows).table
     assert got["name"].dtype == pl.String
     assert got.select(["name", "arm"]).equals(got.select(["name", "arm"]).sort(["name", "arm"]))
