@@ -72,6 +72,10 @@ def make_rows(rows: int, groups: int, seed: int = 0, keys: str = "int") -> pl.Da
     frame = pl.DataFrame({"key": key, "arm": arm, "y": y, "x": x})
     if keys == "string":   # "g123": what group ids in users' tables usually are
         frame = frame.with_columns(pl.format("g{}", pl.col("key")).alias("key"))
+    elif keys == "uuid":   # 36 characters, longer than the 12 an Arrow string view holds inline
+        scrambled = (pl.col("key") * 7919 % 100000007).cast(pl.String).str.pad_start(12, "0")
+        frame = frame.with_columns(pl.format("{}-4f3a-9c1b-{}", scrambled,
+                                             pl.col("key").cast(pl.String).str.pad_start(12, "0")).alias("key"))
     elif keys == "nested":   # two levels: "c<key mod 97>" above "g<key>"
         frame = frame.with_columns(pl.format("c{}", pl.col("key") % 97).alias("country"),
                                    pl.format("g{}", pl.col("key")).alias("key"))
@@ -254,8 +258,9 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="dask worker processes")
     parser.add_argument("--bound-mib", type=int, default=1024)
     parser.add_argument("--repeat", type=int, default=3, help="time each method this many times, keep the best")
-    parser.add_argument("--keys", choices=("int", "string", "nested"), default="int",
-                        help="group keys as int64, as strings 'g<int>', or nested: 'c<int mod 97>' above 'g<int>' "
+    parser.add_argument("--keys", choices=("int", "string", "uuid", "nested"), default="int",
+                        help="group keys as int64, as strings 'g<int>', as 36-character UUID-like strings, or "
+                             "nested: 'c<int mod 97>' above 'g<int>' "
                              "(groupby and the polars methods only)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "reduce.json"))
     args = parser.parse_args(argv)

@@ -204,8 +204,9 @@ def _loops(strings: bool):
     return lookup, insert
 
 
-def _long_lookup(slots, arena, shift, keys, data, starts, out):
-    """``_loops``' lookup for the rows it left (out[i] = −2, strings longer than 12 bytes)."""
+def _long_lookup(slots, arena, shift, keys, second, data, starts, out):
+    """``_loops``' lookup for the rows it left (out[i] = −2, strings longer than 12 bytes):
+    (misses, 0). ``second`` is unused (the lookups' arguments)."""
     misses = 0
     for i in range(keys.shape[0]):
         if out[i] != _LONG:
@@ -215,7 +216,7 @@ def _long_lookup(slots, arena, shift, keys, data, starts, out):
         out[i] = np.int64(slots[j, 2]) - 1
         if slots[j, 2] == _EMPTY:
             misses += 1
-    return misses
+    return misses, 0
 
 
 def _rehash_loop(slots, arena, shift, strings, new):
@@ -328,29 +329,22 @@ class CodeTable:
 
     def _lookup(self, lookup, keys, second, data, starts, out) -> int:
         """Misses: short keys first, then long strings, each in two halves on two threads."""
-        args = (self.slots, self.arena, np.uint64(64 - self.bits))
-        misses, longs = self._halves(lookup, keys, (*args, keys, second, data, starts, out), second=second)
+        misses, longs = self._halves(lookup, keys, second, data, starts, out)
         if longs:
-            misses += self._halves(_long_lookup, keys, (*args, keys, data, starts, out))[0]
+            misses += self._halves(_long_lookup, keys, second, data, starts, out)[0]
         return misses
 
-    @staticmethod
-    def _halves(loop, keys, args, second=None):
-        """``loop(*args)`` over all rows, in two halves on two threads from 2¹⁶ rows: the
-        row-indexed arguments (``keys``, ``second``, out: the last) are cut in two."""
+    def _halves(self, loop, keys, second, data, starts, out):
+        """``loop`` over all rows, in two halves on two threads from 2¹⁶ rows → (misses, long strings left)."""
+        table = (self.slots, self.arena, np.uint64(64 - self.bits))
         rows = keys.shape[0]
         if rows < 1 << 16:
-            result = loop(*args)
-            return result if isinstance(result, tuple) else (result, 0)
+            return loop(*table, keys, second, data, starts, out)
         from engine.reduce.fused import _helper   # the reduction's one helper thread
-
-        def cut(part):
-            return tuple(a[part] if (a is keys or a is second or a is args[-1]) and a is not None else a for a in args)
         half = rows // 2
-        done = _helper().submit(loop, *cut(slice(None, half)))
-        mine = loop(*cut(slice(half, None)))
+        done = _helper().submit(loop, *table, keys[:half], second[:half], data, starts, out[:half])
+        mine = loop(*table, keys[half:], second[half:], data, starts, out[half:])
         theirs = done.result()
-        mine, theirs = ((r if isinstance(r, tuple) else (r, 0)) for r in (mine, theirs))
         return mine[0] + theirs[0], mine[1] + theirs[1]
 
     def _grow(self) -> None:
