@@ -401,19 +401,21 @@ class _KeyCodes:
     keys (machine A); with codes the batch takes the dense route (``kernels.host``). The codes
     come from ``engine.reduce.hashed``'s tables, which compare keys by their bytes: each
     string column has its own table, and several columns are combined one at a time by a
-    table of (codes so far, next column) pairs. The codes depend only on the rows' order, so
-    the cells are the same bits on every run: the same as the dense route gives integer keys
-    numbered in first-seen order (a test).
+    table of (codes so far, next column) pairs; the last (string) column's codes serve alone
+    while it determines the columns above it, as nested levels do. The codes depend only on
+    the rows' order, so the cells are the same bits on every run: the same as the dense route
+    gives integer keys numbered in first-seen order (a test).
     """
 
     CODE = "__key_code"
 
     def __init__(self, groups, schema):
-        from engine.reduce.hashed import CodeTable
+        from engine.reduce.hashed import CodeTable, Nesting
 
         self.groups = list(groups)
         self.strings = {g: CodeTable() for g in self.groups if schema[g] == pl.String}
         self.pairs = [CodeTable() for _ in self.groups[1:]]
+        self.nesting = Nesting() if len(self.groups) > 1 and self.groups[-1] in self.strings else None
         self.keys = pl.DataFrame(schema={g: schema[g] for g in self.groups})
 
     @classmethod
@@ -435,11 +437,29 @@ class _KeyCodes:
         if any(keys.null_count().row(0)):
             raise _CodesDecline
         codes, first = self._column(keys, self.groups[0])
-        for g, pairs in zip(self.groups[1:], self.pairs):
+        for g, pairs in zip(self.groups[1:-1], self.pairs[:-1]):
             codes, first = pairs.pairs(codes, self._column(keys, g)[0])
+        if len(self.groups) > 1:
+            codes, first = self._last_column(keys, codes)
         if first.size:
             self.keys = pl.concat([self.keys, keys[first]])
         return batch.drop(self.groups).with_columns(pl.Series(self.CODE, codes))
+
+    def _last_column(self, keys: pl.DataFrame, prefix):
+        """The whole key's codes from the columns above (``prefix``) and the last one: the
+        last column's own codes while it determines the rest (``Nesting``), else by the last
+        table of pairs. When nesting first fails, that table is seeded with the keys seen so
+        far in code order, so it gives them the codes they had."""
+        import numpy as np
+
+        last, first = self._column(keys, self.groups[-1])
+        if self.nesting is not None and self.nesting.holds(prefix, last, first):
+            return last, first
+        if self.nesting is not None:
+            seen = self.keys.height
+            self.pairs[-1].pairs(self.nesting.parent[:seen], np.arange(seen, dtype=np.int64))
+            self.nesting = None
+        return self.pairs[-1].pairs(prefix, last)
 
     def _column(self, keys: pl.DataFrame, name: str):
         """One key column as 64-bit words: a string column's codes (and its new codes' first

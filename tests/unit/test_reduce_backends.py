@@ -842,3 +842,42 @@ def test_columns_named_like_the_codes_own_take_the_group_by(name):
     got = reduce_polars(frame.lazy(), [key], outcome, []).table
     assert_frame_equal(got, reduce_polars(frame.lazy(), [key], outcome, [], key_codes=False).table)
     assert got["mean"].to_list() == [1.0, 3.0, 2.0, 4.0]
+
+
+@pytest.mark.parametrize("broken_at", [None, 0, 2500])
+@pytest.mark.parametrize("levels", [2, 3])
+def test_nested_string_keys_take_the_last_levels_codes(broken_at, levels):
+    """Nested string levels: while each region has one country the regions' codes are the
+    whole key's (no table of pairs); a region claimed by a second country (in the first batch,
+    or in a later one, after codes were given) moves the rest to the pairs. Either way the
+    group-by's cells to 1e-9 and the key columns exactly."""
+    from engine.reduce import polars as backend
+
+    rng = np.random.default_rng(14)
+    rows = 4000
+    region = rng.integers(0, 300, rows) ** 2
+    frame = pl.DataFrame({"continent": pl.Series(region % 3).cast(pl.String),
+                          "country": pl.Series(region % 17).cast(pl.String).str.pad_start(3, "c"),
+                          "region": pl.Series(region).cast(pl.String).str.pad_start(14, "r"),   # long strings
+                          "arm": rng.integers(0, 2, rows).astype(np.int8), "y": -1e6 + rng.standard_normal(rows)})
+    if broken_at is not None:
+        frame = frame.with_columns(pl.when(pl.int_range(rows) == broken_at).then(pl.lit("c99"))
+                                   .otherwise(pl.col("country")).alias("country"))
+    keys = ["continent", "country", "region"][3 - levels:]
+    codes = []
+    original = backend._KeyCodes
+
+    class Recorded(original):
+        def __init__(self, *args):
+            super().__init__(*args)
+            codes.append(self)
+
+    try:
+        backend._KeyCodes = Recorded
+        got = backend.reduce_polars(frame.lazy(), keys, "y", [], batch_rows=500).table
+    finally:
+        backend._KeyCodes = original
+    assert (codes[0].nesting is None) == (broken_at is not None), "the route the test means to take"
+    want = backend.reduce_polars(frame.lazy(), keys, "y", [], batch_rows=500, key_codes=False).table
+    assert_frame_equal(got.select(*keys, "arm", "n"), want.select(*keys, "arm", "n"))
+    assert_frame_equal(got, want, check_exact=False, rel_tol=1e-9)
