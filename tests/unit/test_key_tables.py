@@ -39,7 +39,7 @@ def test_string_codes_match_a_dict_across_batches(bits):
     rng = np.random.default_rng(12)
     pool = np.array(_awkward_strings(rng, 20_000), dtype=object)
     table, seen = hashed.CodeTable(bits), {}
-    for rows in (70_000, 7, 3, 150_000, 0):   # the first: warm rows, then a lookup, then the misses
+    for rows in (70_000, 300_000, 7, 3, 150_000, 0):   # warm rows, lookups, misses; then in parts
         picked = pool[rng.integers(0, pool.size, rows)].tolist()
         column = pl.Series("k", picked, dtype=pl.String)
         if rows > 10:   # several chunks (to_arrow joins their views) and a slice (an offset)
