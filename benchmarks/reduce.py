@@ -129,12 +129,12 @@ def write_partitions(frame: pl.DataFrame, folder: Path, partition_rows: int = 1 
     return paths
 
 
-def run_dask(paths, client):
+def run_dask(paths, client, groups=("key",)):
     from engine import validate
     from engine.reduce.dask import reduce_dask
     from engine.spec import Spec
 
-    spec = Spec(outcome="y", treatment="arm", groups=("key",), covariates=("x",), backend="dask")
+    spec = Spec(outcome="y", treatment="arm", groups=tuple(groups), covariates=("x",), backend="dask")
     checked = validate.check(validate.resolve_source(paths), spec)  # not timed: see run()
     return lambda: reduce_dask(checked, spec, client=client, partition_rows=1 << 20)
 
@@ -208,7 +208,7 @@ def run(sizes, methods, workers, bound_mib, repeat=1, keys="int"):
                 else:
                     with tempfile.TemporaryDirectory() as folder:
                         paths = write_partitions(frame, Path(folder))
-                        seconds = _best(repeat, run_dask(paths, client))
+                        seconds = _best(repeat, run_dask(paths, client, group_columns(keys)))
                 results.append({**record, "method": method, "seconds": round(seconds, 4),
                                 "rows_per_s": rows / seconds, "gb_per_s": rows * BYTES_PER_ROW / seconds / 1e9,
                                 **extra})
@@ -260,8 +260,7 @@ def main(argv=None):
     parser.add_argument("--repeat", type=int, default=3, help="time each method this many times, keep the best")
     parser.add_argument("--keys", choices=("int", "string", "uuid", "nested"), default="int",
                         help="group keys as int64, as strings 'g<int>', as 36-character UUID-like strings, or "
-                             "nested: 'c<int mod 97>' above 'g<int>' "
-                             "(groupby and the polars methods only)")
+                             "nested: 'c<int mod 97>' above 'g<int>' (not the jax methods)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "reduce.json"))
     args = parser.parse_args(argv)
     row_counts = [int(float(r)) for r in args.rows.split(",")] + ([10**8] if args.huge else [])

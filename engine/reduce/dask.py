@@ -4,8 +4,8 @@ Each partition — a Parquet row-group range, a CSV or Arrow file, or one
 partition of a Dask DataFrame — is read *on a worker*, put through the same
 validated row transformation as every other backend (``RowTransform``: the
 columns used, the ``--drop-missing`` filter, treatment → ``arm``), and reduced
-there in fixed-size batches exactly as ``engine.reduce.polars`` does (the
-same ``reduce_batch`` and ``cell_aggregates``). Partial cell tables are merged pairwise on the workers,
+there by ``engine.reduce.polars.reduce_polars`` (the same fixed-size batches,
+dense route and key codes). Partial cell tables are merged pairwise on the workers,
 ``engine.cells.merge``, in a binary tree fixed by the partition order, so
 only cells travel and the same input gives the same bits whichever worker
 ran what, and after a worker dies and its tasks are re-run.
@@ -26,7 +26,7 @@ import polars as pl
 from engine.cells import Cells, merge
 from engine.errors import SpecError
 from engine.validate import check_file_schemas
-from engine.reduce.polars import BATCH_ROWS, _exact_batches, reduce_batch
+from engine.reduce.polars import BATCH_ROWS, reduce_polars
 from engine.spec import Spec
 from engine.validate import Checked, Source
 
@@ -187,19 +187,9 @@ def _partition_cells(partition, transform: RowTransform, schema: dict, groups, o
         frame = pl.from_pandas(partition).lazy()
     frame = frame.cast({c: dtype for c, dtype in schema.items()})
     rows = transform.apply(frame)
-    # reduce_polars' loop, with _merge_pair: its merger trips over engine.cells.merge's column order.
-    stack: list[tuple[int, pl.DataFrame]] = []
-    for batch in _exact_batches(rows, batch_rows):
-        table, rank = reduce_batch(batch, groups, outcome, covariates), 0
-        while stack and stack[-1][0] == rank:
-            table, rank = _merge_pair(stack.pop()[1], table, groups, covariates), rank + 1
-        stack.append((rank, table))
-    if not stack:
-        return reduce_batch(rows.head(0).collect(), groups, outcome, covariates)
-    table = stack.pop()[1]
-    while stack:
-        table = _merge_pair(stack.pop()[1], table, groups, covariates)
-    return table
+    # The polars backend's batches, dense route and key codes (string keys: 2–10× Polars'
+    # in-memory group-by, which this loop used before).
+    return reduce_polars(rows, groups, outcome, covariates, batch_rows=batch_rows).table
 
 
 def _merge_pair(left: pl.DataFrame, right: pl.DataFrame, groups, covariates) -> pl.DataFrame:

@@ -12,7 +12,7 @@ bytes, so no check is needed:
   first 4 bytes and where the rest lies. A short string is its two 64-bit words; a long one is
   hashed a word at a time and compared byte for byte with the copy the table keeps of each
   long key it holds;
-- an integer column is its value's 64 bits;
+- an integer column (up to 64 bits) is its value's 64 bits;
 - several columns are coded one at a time, each step keyed by (codes so far, next column), two
   words.
 
@@ -116,7 +116,8 @@ def _find_words(slots, shift, w0, w1):
 
 
 def _long_tag(h, n):
-    """A long string's first word in the table: 32 bits of its hash (not the slot's bits) and
+    """A long string's first word in the table: the low 32 bits of its hash (not the top bits
+    that pick its slot, for tables up to 2³² slots) and
     its length. The length (> 12) tells it from a short key's first word; the hash bits spare
     a byte comparison with the keys the probe passes (keys sharing a length and first bytes,
     such as UUIDs, cost one each and made a lookup 3× slower)."""
@@ -147,16 +148,17 @@ def _loops(strings: bool):
 
     ``keys`` is (rows, 2) uint64 string views, or (rows, 1) the pairs' first words and
     ``second`` (rows,) their second words (unused for strings). Lookup: out[i] = the code of row
-    i's key, or −1 where the table lacks it; returns the misses. Insert: over rows [row, stop),
-    give each row with out[i] = −1 its key's code, a new one (the next, ``count``) where the
-    table lacks the key, recording the row in first[code − base] and a long string's bytes in
-    the arena; it stops before the table would pass ``limit`` codes or the arena its size, and
-    returns (the row to resume at, or −1 when done; codes; arena bytes used).
+    i's key, or −1 where the table lacks it, or −2 for a long string (below); it returns
+    (misses, long strings left). Insert: over rows [row, stop), give each row with out[i] = −1
+    its key's code, a new one (the next, ``count``) where the table lacks the key, recording
+    the row in first[code − base] and a long string's bytes in the arena; it stops before the
+    table would pass ``limit`` codes or the arena its size, and returns (the row to resume at,
+    or −1 when done; codes; arena bytes used).
 
     The slot search is written out in each loop, not in a shared helper returning a tuple:
     that way (Numba, inlined) a lookup took 75 ns a row instead of 3; and the lookup leaves
     long strings (out[i] = −2) to ``_long_lookup``: their code inlined in the same loop made
-    short ones 2.7× slower. It returns (misses, long strings left)."""
+    short ones 2.7× slower."""
 
     def lookup(slots, arena, shift, keys, second, data, starts, out):
         misses, longs = 0, 0
@@ -258,6 +260,8 @@ class CodeTable:
     string keys (``strings``) or for pairs of 64-bit words (``pairs``), not both."""
 
     def __init__(self, bits: int = 10):
+        if not 1 <= bits <= 32:
+            raise ValueError(f"CodeTable(bits={bits}): expected 1 to 32 (2 to 2³² slots to start with)")
         self.bits = bits
         # (slots, 3) uint64, a slot's words side by side (one cache line a probe, not three:
         # 20% faster at 10⁶ keys): the key's first word (a short string: length | bytes 0–3;
@@ -301,6 +305,7 @@ class CodeTable:
         return self._codes(first_word.reshape(-1, 1), second_word, np.empty(0, np.uint8), np.zeros(1, np.int64), False)
 
     def _codes(self, keys, second, data, starts, strings):
+        """``strings``' and ``pairs``' work: each row's code, and the first row of each new code."""
         if self.holds_strings is None:
             self.holds_strings = strings
         if self.holds_strings != strings:
@@ -328,7 +333,8 @@ class CodeTable:
         """``insert`` over rows [row, stop), growing the table and the arena as it asks."""
         while True:
             limit = self.slots.shape[0] // 2
-            first = np.concatenate([first, np.empty(limit - before - first.shape[0], np.int64)])
+            if first.shape[0] < limit - before:   # room for every code the table can take before it grows
+                first = np.concatenate([first, np.empty(limit - before - first.shape[0], np.int64)])
             row, self.count, self.used = insert(self.slots, self.arena, np.uint64(64 - self.bits), keys, second, data,
                                                 starts, out, row, stop, self.count, self.used, limit, before, first)
             if row < 0:
@@ -407,4 +413,6 @@ class Nesting:
         from engine.reduce.fused import _helper   # the reduction's one helper thread
         half = rows // 2
         done = _helper().submit(_parent_loop, self.parent, prefix[:half], codes[:half])
-        return _parent_loop(self.parent, prefix[half:], codes[half:]) < 0 and done.result() < 0
+        mine = _parent_loop(self.parent, prefix[half:], codes[half:])
+        theirs = done.result()   # always waited for: the helper is then free for the next call
+        return mine < 0 and theirs < 0

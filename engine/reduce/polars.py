@@ -420,12 +420,15 @@ class _KeyCodes:
 
     @classmethod
     def applies(cls, schema, groups) -> bool:
-        """One string column, or several string or integer ones (one integer column already
-        takes the dense route), no column named like the code column, and Numba for the tables."""
+        """One string column, or several string or integer (to 64 bits) ones (one integer column
+        already takes the dense route), no column named like the code column, and Numba for the
+        tables."""
         from engine.reduce.hashed import numba
 
         dtypes = [schema[g] for g in groups]
-        if numba is None or not groups or not all(d == pl.String or d.is_integer() for d in dtypes):
+        wide = (pl.Int128, pl.UInt128)   # no NumPy dtype: the group-by takes them
+        codable = all(d == pl.String or (d.is_integer() and d not in wide) for d in dtypes)
+        if numba is None or not groups or not codable:
             return False
         if cls.CODE in schema.names():
             return False

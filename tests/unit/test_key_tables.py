@@ -82,3 +82,9 @@ def test_a_table_holds_one_kind_of_key():
     table.strings(pl.Series(["a"]))
     with pytest.raises(ValueError, match="not both"):
         table.pairs(np.zeros(1, np.int64), np.zeros(1, np.int64))
+
+
+@pytest.mark.parametrize("bits", [0, 33])
+def test_a_table_starts_with_2_to_2_to_the_32_slots(bits):
+    with pytest.raises(ValueError, match="expected 1 to 32"):
+        hashed.CodeTable(bits)

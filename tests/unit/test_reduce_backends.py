@@ -881,3 +881,15 @@ def test_nested_string_keys_take_the_last_levels_codes(broken_at, levels):
     want = backend.reduce_polars(frame.lazy(), keys, "y", [], batch_rows=500, key_codes=False).table
     assert_frame_equal(got.select(*keys, "arm", "n"), want.select(*keys, "arm", "n"))
     assert_frame_equal(got, want, check_exact=False, rel_tol=1e-9)
+
+
+def test_128_bit_integer_keys_take_the_group_by():
+    """An Int128 key beside a string one is not coded (NumPy has no such dtype): the
+    group-by's cells, as without codes."""
+    from engine.reduce.polars import reduce_polars
+
+    frame = pl.DataFrame({"s": ["a", "b", "a", "a"], "g": pl.Series([1, 2**70, 1, 2**70], dtype=pl.Int128),
+                          "arm": pl.Series([0, 1, 1, 0], dtype=pl.Int8), "y": [1.0, 2.0, 3.0, 4.0]})
+    got = reduce_polars(frame.lazy(), ["s", "g"], "y", []).table
+    assert_frame_equal(got, reduce_polars(frame.lazy(), ["s", "g"], "y", [], key_codes=False).table)
+    assert got.height == 4
