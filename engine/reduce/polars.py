@@ -13,9 +13,9 @@ both deterministic:
   batches fold into one set of arrays over their joint key range
   (``_DenseRun``), with no table joins;
 - one string group column, or several key columns (nested levels, a GLM's bin): coded to
-  one integer in first-seen order (``_KeyCodes``: a 64-bit hash per row, its code by a
-  join, every row's key checked against its code's), then the dense route as above, the
-  keys put back at the end;
+  one integer in first-seen order (``_KeyCodes``: ``engine.reduce.hashed``'s tables, which
+  compare keys by their bytes, so no two keys share a code), then the dense route as above,
+  the keys put back at the end;
 - any other keys: Polars' in-memory group-by (``cell_aggregates``).
 
 The batch (or run) cell tables are merged pairwise in a binary-counter tree
@@ -25,7 +25,9 @@ batches of four columns the process peaks ~650 MB above its start on machine
 A, whatever the data's rows (a test holds a 2¹⁸-row-batch reduction of 680 MB
 of rows to a 200 MiB data-segment limit). The cells themselves grow with the
 keys: a dense run holds ``1 + 2(k+1) + (k+1)²`` float64 a segment (two per
-key), up to ``DENSE_MAX_KEYS`` keys, and briefly twice that while it widens.
+key), up to ``DENSE_MAX_KEYS`` keys, and briefly twice that while it widens. Key codes
+hold each distinct key once (a 24-byte slot, at most half full, and a long string's bytes)
+and a batch's long-string bytes joined.
 """
 from __future__ import annotations
 
