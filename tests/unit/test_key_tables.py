@@ -88,3 +88,9 @@ def test_a_table_holds_one_kind_of_key():
 def test_a_table_starts_with_2_to_2_to_the_32_slots(bits):
     with pytest.raises(ValueError, match="expected 1 to 32"):
         hashed.CodeTable(bits)
+
+
+def test_the_module_examples_run():
+    import doctest
+
+    assert doctest.testmod(hashed).failed == 0
