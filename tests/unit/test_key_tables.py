@@ -94,3 +94,14 @@ def test_the_module_examples_run():
     import doctest
 
     assert doctest.testmod(hashed).failed == 0
+
+
+def test_long_strings_sharing_a_hash_tag_are_told_apart_by_their_bytes():
+    """Two 16-byte keys whose hashes share the low 32 bits (the tag beside the length) and the
+    top 2 (the home slot in a 4-slot table), found by searching 2¹⁹ such strings: only the
+    byte comparison keeps them apart."""
+    a, b = "collide-00225374", "collide-00404338"
+    ha, hb = (int(hashed._bytes_hash(np.frombuffer(x.encode(), np.uint8), 0, 16)) for x in (a, b))
+    assert ha & 0xFFFFFFFF == hb & 0xFFFFFFFF and ha >> 62 == hb >> 62, "the pair no longer collides"
+    codes, first = hashed.CodeTable(2).strings(pl.Series([a, b, a, b, a]))
+    assert codes.tolist() == [0, 1, 0, 1, 0] and first.tolist() == [0, 1]
