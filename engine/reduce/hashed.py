@@ -14,12 +14,14 @@ bytes, so no check is needed:
   long key it holds;
 - an integer column (up to 64 bits) is its value's 64 bits;
 - several columns are coded one at a time, each step keyed by (codes so far, next column), two
-  words.
+  words; nested string levels instead take the last level's codes while it determines the
+  levels above (``Nesting``).
 
 A table is open-addressing with linear probing, slots at a hash's top bits (Fibonacci
 hashing). Lookups run in two halves on two threads (the table is only read); keys the table
 lacks go in by one serial loop over the rows that missed, in row order, so the codes are the
-same on every run. The table doubles at half full, the long keys' copy when full.
+same on every run (while many keys are new, a part of ``PART_ROWS`` rows at a time). The table
+doubles at half full, the long keys' copy when full.
 
 >>> import polars as pl
 >>> table = CodeTable()
