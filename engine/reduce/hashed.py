@@ -257,6 +257,22 @@ if numba is not None:
 _LOOPS = {strings: _loops(strings) for strings in (False, True)}
 
 
+def _in_halves(loop, args, rows):
+    """``loop(*args)``'s results: one, or from 2¹⁶ rows two, for the halves run on the caller's
+    thread and the reduction's one helper thread (``engine.reduce.fused``'s). The arguments at
+    positions ``rows`` are indexed by row and cut in two; the rest are shared, only read, or
+    written at rows of one half only."""
+    count = args[rows[0]].shape[0]
+    if count < 1 << 16:
+        return (loop(*args),)
+    from engine.reduce.fused import _helper
+
+    half = count // 2
+    done = _helper().submit(loop, *(a[:half] if i in rows else a for i, a in enumerate(args)))
+    mine = loop(*(a[half:] if i in rows else a for i, a in enumerate(args)))
+    return mine, done.result()   # always waited for: the helper is then free for the next call
+
+
 class CodeTable:
     """Codes 0, 1, 2, … for keys in the order they first appear, across calls: one table for
     string keys (``strings``) or for pairs of 64-bit words (``pairs``), not both."""
@@ -355,17 +371,10 @@ class CodeTable:
         return misses
 
     def _halves(self, loop, keys, second, data, starts, out):
-        """``loop`` over all rows, in two halves on two threads from 2¹⁶ rows → (misses, long strings left)."""
-        table = (self.slots, self.arena, np.uint64(64 - self.bits))
-        rows = keys.shape[0]
-        if rows < 1 << 16:
-            return loop(*table, keys, second, data, starts, out)
-        from engine.reduce.fused import _helper   # the reduction's one helper thread
-        half = rows // 2
-        done = _helper().submit(loop, *table, keys[:half], second[:half], data, starts, out[:half])
-        mine = loop(*table, keys[half:], second[half:], data, starts, out[half:])
-        theirs = done.result()
-        return mine[0] + theirs[0], mine[1] + theirs[1]
+        """``loop`` over all rows (two threads from 2¹⁶ rows) → (misses, long strings left)."""
+        results = _in_halves(loop, (self.slots, self.arena, np.uint64(64 - self.bits), keys, second, data, starts,
+                                    out), rows=(3, 4, 7))
+        return sum(r[0] for r in results), sum(r[1] for r in results)
 
     def _grow(self) -> None:
         self.bits += 1
@@ -409,12 +418,4 @@ class Nesting:
         """Record the parents of the codes new in this batch (``first``: their first rows, in
         code order) and check every row's parent. Once it fails the caller stops asking."""
         self.parent = np.concatenate([self.parent, prefix[first]])
-        rows = codes.shape[0]
-        if rows < 1 << 16:
-            return _parent_loop(self.parent, prefix, codes) < 0
-        from engine.reduce.fused import _helper   # the reduction's one helper thread
-        half = rows // 2
-        done = _helper().submit(_parent_loop, self.parent, prefix[:half], codes[:half])
-        mine = _parent_loop(self.parent, prefix[half:], codes[half:])
-        theirs = done.result()   # always waited for: the helper is then free for the next call
-        return mine < 0 and theirs < 0
+        return all(bad < 0 for bad in _in_halves(_parent_loop, (self.parent, prefix, codes), rows=(1, 2)))

@@ -492,8 +492,9 @@ class _KeyCodes:
             keyed = pl.concat([self.keys[table[self.CODE]], table.drop(self.CODE)], how="horizontal")
             return keyed.sort([*self.groups, "arm"])
         order, ordered = self._by_key()
-        cells = np.bincount(code, minlength=self.keys.height)[order]   # each code's cells (0–2), in key order
-        first = np.concatenate([[0], np.cumsum(np.bincount(code, minlength=self.keys.height))[:-1]])
+        per_code = np.bincount(code, minlength=self.keys.height)   # each code's cells (0–2)
+        cells = per_code[order]                                     # the same, in key order
+        first = np.concatenate([[0], np.cumsum(per_code)[:-1]])
         taken = np.repeat(first[order], cells)
         taken += np.arange(taken.size) - np.repeat(np.cumsum(cells) - cells, cells)
         keys = ordered[np.repeat(np.arange(order.size), cells)]
@@ -510,6 +511,7 @@ class _KeyCodes:
         else:
             ordered = self.keys.select(pl.struct(self.groups).alias(self.CODE)).to_series().sort().struct.unnest()
         return self._codes(ordered)[0], ordered
+
 
 class _TreeMerger:
     """Merges equal-sized partial results pairwise, like carries in a binary counter."""
