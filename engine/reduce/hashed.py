@@ -79,33 +79,30 @@ def _load8(data, at):
             | (np.uint64(data[i + np.uint64(6)]) << np.uint64(48)) | (np.uint64(data[i + np.uint64(7)]) << np.uint64(56)))
 
 
-def _word(data, at, k):
-    """k ≤ 8 bytes from data[at] as one little-endian word (the rest zero)."""
-    if at + 8 <= data.shape[0]:
-        w = _load8(data, at)
-        return w if k == 8 else w & ((np.uint64(1) << np.uint64(8 * k)) - np.uint64(1))
-    w = np.uint64(0)
-    for b in range(k):
-        w |= np.uint64(data[at + b]) << np.uint64(8 * b)
-    return w
+def _tail(data, start, n):
+    """A long string's last n mod 8 bytes (n > 8) as one little-endian word, the rest zero: read
+    as the string's last 8 bytes, shifted, so never past its end (its buffer may end there)."""
+    rest = n & 7
+    if rest == 0:
+        return np.uint64(0)
+    return _load8(data, start + n - 8) >> np.uint64(8 * (8 - rest))
 
 
 def _bytes_hash(data, start, n):
-    """A string's n bytes, a word at a time."""
+    """A long string's n bytes (n > 8), a word at a time."""
     h = np.uint64(n) * _P2
-    full = n // 8
-    for i in range(full):
-        h = (h ^ _word(data, start + 8 * i, 8)) * _P1
+    for i in range(n // 8):
+        h = (h ^ _load8(data, start + 8 * i)) * _P1
         h ^= h >> np.uint64(29)
-    return _mix(h, _word(data, start + 8 * full, n - 8 * full))
+    return _mix(h, _tail(data, start, n))
 
 
 def _same_bytes(a, a_start, b, b_start, n):
-    full = n // 8
-    for i in range(full):
-        if _word(a, a_start + 8 * i, 8) != _word(b, b_start + 8 * i, 8):
+    """Whether two long strings' n bytes (n > 8) are the same."""
+    for i in range(n // 8):
+        if _load8(a, a_start + 8 * i) != _load8(b, b_start + 8 * i):
             return False
-    return _word(a, a_start + 8 * full, n - 8 * full) == _word(b, b_start + 8 * full, n - 8 * full)
+    return _tail(a, a_start, n) == _tail(b, b_start, n)
 
 
 def _find_words(slots, shift, w0, w1):
@@ -140,7 +137,7 @@ def _find_long(slots, arena, shift, h, data, start, n):
 
 
 def _long_start(w1, starts):
-    """Where a long string's bytes start in the joined data buffers: its view's (buffer, offset)."""
+    """Where a long string's bytes start in the buffers' span (``_spanning``): its view's (buffer, offset)."""
     return starts[np.int64(w1 & _LOW)] + np.int64(w1 >> np.uint64(32))
 
 
@@ -247,8 +244,8 @@ def _rehash_loop(slots, arena, shift, strings, new):
 
 if numba is not None:
     _inline = numba.njit(inline="always")
-    _mix, _short_words, _load8, _word, _bytes_hash, _same_bytes, _find_words, _long_start, _long_tag = (
-        _inline(f) for f in (_mix, _short_words, _load8, _word, _bytes_hash, _same_bytes, _find_words, _long_start,
+    _mix, _short_words, _load8, _tail, _bytes_hash, _same_bytes, _find_words, _long_start, _long_tag = (
+        _inline(f) for f in (_mix, _short_words, _load8, _tail, _bytes_hash, _same_bytes, _find_words, _long_start,
                              _long_tag))
     _find_long_call = numba.njit(_find_long)   # a call where short strings share the loop
     _find_long = _inline(_find_long)
@@ -273,6 +270,23 @@ def _in_halves(loop, args, rows):
     return mine, done.result()   # always waited for: the helper is then free for the next call
 
 
+def _spanning(buffers) -> tuple[np.ndarray, np.ndarray]:
+    """Arrow data buffers → (one uint8 array over the addresses they span, each buffer's start
+    in it), so that the loops read a long string where it lies (a view's offset is into its own
+    buffer). The array is not memory of its own: bytes between the buffers are never read, as
+    a string's bytes are read only within it (``_load8``, ``_tail``), and the caller holds the
+    buffers while the loops run. Joining the buffers instead was a copy of every batch
+    (~150 MB at 2²² UUID keys): 25 ms a batch, and 0.1 s of page faults in a fresh table."""
+    import ctypes
+
+    if not buffers:
+        return np.empty(0, np.uint8), np.zeros(1, np.int64)
+    low = min(buffer.address for buffer in buffers)
+    high = max(buffer.address + buffer.size for buffer in buffers)
+    data = np.ctypeslib.as_array((ctypes.c_uint8 * max(high - low, 1)).from_address(low))
+    return data, np.array([buffer.address - low for buffer in buffers], np.int64)
+
+
 class CodeTable:
     """Codes 0, 1, 2, … for keys in the order they first appear, across calls: one table for
     string keys (``strings``) or for pairs of 64-bit words (``pairs``), not both."""
@@ -287,7 +301,6 @@ class CodeTable:
         # starts), its code + 1 (0: empty)
         self.slots = np.zeros((1 << bits, 3), np.uint64)
         self.arena = np.empty(0, np.uint8)              # (bytes,) the long strings' copies
-        self.scratch = np.empty(0, np.uint8)            # (bytes,) a batch's data buffers, joined
         self.used = 0
         self.count = 0
         self.holds_strings = None   # fixed by the first call: True for ``strings``, False for ``pairs``
@@ -300,20 +313,10 @@ class CodeTable:
 
         array = column.to_arrow(compat_level=pl.CompatLevel.newest())   # string views, zero copy
         views = np.frombuffer(array.buffers()[1], np.uint64).reshape(-1, 2)[array.offset: array.offset + len(array)]
-        parts = [np.frombuffer(b, np.uint8) for b in array.buffers()[2:]]   # the long strings' bytes
-        starts = np.cumsum([0] + [p.size for p in parts[:-1]]).astype(np.int64)
-        data = parts[0] if len(parts) == 1 else self._joined(parts)
-        if parts and self.arena.size == 0:
+        data, starts = _spanning(array.buffers()[2:])   # the long strings' bytes, where Arrow keeps them
+        if data.size and self.arena.size == 0:
             self.arena = np.empty(1 << 16, np.uint8)
         return self._codes(views, np.empty(0, np.uint64), data, starts, True)
-
-    def _joined(self, parts) -> np.ndarray:
-        """Several data buffers as one, in a buffer the table keeps: a fresh one each batch
-        (~150 MB at 2²² UUID keys) cost 0.2–0.3 s of page faults on machine A, a copy 10 ms."""
-        size = sum(p.size for p in parts)
-        if self.scratch.size < size:
-            self.scratch = np.empty(size + size // 4, np.uint8)
-        return np.concatenate(parts, out=self.scratch[:size]) if parts else self.scratch[:0]
 
     def pairs(self, first_word: np.ndarray, second_word: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Rows' keys as two integer words each (64-bit ones read as uint64, narrower ones cast:

@@ -45,6 +45,8 @@ def test_string_codes_match_a_dict_across_batches(bits):
         if rows > 10:   # several chunks (to_arrow joins their views) and a slice (an offset)
             column = pl.concat([column[: rows // 3], column[rows // 3:]], rechunk=False)
             column = pl.concat([pl.Series("k", ["pad"], dtype=pl.String), column])[1:]
+        if rows > 10:
+            assert len(column.to_arrow(compat_level=pl.CompatLevel.newest()).buffers()) > 3   # data buffers: 2+
         codes, first = table.strings(column)
         want, want_first = _reference(picked, seen)
         assert codes.tolist() == want
@@ -105,3 +107,37 @@ def test_long_strings_sharing_a_hash_tag_are_told_apart_by_their_bytes():
     assert ha & 0xFFFFFFFF == hb & 0xFFFFFFFF and ha >> 62 == hb >> 62, "the pair no longer collides"
     codes, first = hashed.CodeTable(2).strings(pl.Series([a, b, a, b, a]))
     assert codes.tolist() == [0, 1, 0, 1, 0] and first.tolist() == [0, 1]
+
+
+def test_long_strings_are_read_only_within_their_buffer():
+    """The loops read a long string where Arrow keeps it, across buffers spanned by one array
+    (``hashed._spanning``), so they must never read past a string: here each buffer ends at a
+    page that cannot be read, and each string (13 to 23 bytes, a tail that is not a whole word)
+    ends its buffer. A read past it would crash the process."""
+    import ctypes
+    import mmap
+
+    pa = pytest.importorskip("pyarrow")
+    page = mmap.PAGESIZE
+    memory = mmap.mmap(-1, 4 * page)
+    base = np.frombuffer(memory, np.uint8).ctypes.data
+    libc = ctypes.CDLL(None, use_errno=True)
+    for guard in (1, 3):
+        assert libc.mprotect(ctypes.c_void_p(base + guard * page), page, 0) == 0, ctypes.get_errno()
+    try:
+        texts = [b"abcdefghijklm", b"a string of 23 bytes.."]
+        views = []
+        for index, text in enumerate(texts):   # buffer `index` is page 2·index; the string ends it
+            offset = page - len(text)
+            ctypes.memmove(base + 2 * index * page + offset, text, len(text))
+            views.append([len(text) | int.from_bytes(text[:4], "little") << 32, index | offset << 32])
+        buffers = [pa.foreign_buffer(base + 2 * index * page, page) for index in range(2)]
+        data, starts = hashed._spanning(buffers)
+        assert data.size == 3 * page and starts.tolist() == [0, 2 * page]
+        keys = np.array(views * 3, np.uint64)
+        codes, first = hashed.CodeTable()._codes(keys, np.empty(0, np.uint64), data, starts, True)
+        assert codes.tolist() == [0, 1] * 3 and first.tolist() == [0, 1]
+    finally:
+        for guard in (1, 3):
+            libc.mprotect(ctypes.c_void_p(base + guard * page), page, mmap.PROT_READ | mmap.PROT_WRITE)
+        memory.close()
