@@ -47,10 +47,15 @@ PART_ROWS = 1 << 18             # rows looked up (two threads) before their miss
                                 # to the batch is then looked up serially only in its first part, not
                                 # in every later row (UUIDs at 10⁶ keys: the serial loop took 0.8 s a batch)
 _LOW = np.uint64(0xFFFFFFFF)
+_BLOCK = 32                     # rows a blocked lookup hashes before it probes (``_long_lookup``)
 _SHORT = np.uint64(12)          # the longest string a view holds whole
 _P1 = np.uint64(0x9E3779B97F4A7C15)
 _P2 = np.uint64(0xC2B2AE3D27D4EB4F)
 _P3 = np.uint64(0x165667B19E3779F9)
+
+
+def _prefetch(array, index):   # pragma: no cover - replaced by the compiled intrinsic below
+    """Ask the cache for the line of a C-contiguous array's flat element ``index`` (no wait, no fault)."""
 
 
 def _mix(a, b):
@@ -105,10 +110,10 @@ def _same_bytes(a, a_start, b, b_start, n):
     return _tail(a, a_start, n) == _tail(b, b_start, n)
 
 
-def _find_words(slots, shift, w0, w1):
-    """The slot holding the key (w0, w1), or the empty slot where it would go."""
+def _find_words(slots, j, w0, w1):
+    """From slot j (the key's home: ``_mix(w0, w1)``'s top bits), the slot holding the key
+    (w0, w1), or the empty slot where it would go."""
     mask = slots.shape[0] - 1
-    j = np.int64(_mix(w0, w1) >> shift)
     while slots[j, 2] != _EMPTY and not (slots[j, 0] == w0 and slots[j, 1] == w1):
         j = (j + 1) & mask
     return j
@@ -161,47 +166,73 @@ def _loops(strings: bool):
 
     def lookup(slots, arena, shift, keys, second, data, starts, out):
         misses, longs = 0, 0
-        for i in range(keys.shape[0]):
-            w0, w1 = keys[i, 0], (keys[i, 1] if strings else second[i])
-            if strings and (w0 & _LOW) > _SHORT:   # left to ``_long_lookup``
-                out[i] = _LONG
-                longs += 1
-                continue
-            if strings:
-                w0, w1 = _short_words(w0, w1, w0 & _LOW)
-            j = _find_words(slots, shift, w0, w1)
-            out[i] = np.int64(slots[j, 2]) - 1
-            if slots[j, 2] == _EMPTY:
-                misses += 1
+        hashes = np.empty(_BLOCK, np.uint64)
+        for a in range(0, keys.shape[0], _BLOCK):   # as ``_long_lookup``: hashes first, home slots fetched ahead
+            b = min(keys.shape[0], a + _BLOCK)
+            for i in range(a, b):
+                w0, w1 = keys[i, 0], (keys[i, 1] if strings else second[i])
+                if strings and (w0 & _LOW) > _SHORT:
+                    continue
+                if strings:
+                    w0, w1 = _short_words(w0, w1, w0 & _LOW)
+                hashes[i - a] = h = _mix(w0, w1)
+                _prefetch(slots, 3 * np.int64(h >> shift))
+            for i in range(a, b):
+                w0, w1 = keys[i, 0], (keys[i, 1] if strings else second[i])
+                if strings and (w0 & _LOW) > _SHORT:   # left to ``_long_lookup``
+                    out[i] = _LONG
+                    longs += 1
+                    continue
+                if strings:
+                    w0, w1 = _short_words(w0, w1, w0 & _LOW)
+                j = _find_words(slots, np.int64(hashes[i - a] >> shift), w0, w1)
+                out[i] = np.int64(slots[j, 2]) - 1
+                if slots[j, 2] == _EMPTY:
+                    misses += 1
         return misses, longs
 
     def insert(slots, arena, shift, keys, second, data, starts, out, row, stop, count, used, limit, base, first):
-        for i in range(row, stop):
-            if out[i] != -1:
-                continue
-            w0, w1 = keys[i, 0], (keys[i, 1] if strings else second[i])
-            n, start = np.int64(0), np.int64(0)
-            if strings and (w0 & _LOW) > _SHORT:
-                n, start = np.int64(w0 & _LOW), _long_start(w1, starts)
-                h = _bytes_hash(data, start, n)
-                j = _find_long_call(slots, arena, shift, h, data, start, n)
-                w0 = _long_tag(h, n)
-            else:
-                if strings:
-                    w0, w1 = _short_words(w0, w1, w0 & _LOW)
-                j = _find_words(slots, shift, w0, w1)
-            if slots[j, 2] == _EMPTY:
-                if count >= limit or used + n > arena.shape[0]:
-                    return i, count, used
-                if n:   # a long string: the table keeps its own copy (a loop: a slice is an allocation)
-                    for b in range(n):
-                        arena[used + b] = data[start + b]
-                    w1 = np.uint64(used)
-                    used += n
-                slots[j, 0], slots[j, 1], slots[j, 2] = w0, w1, np.uint64(count + 1)
-                first[count - base] = i
-                count += 1
-            out[i] = np.int64(slots[j, 2]) - 1
+        hashes = np.empty(_BLOCK, np.uint64)
+        for a in range(row, stop, _BLOCK):   # a block's hashes first, their home slots fetched ahead
+            b = min(stop, a + _BLOCK)
+            for i in range(a, b):
+                if out[i] != -1:
+                    continue
+                w0, w1 = keys[i, 0], (keys[i, 1] if strings else second[i])
+                if strings and (w0 & _LOW) > _SHORT:
+                    h = _bytes_hash(data, _long_start(w1, starts), np.int64(w0 & _LOW))
+                else:
+                    if strings:
+                        w0, w1 = _short_words(w0, w1, w0 & _LOW)
+                    h = _mix(w0, w1)
+                hashes[i - a] = h
+                _prefetch(slots, 3 * np.int64(h >> shift))
+            for i in range(a, b):
+                if out[i] != -1:
+                    continue
+                w0, w1 = keys[i, 0], (keys[i, 1] if strings else second[i])
+                h = hashes[i - a]
+                n, start = np.int64(0), np.int64(0)
+                if strings and (w0 & _LOW) > _SHORT:
+                    n, start = np.int64(w0 & _LOW), _long_start(w1, starts)
+                    j = _find_long_call(slots, arena, shift, h, data, start, n)
+                    w0 = _long_tag(h, n)
+                else:
+                    if strings:
+                        w0, w1 = _short_words(w0, w1, w0 & _LOW)
+                    j = _find_words(slots, np.int64(h >> shift), w0, w1)
+                if slots[j, 2] == _EMPTY:
+                    if count >= limit or used + n > arena.shape[0]:
+                        return i, count, used
+                    if n:   # a long string: the table keeps its own copy (a loop: a slice is an allocation)
+                        for c in range(n):
+                            arena[used + c] = data[start + c]
+                        w1 = np.uint64(used)
+                        used += n
+                    slots[j, 0], slots[j, 1], slots[j, 2] = w0, w1, np.uint64(count + 1)
+                    first[count - base] = i
+                    count += 1
+                out[i] = np.int64(slots[j, 2]) - 1
         return -1, count, used
 
     if numba is not None:
@@ -211,16 +242,44 @@ def _loops(strings: bool):
 
 def _long_lookup(slots, arena, shift, keys, second, data, starts, out):
     """``_loops``' lookup for the rows it left (out[i] = −2, strings longer than 12 bytes):
-    (misses, 0). ``second`` is unused (the lookups' arguments)."""
+    (misses, 0). ``second`` is unused (the lookups' arguments).
+
+    In blocks of ``_BLOCK`` rows, three steps, so that a block's cache misses overlap instead
+    of each row waiting for its own: hash each row and fetch its home slot ahead; probe to the
+    first slot of its tag (or an empty one) and fetch that key's bytes in the arena ahead;
+    then compare bytes (a tag shared by another key, rare, falls back to the whole search)."""
     misses = 0
-    for i in range(keys.shape[0]):
-        if out[i] != _LONG:
-            continue
-        n, start = np.int64(keys[i, 0] & _LOW), _long_start(keys[i, 1], starts)
-        j = _find_long(slots, arena, shift, _bytes_hash(data, start, n), data, start, n)
-        out[i] = np.int64(slots[j, 2]) - 1
-        if slots[j, 2] == _EMPTY:
-            misses += 1
+    mask = slots.shape[0] - 1
+    hashes = np.empty(_BLOCK, np.uint64)
+    found = np.empty(_BLOCK, np.int64)
+    for a in range(0, keys.shape[0], _BLOCK):
+        b = min(keys.shape[0], a + _BLOCK)
+        for i in range(a, b):
+            if out[i] == _LONG:
+                n, start = np.int64(keys[i, 0] & _LOW), _long_start(keys[i, 1], starts)
+                h = _bytes_hash(data, start, n)
+                hashes[i - a] = h
+                _prefetch(slots, 3 * np.int64(h >> shift))
+        for i in range(a, b):
+            if out[i] == _LONG:
+                h = hashes[i - a]
+                tag = _long_tag(h, keys[i, 0] & _LOW)
+                j = np.int64(h >> shift)
+                while slots[j, 2] != _EMPTY and slots[j, 0] != tag:
+                    j = (j + 1) & mask
+                found[i - a] = j
+                if slots[j, 2] != _EMPTY:
+                    _prefetch(arena, np.int64(slots[j, 1]))
+                    _prefetch(arena, np.int64(slots[j, 1] + (keys[i, 0] & _LOW)) - 1)
+        for i in range(a, b):
+            if out[i] == _LONG:
+                n, start = np.int64(keys[i, 0] & _LOW), _long_start(keys[i, 1], starts)
+                j = found[i - a]
+                if slots[j, 2] != _EMPTY and not _same_bytes(arena, np.int64(slots[j, 1]), data, start, n):
+                    j = _find_long(slots, arena, shift, hashes[i - a], data, start, n)
+                out[i] = np.int64(slots[j, 2]) - 1
+                if slots[j, 2] == _EMPTY:
+                    misses += 1
     return misses, 0
 
 
@@ -240,6 +299,29 @@ def _rehash_loop(slots, arena, shift, strings, new):
         while new[j, 2] != _EMPTY:
             j = (j + 1) & mask
         new[j, 0], new[j, 1], new[j, 2] = w0, w1, slots[s, 2]
+
+
+if numba is not None:
+    from llvmlite import ir as _ir
+    from numba.core import cgutils as _cgutils
+    from numba.extending import intrinsic as _intrinsic
+
+    @_intrinsic
+    def _prefetch(typingctx, array, index):   # noqa: F811 - the compiled form of the stub above
+        if not isinstance(array, numba.types.Array) or not isinstance(index, numba.types.Integer):
+            return None
+
+        def codegen(context, builder, signature, args):
+            data = context.make_array(signature.args[0])(context, builder, args[0]).data
+            byte = _ir.IntType(8).as_pointer()
+            i32 = _ir.IntType(32)
+            fn = _cgutils.get_or_insert_function(builder.module, _ir.FunctionType(_ir.VoidType(), [byte, i32, i32, i32]),
+                                                "llvm.prefetch.p0")
+            # read (0), keep in all cache levels (3), data (1)
+            builder.call(fn, [builder.bitcast(builder.gep(data, [args[1]]), byte), i32(0), i32(3), i32(1)])
+            return context.get_dummy_value()
+
+        return numba.types.void(array, index), codegen
 
 
 if numba is not None:
