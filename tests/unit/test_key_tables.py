@@ -52,6 +52,7 @@ def test_string_codes_match_a_dict_across_batches(bits):
         assert codes.tolist() == want
         assert first.tolist() == want_first
     assert table.count == len(seen) == (table.slots[:, 2] > 0).sum()
+    assert table.slots.shape[0] >= hashed._FAR_SLOTS   # the last batches took the blocked lookups
 
 
 def test_short_strings_ignore_what_lies_past_them_in_the_view():
@@ -73,10 +74,11 @@ def test_pair_codes_match_a_dict():
     table, seen = hashed.CodeTable(2), {}
     for rows in (100_000, 5, 20_000):
         a = rng.integers(-3, 3, rows) * 2**62 + rng.integers(0, 40, rows)
-        b = rng.integers(0, 50, rows).astype(np.int64)
+        b = rng.integers(0, 500, rows).astype(np.int64)
         codes, first = table.pairs(a, b)
         want, want_first = _reference(list(zip(a.tolist(), b.tolist())), seen)
         assert codes.tolist() == want and first.tolist() == want_first
+    assert table.slots.shape[0] >= hashed._FAR_SLOTS   # the last batch took the blocked lookup
 
 
 def test_a_table_holds_one_kind_of_key():
