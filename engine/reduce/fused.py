@@ -35,16 +35,29 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 _HELPER: dict[int, ThreadPoolExecutor] = {}
+_HELPER_LOCK = threading.Lock()
 
 
 def _helper() -> ThreadPoolExecutor:
-    """One helper thread for ``segment_ids``' second half (the caller does the first), per
-    process: a forked child inherits the executor but not its thread."""
+    """One helper thread for the second half of the loops run in two (the caller does the
+    first), per process: a forked child inherits the executor but not its thread. Callers on
+    several threads (a threaded Dask worker) share it, their halves queued in turn; the lock
+    keeps two first calls from starting two."""
     pid = os.getpid()
-    if pid not in _HELPER:
-        _HELPER.clear()
-        _HELPER[pid] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="causal-engine-segments")
-    return _HELPER[pid]
+    with _HELPER_LOCK:
+        if pid not in _HELPER:
+            _HELPER.clear()
+            _HELPER[pid] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="causal-engine-segments")
+        return _HELPER[pid]
+
+
+def _fresh_lock_in_child() -> None:   # a fork while another thread held the lock would keep it held
+    global _HELPER_LOCK
+    _HELPER_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_fresh_lock_in_child)
 
 try:
     import numba

@@ -796,6 +796,23 @@ def test_string_keys_are_coded_like_first_seen_integers(batch_rows, width):
     assert_frame_equal(got, grouped, check_exact=False, rel_tol=1e-9)
 
 
+
+def test_reduces_on_several_threads_at_once_give_each_its_own_cells():
+    """Callers on several threads (a threaded Dask worker) share the one helper thread of the
+    two-half loops and keep their own buffers and key tables: each gets the cells it gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from engine.reduce.polars import reduce_polars
+
+    frames = [_string_rows(150_000, 3000, seed=s, width=w) for s, w in ((1, 6), (2, 30), (3, 6), (4, 30))]
+    frames[2] = frames[2].with_columns(pl.col("name").str.len_bytes().cast(pl.Int64) * 1000 + pl.col("arm"))
+    alone = [reduce_polars(f.lazy(), ["name"], "y", ["x"], batch_rows=1 << 17).table for f in frames]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda f: reduce_polars(f.lazy(), ["name"], "y", ["x"], batch_rows=1 << 17).table,
+                                 frames * 2))
+    for got, want in zip(together, alone * 2):
+        assert_frame_equal(got, want)
+
 def test_string_keys_with_nulls_take_the_group_by():
     """Null keys (rows that skipped validation) are not coded: the group-by's cells, a null
     key's arms apart."""
