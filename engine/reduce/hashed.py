@@ -47,8 +47,8 @@ PART_ROWS = 1 << 18             # rows looked up (two threads) before their miss
                                 # to the batch is then looked up serially only in its first part, not
                                 # in every later row (UUIDs at 10⁶ keys: the serial loop took 0.8 s a batch)
 _LOW = np.uint64(0xFFFFFFFF)
-_BLOCK = 32                     # rows a blocked lookup hashes before it probes (``_long_lookup``)
-_FAR_SLOTS = 1 << 16            # from this many slots (1.5 MB, past a core's L2) lookups go in blocks: below,
+_BLOCK = 32                     # rows the blocked loops hash (prefetching) before they probe
+FAR_SLOTS = 1 << 16             # from this many slots (1.5 MB, past a core's L2) lookups go in blocks: below,
                                 # the probes hit the cache and blocks cost more than they save (100 keys: 45 → 59 ms)
 _SHORT = np.uint64(12)          # the longest string a view holds whole
 _P1 = np.uint64(0x9E3779B97F4A7C15)
@@ -155,7 +155,8 @@ def _loops(strings: bool):
     ``keys`` is (rows, 2) uint64 string views, or (rows, 1) the pairs' first words and
     ``second`` (rows,) their second words (unused for strings). Lookup: out[i] = the code of row
     i's key, or −1 where the table lacks it, or −2 for a long string (below); it returns
-    (misses, long strings left). Insert: over rows [row, stop), give each row with out[i] = −1
+    (misses, long strings left), row by row, or where ``blocked`` as ``_long_lookup``. Insert
+    (always in blocks: its rows are misses): over rows [row, stop), give each row with out[i] = −1
     its key's code, a new one (the next, ``count``) where the table lacks the key, recording
     the row in first[code − base] and a long string's bytes in the arena; it stops before the
     table would pass ``limit`` codes or the arena its size, and returns (the row to resume at,
@@ -166,9 +167,9 @@ def _loops(strings: bool):
     long strings (out[i] = −2) to ``_long_lookup``: their code inlined in the same loop made
     short ones 2.7× slower."""
 
-    def lookup(slots, arena, shift, keys, second, data, starts, out):
+    def lookup(slots, arena, shift, keys, second, data, starts, out, blocked):
         misses, longs = 0, 0
-        if slots.shape[0] < _FAR_SLOTS:   # the table is in cache: row by row
+        if not blocked:   # the table is in cache: row by row
             for i in range(keys.shape[0]):
                 w0, w1 = keys[i, 0], (keys[i, 1] if strings else second[i])
                 if strings and (w0 & _LOW) > _SHORT:   # left to ``_long_lookup``
@@ -256,17 +257,17 @@ def _loops(strings: bool):
     return lookup, insert
 
 
-def _long_lookup(slots, arena, shift, keys, second, data, starts, out):
+def _long_lookup(slots, arena, shift, keys, second, data, starts, out, blocked):
     """``_loops``' lookup for the rows it left (out[i] = −2, strings longer than 12 bytes):
     (misses, 0). ``second`` is unused (the lookups' arguments).
 
-    From ``_FAR_SLOTS`` slots, in blocks of ``_BLOCK`` rows, three steps, so that a block's
-    cache misses overlap instead of each row waiting for its own: hash each row and fetch its
-    home slot ahead; probe to the first slot of its tag (or an empty one) and fetch that key's
-    bytes in the arena ahead; then compare bytes (a tag shared by another key, rare, falls back
-    to the whole search)."""
+    ``blocked`` (the caller's choice, from ``FAR_SLOTS`` slots; else row by row): in blocks of
+    ``_BLOCK`` rows, three steps, so that a block's cache misses overlap instead of each row
+    waiting for its own: hash each row and fetch its home slot ahead; probe to the first slot
+    of its tag (or an empty one) and fetch that key's bytes in the arena ahead; then compare
+    bytes (a tag shared by another key, rare, falls back to the whole search)."""
     misses = 0
-    if slots.shape[0] < _FAR_SLOTS:   # the table is in cache: row by row
+    if not blocked:   # the table is in cache: row by row
         for i in range(keys.shape[0]):
             if out[i] == _LONG:
                 n, start = np.int64(keys[i, 0] & _LOW), _long_start(keys[i, 1], starts)
@@ -338,7 +339,8 @@ if numba is not None:
 
     @_intrinsic
     def _prefetch(typingctx, array, index):   # noqa: F811 - the compiled form of the stub above
-        if not isinstance(array, numba.types.Array) or not isinstance(index, numba.types.Integer):
+        if not (isinstance(array, numba.types.Array) and array.layout == "C"
+                and isinstance(index, numba.types.Integer)):
             return None
 
         def codegen(context, builder, signature, args):
@@ -378,8 +380,11 @@ def _in_halves(loop, args, rows):
 
     half = count // 2
     done = _helper().submit(loop, *(a[:half] if i in rows else a for i, a in enumerate(args)))
-    mine = loop(*(a[half:] if i in rows else a for i, a in enumerate(args)))
-    return mine, done.result()   # always waited for: the helper is then free for the next call
+    try:
+        mine = loop(*(a[half:] if i in rows else a for i, a in enumerate(args)))
+    finally:   # waited for even when this half raises (an interrupt): the helper may be reading
+        theirs = done.result()   # memory the caller's frame keeps alive, and is then free again
+    return mine, theirs
 
 
 def _spanning(buffers) -> tuple[np.ndarray, np.ndarray]:
@@ -391,22 +396,26 @@ def _spanning(buffers) -> tuple[np.ndarray, np.ndarray]:
     (~150 MB at 2²² UUID keys): 25 ms a batch, and 0.1 s of page faults in a fresh table."""
     import ctypes
 
-    if not buffers:
-        return np.empty(0, np.uint8), np.zeros(1, np.int64)
-    low = min(buffer.address for buffer in buffers)
-    high = max(buffer.address + buffer.size for buffer in buffers)
-    data = np.ctypeslib.as_array((ctypes.c_uint8 * max(high - low, 1)).from_address(low))
-    return data, np.array([buffer.address - low for buffer in buffers], np.int64)
+    held = [buffer for buffer in buffers if buffer is not None and buffer.size]   # an empty one's address
+    if not held:                                                                  # may be anything
+        return np.empty(0, np.uint8), np.zeros(max(len(buffers), 1), np.int64)
+    low = min(buffer.address for buffer in held)
+    high = max(buffer.address + buffer.size for buffer in held)
+    span = (ctypes.c_uint8 * (high - low)).from_address(low)
+    span.buffers = buffers   # the array's base (``frombuffer``) keeps the buffers alive
+    starts = [buffer.address - low if buffer is not None and buffer.size else 0 for buffer in buffers]
+    return np.frombuffer(span, np.uint8), np.array(starts, np.int64)
 
 
 class CodeTable:
     """Codes 0, 1, 2, … for keys in the order they first appear, across calls: one table for
     string keys (``strings``) or for pairs of 64-bit words (``pairs``), not both."""
 
-    def __init__(self, bits: int = 10):
+    def __init__(self, bits: int = 10, *, far_slots: int = FAR_SLOTS):
         if not 1 <= bits <= 32:
             raise ValueError(f"CodeTable(bits={bits}): expected 1 to 32 (2 to 2³² slots to start with)")
         self.bits = bits
+        self.far_slots = far_slots   # from this many slots the lookups go in blocks (tests: 1, to cover them)
         # (slots, 3) uint64, a slot's words side by side (one cache line a probe, not three:
         # 20% faster at 10⁶ keys): the key's first word (a short string: length | bytes 0–3;
         # a long one: ``_long_tag``), its second (a long string: where the table's copy
@@ -424,6 +433,9 @@ class CodeTable:
         import polars as pl
 
         array = column.to_arrow(compat_level=pl.CompatLevel.newest())   # string views, zero copy
+        if str(array.type) not in ("string_view", "binary_view"):   # read as views, anything else is garbage
+            raise TypeError(f"CodeTable.strings: Polars gave Arrow {array.type}, expected string_view "
+                            "(Polars ≥ 1.0 at CompatLevel.newest())")
         views = np.frombuffer(array.buffers()[1], np.uint64).reshape(-1, 2)[array.offset: array.offset + len(array)]
         data, starts = _spanning(array.buffers()[2:])   # the long strings' bytes, where Arrow keeps them
         if data.size and self.arena.size == 0:
@@ -488,14 +500,14 @@ class CodeTable:
     def _halves(self, loop, keys, second, data, starts, out):
         """``loop`` over all rows (two threads from 2¹⁶ rows) → (misses, long strings left)."""
         results = _in_halves(loop, (self.slots, self.arena, np.uint64(64 - self.bits), keys, second, data, starts,
-                                    out), rows=(3, 4, 7))
+                                    out, self.slots.shape[0] >= self.far_slots), rows=(3, 4, 7))
         return sum(r[0] for r in results), sum(r[1] for r in results)
 
     def _grow(self) -> None:
-        self.bits += 1
-        new = np.zeros((1 << self.bits, 3), np.uint64)
-        _rehash_loop(self.slots, self.arena, np.uint64(64 - self.bits), self.holds_strings, new)
-        self.slots = new
+        """Double the slots. ``bits`` changes last: the loops index the slots by it, unchecked."""
+        new = np.zeros((2 * self.slots.shape[0], 3), np.uint64)
+        _rehash_loop(self.slots, self.arena, np.uint64(64 - self.bits - 1), self.holds_strings, new)
+        self.slots, self.bits = new, self.bits + 1
 
 
 def _parent_loop(parent, prefix, codes):

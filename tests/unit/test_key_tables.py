@@ -52,7 +52,7 @@ def test_string_codes_match_a_dict_across_batches(bits):
         assert codes.tolist() == want
         assert first.tolist() == want_first
     assert table.count == len(seen) == (table.slots[:, 2] > 0).sum()
-    assert table.slots.shape[0] >= hashed._FAR_SLOTS   # the last batches took the blocked lookups
+    assert table.slots.shape[0] >= hashed.FAR_SLOTS   # the last batches took the blocked lookups
 
 
 def test_short_strings_ignore_what_lies_past_them_in_the_view():
@@ -78,7 +78,7 @@ def test_pair_codes_match_a_dict():
         codes, first = table.pairs(a, b)
         want, want_first = _reference(list(zip(a.tolist(), b.tolist())), seen)
         assert codes.tolist() == want and first.tolist() == want_first
-    assert table.slots.shape[0] >= hashed._FAR_SLOTS   # the last batch took the blocked lookup
+    assert table.slots.shape[0] >= hashed.FAR_SLOTS   # the last batch took the blocked lookup
 
 
 def test_a_table_holds_one_kind_of_key():
@@ -100,21 +100,26 @@ def test_the_module_examples_run():
     assert doctest.testmod(hashed).failed == 0
 
 
-def test_long_strings_sharing_a_hash_tag_are_told_apart_by_their_bytes():
+@pytest.mark.parametrize("far_slots", [hashed.FAR_SLOTS, 1])   # row by row; in blocks
+def test_long_strings_sharing_a_hash_tag_are_told_apart_by_their_bytes(far_slots):
     """Two 16-byte keys whose hashes share the low 32 bits (the tag beside the length) and the
     top 2 (the home slot in a 4-slot table), found by searching 2¹⁹ such strings: only the
     byte comparison keeps them apart."""
     a, b = "collide-00225374", "collide-00404338"
     ha, hb = (int(hashed._bytes_hash(np.frombuffer(x.encode(), np.uint8), 0, 16)) for x in (a, b))
     assert ha & 0xFFFFFFFF == hb & 0xFFFFFFFF and ha >> 62 == hb >> 62, "the pair no longer collides"
-    codes, first = hashed.CodeTable(2).strings(pl.Series([a, b, a, b, a]))
+    table = hashed.CodeTable(2, far_slots=far_slots)
+    codes, first = table.strings(pl.Series([a, b, a, b, a]))
     assert codes.tolist() == [0, 1, 0, 1, 0] and first.tolist() == [0, 1]
+    codes, first = table.strings(pl.Series([b, "c" * 16, a, b]))   # lookups: b probes past a's tag
+    assert codes.tolist() == [1, 2, 0, 1] and first.tolist() == [1]
 
 
-def test_long_strings_are_read_only_within_their_buffer():
+@pytest.mark.parametrize("far_slots", [hashed.FAR_SLOTS, 1])   # row by row; in blocks
+def test_long_strings_are_read_only_within_their_buffer(far_slots):
     """The loops read a long string where Arrow keeps it, across buffers spanned by one array
     (``hashed._spanning``), so they must never read past a string: here each buffer ends at a
-    page that cannot be read, and each string (13 to 23 bytes, a tail that is not a whole word)
+    page that cannot be read, and each string (13 to 64 bytes: every tail, whole words too)
     ends its buffer. A read past it would crash the process."""
     import ctypes
     import mmap
@@ -127,19 +132,35 @@ def test_long_strings_are_read_only_within_their_buffer():
     for guard in (1, 3):
         assert libc.mprotect(ctypes.c_void_p(base + guard * page), page, 0) == 0, ctypes.get_errno()
     try:
-        texts = [b"abcdefghijklm", b"a string of 23 bytes.."]
-        views = []
-        for index, text in enumerate(texts):   # buffer `index` is page 2·index; the string ends it
-            offset = page - len(text)
-            ctypes.memmove(base + 2 * index * page + offset, text, len(text))
-            views.append([len(text) | int.from_bytes(text[:4], "little") << 32, index | offset << 32])
         buffers = [pa.foreign_buffer(base + 2 * index * page, page) for index in range(2)]
         data, starts = hashed._spanning(buffers)
         assert data.size == 3 * page and starts.tolist() == [0, 2 * page]
-        keys = np.array(views * 3, np.uint64)
-        codes, first = hashed.CodeTable()._codes(keys, np.empty(0, np.uint64), data, starts, True)
-        assert codes.tolist() == [0, 1] * 3 and first.tolist() == [0, 1]
+        for length in range(13, 65):   # each length in turn: its two strings end the two buffers
+            texts = [bytes([97 + length % 26]) * length, bytes([65 + length % 26]) * (length - 1) + b"!"]
+            views = []
+            for index, text in enumerate(texts):   # buffer `index` is page 2·index
+                offset = page - len(text)
+                ctypes.memmove(base + 2 * index * page + offset, text, len(text))
+                views.append([len(text) | int.from_bytes(text[:4], "little") << 32, index | offset << 32])
+            keys = np.array(views * 3, np.uint64)
+            table = hashed.CodeTable(far_slots=far_slots)
+            codes, first = table._codes(keys, np.empty(0, np.uint64), data, starts, True)
+            assert codes.tolist() == [0, 1] * 3 and first.tolist() == [0, 1]
+            codes, first = table._codes(keys[::-1].copy(), np.empty(0, np.uint64), data, starts, True)
+            assert codes.tolist() == [1, 0] * 3 and first.tolist() == []   # lookups
     finally:
         for guard in (1, 3):
             libc.mprotect(ctypes.c_void_p(base + guard * page), page, mmap.PROT_READ | mmap.PROT_WRITE)
         memory.close()
+
+
+def test_the_span_leaves_out_empty_buffers():
+    """An empty buffer's address may be anything (a static placeholder): it must not stretch
+    the span, and no view can point into it."""
+    pa = pytest.importorskip("pyarrow")
+    text = pa.py_buffer(b"a string longer than twelve bytes")
+    data, starts = hashed._spanning([pa.py_buffer(b""), text, pa.py_buffer(b"")])
+    assert data.size == text.size and starts.tolist() == [0, 0, 0]
+    assert bytes(data) == text.to_pybytes()
+    data, starts = hashed._spanning([])
+    assert data.size == 0 and starts.tolist() == [0]
