@@ -100,7 +100,7 @@ def fit(data, outcome: str | None = None, treatment: str | None = None, groups=(
         family="gaussian", method="auto", interval=0.9, priors=None, treated_value=None, draws=1000,
         warmup=1000, chains=4, seed=0, drop_missing=False, backend="polars", estimate=None,
         stderr=None, noise_by_arm=False, correlated=False, design_share=0.5, trials=None,
-        exposure=None, covariate_bins=16, keep_draws=None) -> Result:
+        exposure=None, covariate_bins=16, keep_draws=None, scheduler=None) -> Result:
     """Fit a hierarchical treatment-effect model to rows.
 
     Parameters
@@ -124,7 +124,10 @@ def fit(data, outcome: str | None = None, treatment: str | None = None, groups=(
         error per (leaf) group — meta-analysis of many experiments (``outcome`` and ``treatment`` unset)
     keep_draws : how many joint posterior draws of every group to retain (``draws.npz``, transport,
         decisions), evenly thinned over chains × draws; default: as many as 256 MiB holds (every
-        draw when they fit). Means, sds and P(effect > 0) use every draw either way.
+        draw when they fit). Means, sds and P(effect > 0) use every draw either way. All of
+        them: ``draws * chains``.
+    scheduler : ``backend="dask"``: the scheduler's address (``tcp://host:8786``, as the CLI's
+        ``--scheduler``); None starts a local cluster for the call
 
     Example
     -------
@@ -138,7 +141,7 @@ def fit(data, outcome: str | None = None, treatment: str | None = None, groups=(
                      chains=chains, seed=seed, drop_missing=drop_missing, backend=backend,
                      estimate=estimate, stderr=stderr, noise_by_arm=noise_by_arm, correlated=correlated,
                      design_share=design_share, trials=trials, exposure=exposure,
-                     covariate_bins=covariate_bins, keep_draws=keep_draws)
+                     covariate_bins=covariate_bins, keep_draws=keep_draws, scheduler=scheduler)
     return fit_spec(data, spec)
 
 

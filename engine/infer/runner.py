@@ -130,7 +130,10 @@ def hyper_device(small: bool):
 
     choice = os.environ.get("CAUSAL_ENGINE_HYPER_DEVICE", "auto")
     if choice not in ("auto", "cpu", "default"):
-        raise ValueError(f"CAUSAL_ENGINE_HYPER_DEVICE={choice!r}: expected auto, cpu or default")
+        from engine.errors import SpecError
+
+        raise SpecError(f"CAUSAL_ENGINE_HYPER_DEVICE={choice!r}: expected auto, cpu or default; "
+                        "unset it for auto")
     if choice == "default" or jax.default_backend() == "cpu" or (choice == "auto" and not small):
         return None
     try:

@@ -383,6 +383,17 @@ def test_unreachable_scheduler_is_a_spec_error(monkeypatch):
         reduce(checked, spec)
 
 
+def test_the_api_passes_a_scheduler_to_the_dask_backend(monkeypatch):
+    """``engine.fit(..., backend="dask", scheduler=ADDRESS)`` as the CLI's ``--scheduler``."""
+    import engine
+    from engine.reduce import dask as dask_backend
+
+    monkeypatch.setattr(dask_backend, "CONNECT_TIMEOUT_S", 1)
+    with pytest.raises(SpecError, match="cannot connect.*127.0.0.1:9"):
+        engine.fit(make_rows(rows=100, covariates=False), outcome="y", treatment="treated", groups=["region"],
+                   backend="dask", scheduler="tcp://127.0.0.1:9")
+
+
 def test_cli_reduce_writes_the_same_cells_from_every_backend(cluster, tmp_path):
     path = tmp_path / "rows.parquet"
     make_rows(seed=10, rows=1000).write_parquet(path)

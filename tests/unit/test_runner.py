@@ -18,7 +18,9 @@ def _model(y, scale):
 
 def test_hyper_device_rejects_an_unknown_choice(monkeypatch):
     monkeypatch.setenv("CAUSAL_ENGINE_HYPER_DEVICE", "tpu-please")
-    with pytest.raises(ValueError, match="CAUSAL_ENGINE_HYPER_DEVICE='tpu-please'.*auto, cpu or default"):
+    from engine.errors import SpecError   # an EngineError: the CLI's exit 2 with the message
+
+    with pytest.raises(SpecError, match="CAUSAL_ENGINE_HYPER_DEVICE='tpu-please'.*auto, cpu or default"):
         runner.hyper_device(small=True)
 
 
