@@ -168,7 +168,8 @@ def _loops(strings: bool):
 
     def lookup(slots, arena, shift, keys, second, data, starts, out, blocked):
         misses, longs = 0, 0
-        if not blocked:   # the table is in cache: row by row
+        if not blocked:   # the table is in cache: row by row. The blocked loop's second step with
+            # its hash inline, kept apart: one loop with a flag cost 10% at 100 keys (A/B, best of 6)
             for i in range(keys.shape[0]):
                 w0, w1 = keys[i, 0], (keys[i, 1] if strings else second[i])
                 if strings and (w0 & _LOW) > _SHORT:   # left to ``_long_lookup``

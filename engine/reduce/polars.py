@@ -26,8 +26,8 @@ A, whatever the data's rows (a test holds a 2¹⁸-row-batch reduction of 680 MB
 of rows to a 200 MiB data-segment limit). The cells themselves grow with the
 keys: a dense run holds ``1 + 2(k+1) + (k+1)²`` float64 a segment (two per
 key), up to ``DENSE_MAX_KEYS`` keys, and briefly twice that while it widens. Key codes
-hold each distinct key once (a 24-byte slot, at most half full, and a long string's bytes)
-and a batch's long-string bytes joined.
+hold each distinct key once (a 24-byte slot, at most half full, and a long string's bytes);
+a batch's strings are read where Polars keeps them, not copied.
 """
 from __future__ import annotations
 
