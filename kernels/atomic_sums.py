@@ -26,10 +26,11 @@ under 32 MiB, inside the card's L2 cache, where the atomics resolve.
 Precision
 ---------
 Each partial is a float32 sum in whatever order the atomics land (not deterministic run to
-run), of ``d = y − shift``. Rows that were float64 get a global shift subtracted in float64
-before they become float32 (``segments`` module docstring); rows that already are float32 get a
-float32 ``shift`` near them, subtracted in the kernel, exactly where a row lies within a factor
-of two of it (Sterbenz), so no extra pass over the rows (``engine.reduce.jax.reduce_device``).
+run), of ``d = y − shift``, the shift subtracted in the kernel in the rows' own precision: float32
+rows get a float32 ``shift`` near them, exact where a row lies within a factor of two of it
+(Sterbenz); float64 rows a float64 shift, each ``d`` then rounded to float32 once. Either way
+the rows are read once, with no pass to centre or convert them first
+(``engine.reduce.jax.reduce_device``).
 The relative error of a partial Σd² grows like √m·2⁻²⁴ for m rows in it (typically;
 m·2⁻²⁴ at worst). ``M2 = Σd² − (Σd)²/n`` then amplifies it by ``segments.reduce_sums``'
 cancellation factor, which the caller checks (``reduce_sums(..., scatter="atomic")``). A partial count that reached 2²⁴ may have lost
@@ -139,12 +140,12 @@ def _kernel(y_ref, id_ref, mask_ref, shift_ref, table_ref, out_ref, *, rows, blo
     # kept rows with an id out of range into the slot after those, which counts them.
     slot = jnp.where(keep & inside, jnp.where(outside, num_segments + SPILL, ids), num_segments + local % SPILL)
     base = (program % replicas) * (num_segments + SPILL + 1)
-    d = y - shift_ref[0]
+    d = (y - shift_ref[0]).astype(jnp.float32)   # float64 rows: subtracted in float64, then rounded
     column = jnp.arange(SLOT, dtype=jnp.int32)[None, :]
     flat = (base + slot)[:, None] * SLOT + column
-    values = jnp.where(column == 0, jnp.ones((), y.dtype),
+    values = jnp.where(column == 0, jnp.ones((), d.dtype),
                        jnp.where(column == 1, d[:, None],
-                                 jnp.where(column == 2, (d * d)[:, None], jnp.zeros((), y.dtype))))
+                                 jnp.where(column == 2, (d * d)[:, None], jnp.zeros((), d.dtype))))
     if relaxed:
         _RELAXED_ADD(out_ref, flat, values)
     else:
@@ -157,9 +158,11 @@ def segment_sums(y, segment_ids, mask, num_segments: int, shift, *, block_rows: 
     """Per segment ``(n, Σd, Σd²)`` of ``d = y − shift`` over the masked rows, the row counts,
     the most rows any one float32 partial of the segment added, and how many rows were dropped.
 
-    ``y`` (rows,) float32, ``segment_ids`` (rows,) int32 (rows the mask keeps whose id is out
-    of range are dropped and counted), ``mask`` (rows,) bool, ``shift`` a scalar, subtracted in
-    float32 (exact where a row is within a factor of two of it). ``relaxed``: relaxed atomics
+    ``y`` (rows,) float32 or float64, ``segment_ids`` (rows,) int32 (rows the mask keeps whose id
+    is out of range are dropped and counted), ``mask`` (rows,) bool, ``shift`` a scalar,
+    subtracted in ``y``'s precision (for float32 rows exact where a row is within a factor of two
+    of it; float64 rows are read as they are, no float32 copy first, and each ``d`` is rounded
+    to float32 once). ``relaxed``: relaxed atomics
     (default: where available). Returns ``(sums, count, largest, dropped)``: ``sums``
     (num_segments, 3) in float64 with x64 (else float32), the replicas' float32 partials added;
     ``count`` (num_segments,) int64 with x64 (else int32), the partial counts added as integers;
@@ -170,8 +173,8 @@ def segment_sums(y, segment_ids, mask, num_segments: int, shift, *, block_rows: 
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plt
 
-    if y.dtype != jnp.float32:
-        raise TypeError(f"atomic_sums.segment_sums adds float32 rows, got {y.dtype}")
+    if y.dtype not in (jnp.float32, jnp.float64):
+        raise TypeError(f"atomic_sums.segment_sums reads float32 or float64 rows, got {y.dtype}")
     if block_rows & (block_rows - 1):
         raise ValueError(f"block_rows must be a power of two, got {block_rows}")
     rows = y.shape[0]
@@ -188,7 +191,7 @@ def segment_sums(y, segment_ids, mask, num_segments: int, shift, *, block_rows: 
         kernel, out_shape=jax.ShapeDtypeStruct(table.shape, table.dtype), grid=(programs,),
         input_output_aliases={4: 0}, interpret=interpret,
         compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=1))
-    shift = jnp.reshape(jnp.asarray(shift, jnp.float32), (1,))
+    shift = jnp.reshape(jnp.asarray(shift, y.dtype), (1,))
     out = call(y, segment_ids.astype(jnp.int32), mask.astype(jnp.bool_), shift, table)
     table = out.reshape(replicas, width, SLOT)
     partials = table[:, :num_segments, :3]

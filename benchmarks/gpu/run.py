@@ -83,12 +83,14 @@ FULL = {
     "device": {"budget": 60},
     "correctness": {"budget": 60, "rows": 3_000_000, "block_rows": 1 << 20, "segments": [50, 20_000],
                     "tree_leaves": [100_000, 1_000_000]},
-    "bandwidth": {"budget": 30, "elements": 1 << 28, "repeats": 10, "h2d_elements": 1 << 26},
+    "bandwidth": {"budget": 45, "elements": 1 << 28, "repeats": 10, "h2d_elements": 1 << 26,
+                  "atomics_segments": [20_000, 200_000]},
     "reduce": {"budget": 110, "rows": [10**7, 10**8],
                "groups": {"10000000": [10**2, 10**4, 10**5, 10**6],
                           "100000000": [10**2, 10**4, 10**5, 10**7]},
                "paths": ["unsorted", "sums-fused", "atomic", "device", "atomic-b4096", "atomic-acqrel"],
-               "float64_groups": [], "probe_rows": 10**7, "probe_segments": 10**4},
+               "float64_groups": [], "float64_rows": [], "float64_paths": [],
+               "probe_rows": 10**7, "probe_segments": 10**4},
     "tree": {"budget": 60, "leaves": [10**5, 10**6, 10**7], "dtypes": ["float32", "float64"],
              "impls": ["current", "blocked"]},
     "fits": {"groups": [10**5, 10**6, 10**7], "methods": ["exact", "laplace"], "rows_per_group": 5,
@@ -332,6 +334,11 @@ def _apply_overrides(sizes: dict, opts) -> None:
         sizes["reduce"]["paths"] = [p for p in opts.reduce_paths.split(",") if p]
     if opts.reduce_budget:
         sizes["reduce"]["budget"] = opts.reduce_budget
+    for name in ("float64_rows", "float64_groups"):
+        if getattr(opts, name):
+            sizes["reduce"][name] = [int(float(v)) for v in getattr(opts, name).split(",") if v]
+    if opts.float64_paths:
+        sizes["reduce"]["float64_paths"] = [p for p in opts.float64_paths.split(",") if p]
     if opts.tree_leaves:
         sizes["tree"]["leaves"] = [int(float(g)) for g in opts.tree_leaves.split(",") if g]
     if opts.nuts_groups:
@@ -768,37 +775,60 @@ def section_correctness(config: dict, rec: Recorder) -> None:
             if jax.default_backend() != "gpu":
                 rec.data["float32-atomic"] = "not run: the atomic kernel (kernels/atomic_sums.py) needs an NVIDIA GPU"
                 continue
-            try:   # the Pallas atomic kernel: outcome only, float32 rows about the float64 global mean
-                centre_y = ys.mean()
-                y_in = np.concatenate([ys - centre_y, np.zeros(pad)]).astype(np.float32)
-                moments, cancellation = sums_fn(jnp.asarray(y_in), jnp.zeros((blocks * block, 0), jnp.float32),
-                                                jnp.asarray(ids_p), jnp.asarray(mask), padded,
-                                                jnp.zeros((1,), jnp.float32), scatter="atomic")
-                ref0 = {"count": ref["count"], "mean": ref["mean"], "x_mean": np.zeros((num_segments, 0)),
-                        "m2": ref["m2"], "xy_m2": np.zeros((num_segments, 0)),
-                        "xx_m2": np.zeros((num_segments, 0, 0))}
-                got = {"count": np.asarray(moments.count)[:num_segments],
-                       "mean": np.asarray(moments.mean[:num_segments], np.float64) + centre_y,
-                       "x_mean": np.zeros((num_segments, 0)), "m2": np.asarray(moments.m2[:num_segments], np.float64),
-                       "xy_m2": np.zeros((num_segments, 0)), "xx_m2": np.zeros((num_segments, 0, 0))}
-                errors = _moment_errors(got, ref0)
-                mean_tol, m2_tol = tolerances["float32-shifted"]
-                passed = (errors["count_mismatch"] == 0 and errors["mean_abs_err"] <= mean_tol
-                          and errors["m2_rel_err"] <= m2_tol)
-                worst = float(np.max(np.asarray(cancellation)[:num_segments]))
-                verdicts.setdefault("float32-atomic", []).append(passed)
-                rec.add({"check": "segments", "variant": "float32-atomic", "path": path, "rows": rows,
-                         "segments": num_segments, **errors, "max_cancellation": worst, "pass": bool(passed),
-                         "expected_pass": True, "status": "ok"})
-                rec.say(f"segments {'float32-atomic':<15} {path:<8} segments={num_segments:<6} "
-                        f"mean err {errors['mean_abs_err']:.2e} sd, M2 err {errors['m2_rel_err']:.2e} n·sd², "
-                        f"counts off {errors['count_mismatch']}, cancellation ≤ {worst:.3g}: "
-                        f"{'PASS' if passed else 'FAIL'}")
-            except Exception as error:
-                rec.add(_error_item(error, check="segments", variant="float32-atomic", path=path,
-                                    segments=num_segments))
-                rec.say(f"segments float32-atomic {path}: ERROR {error}")
+            for atomic_variant in ("float32-atomic", "float64-atomic"):
+                _atomic_correctness(atomic_variant, ys, ids_p, mask, pad, padded, num_segments, ref, path,
+                                    rows, sums_fn, tolerances, verdicts, rec)
     rec.data["segments_verdict"] = {v: bool(all(p)) for v, p in verdicts.items()}
+    _tree_correctness(sizes, config, rec)
+
+
+def _atomic_correctness(variant, ys, ids_p, mask, pad, padded, num_segments, ref, path, rows, sums_fn,
+                        tolerances, verdicts, rec) -> None:
+    """The Pallas atomic kernel against the float64 reference: outcome only. ``float32-atomic``:
+    float32 rows about the float64 global mean (shifted before the kernel); ``float64-atomic``:
+    the float64 rows as they are, the kernel subtracting a float64 shift (the sampled mean
+    ``reduce_device`` uses, here the global mean) and rounding each difference to float32."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    try:
+        centre_y = ys.mean()
+        if variant == "float32-atomic":
+            y_in = np.concatenate([ys - centre_y, np.zeros(pad)]).astype(np.float32)
+            shift, added = jnp.zeros((1,), jnp.float32), centre_y
+        else:
+            y_in = np.concatenate([ys, np.full(pad, centre_y)])
+            shift, added = jnp.full((1,), centre_y, jnp.float64), 0.0
+        moments, cancellation = sums_fn(jnp.asarray(y_in), jnp.zeros((y_in.size, 0), y_in.dtype),
+                                        jnp.asarray(ids_p), jnp.asarray(mask), padded, shift, scatter="atomic")
+        ref0 = {"count": ref["count"], "mean": ref["mean"], "x_mean": np.zeros((num_segments, 0)),
+                "m2": ref["m2"], "xy_m2": np.zeros((num_segments, 0)), "xx_m2": np.zeros((num_segments, 0, 0))}
+        got = {"count": np.asarray(moments.count)[:num_segments],
+               "mean": np.asarray(moments.mean[:num_segments], np.float64) + added,
+               "x_mean": np.zeros((num_segments, 0)), "m2": np.asarray(moments.m2[:num_segments], np.float64),
+               "xy_m2": np.zeros((num_segments, 0)), "xx_m2": np.zeros((num_segments, 0, 0))}
+        errors = _moment_errors(got, ref0)
+        mean_tol, m2_tol = tolerances["float32-shifted"]
+        passed = (errors["count_mismatch"] == 0 and errors["mean_abs_err"] <= mean_tol
+                  and errors["m2_rel_err"] <= m2_tol)
+        worst = float(np.max(np.asarray(cancellation)[:num_segments]))
+        verdicts.setdefault(variant, []).append(passed)
+        rec.add({"check": "segments", "variant": variant, "path": path, "rows": rows,
+                 "segments": num_segments, **errors, "max_cancellation": worst, "pass": bool(passed),
+                 "expected_pass": True, "status": "ok"})
+        rec.say(f"segments {variant:<15} {path:<8} segments={num_segments:<6} "
+                f"mean err {errors['mean_abs_err']:.2e} sd, M2 err {errors['m2_rel_err']:.2e} n·sd², "
+                f"counts off {errors['count_mismatch']}, cancellation ≤ {worst:.3g}: "
+                f"{'PASS' if passed else 'FAIL'}")
+    except Exception as error:
+        rec.add(_error_item(error, check="segments", variant=variant, path=path, segments=num_segments))
+        rec.say(f"segments {variant} {path}: ERROR {error}")
+
+
+def _tree_correctness(sizes, config, rec) -> None:
+    """The Gaussian-tree log marginal and gradient, float32 against float64."""
+    import jax
+    import numpy as np
 
     tree_verdicts = []
     for leaves in sizes["tree_leaves"]:
@@ -833,7 +863,9 @@ def section_correctness(config: dict, rec: Recorder) -> None:
     rec.data["tree_verdict"] = bool(tree_verdicts) and all(tree_verdicts)
     seg = rec.data["segments_verdict"]
     rec.data["headline"] = (f"segments f64 {_pf(seg.get('float64'))}, f32-shifted {_pf(seg.get('float32-shifted'))}, "
-                            f"f32-raw {_pf(seg.get('float32-raw'))} (fail expected); tree f32 {_pf(rec.data['tree_verdict'])}")
+                            f"f32-raw {_pf(seg.get('float32-raw'))} (fail expected), atomic f32 "
+                            f"{_pf(seg.get('float32-atomic'))}, atomic f64 rows {_pf(seg.get('float64-atomic'))}; "
+                            f"tree f32 {_pf(rec.data['tree_verdict'])}")
 
 
 def _pf(flag) -> str:
@@ -969,6 +1001,60 @@ def _rows_read_bandwidth(rows: int, repeats: int, *, interpret: bool = False) ->
     return out
 
 
+def _atomics_only_kernel(out_ref, *, block_rows, num_segments, width):
+    """One relaxed atomic add a row and nothing read: ``width`` floats (4: the reduction's 16-byte
+    slot; 1: a scalar) into slot ``hash(row) % num_segments``. What the atomics alone cost."""
+    import jax.numpy as jnp
+    from jax.experimental import pallas as pl
+
+    from kernels import atomic_sums
+
+    row = pl.program_id(0) * block_rows + jnp.arange(block_rows, dtype=jnp.int32)
+    mixed = (row.astype(jnp.uint32) * jnp.uint32(2654435761)) >> jnp.uint32(7)
+    slot = (mixed % jnp.uint32(num_segments)).astype(jnp.int32)
+    column = jnp.arange(width, dtype=jnp.int32)[None, :]
+    values = jnp.where(column == 0, 1.0, 0.5).astype(jnp.float32) * jnp.ones((block_rows, 1), jnp.float32)
+    atomic_sums._RELAXED_ADD(out_ref, slot[:, None] * width + column, values)
+
+
+def _atomics_only(rows: int, segment_counts, repeats: int, *, interpret: bool = False) -> dict:
+    """Atomics per second with nothing read, at each segment count: the ceiling a kernel of one
+    atomic a row can reach, whatever it reads. ``rows`` atomics a call; the table sits in L2."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plt
+
+    from kernels import atomic_sums
+
+    out = {"rows": rows}
+    if not atomic_sums.RELAXED:
+        out["error"] = "relaxed atomics unavailable"
+        return out
+    block_rows = 1024
+    for segments_ in segment_counts:
+        for width in (4, 1):
+            call = jax.jit(pl.pallas_call(
+                functools.partial(_atomics_only_kernel, block_rows=block_rows, num_segments=segments_,
+                                  width=width),
+                out_shape=jax.ShapeDtypeStruct((segments_ * width,), jnp.float32), grid=(rows // block_rows,),
+                interpret=interpret, compiler_params=plt.CompilerParams(num_warps=4, num_stages=1)))
+            counts = call()
+            total = float(jnp.sum(counts[::width]))
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                jax.block_until_ready(call())
+                times.append(time.perf_counter() - t0)
+            key = f"s{segments_}_w{width}"
+            out[key + "_ms"] = 1e3 * statistics.median(times)
+            out[key + "_per_s"] = rows // block_rows * block_rows / statistics.median(times)
+            out[key + "_counts_ok"] = abs(total - rows // block_rows * block_rows) < 1e-3 * rows
+    return out
+
+
 def section_bandwidth(config: dict, rec: Recorder) -> None:
     import jax
     import numpy as np
@@ -988,6 +1074,17 @@ def section_bandwidth(config: dict, rec: Recorder) -> None:
                 f"{rows_read['gbs']:.0f} GB/s (1024-row programs {rows_read['b1024_gbs']:.0f}, "
                 f"4096 {rows_read['b4096_gbs']:.0f}; totals check: {rows_read['b1024_checks']}, "
                 f"{rows_read['b4096_checks']})")
+    if jax.default_backend() == "gpu" and sizes.get("atomics_segments"):
+        try:
+            only = _atomics_only(int(sizes.get("read_rows", 10**8)), sizes["atomics_segments"],
+                                 int(sizes["repeats"]))
+            rec.data["atomics_only"] = only
+            rec.say("atomics alone, 1e8 a call (16-byte vector / 4-byte scalar), per second: " + ", ".join(
+                f"{g:.0e} segments {only.get(f's{g}_w4_per_s', 0) / 1e9:.1f}e9 / {only.get(f's{g}_w1_per_s', 0) / 1e9:.1f}e9"
+                for g in sizes["atomics_segments"]))
+        except Exception as error:
+            rec.data["atomics_only"] = {"error": f"{type(error).__name__}: {str(error)[-400:]}"}
+            rec.say(f"atomics alone: ERROR {error}")
     host = np.ones(int(sizes["h2d_elements"]), np.float32)
     times = []
     for _ in range(3):
@@ -1032,7 +1129,8 @@ def section_reduce(config: dict, rec: Recorder) -> None:
     rate: dict = {}   # (path, dtype) -> (rows/s, compile s) of the last run, for projections
     plan = [(int(r), int(g), dtype) for r in sizes["rows"] for g in sizes["groups"].get(str(int(r)), [])
             for dtype in ("float32",)]
-    plan += [(int(sizes["rows"][0]), int(g), "float64") for g in sizes["float64_groups"]]
+    plan += [(int(r), int(g), "float64") for r in sizes.get("float64_rows") or sizes["rows"][:1]
+             for g in sizes["float64_groups"]]
     for rows, groups, dtype in plan:
         num_segments = 2 * groups
         padded = segments.bucket(num_segments, MIN_SEGMENTS)
@@ -1046,7 +1144,10 @@ def section_reduce(config: dict, rec: Recorder) -> None:
             continue
         data = None
         blocks_result = None
-        for path in sizes.get("paths", ("unsorted", "sorted")):
+        paths = sizes.get("paths", ("unsorted", "sorted"))
+        if dtype == "float64":
+            paths = sizes.get("float64_paths") or paths
+        for path in paths:
             item = {"rows": rows, "groups": groups, "segments": num_segments, "padded_segments": padded,
                     "block_rows": block, "blocks": blocks, "path": path, "dtype": dtype}
             known = rate.get((path, dtype))
@@ -1063,20 +1164,25 @@ def section_reduce(config: dict, rec: Recorder) -> None:
                 rec.begin(f"reduce {rows:.0e} rows {groups:.0e} groups {path} {dtype}")
                 ids = data["sorted_ids"] if path == "sorted" else data["ids"]
                 t0 = time.perf_counter()
-                if path.startswith("atomic") and (cpu or dtype != "float32"):
+                if path.startswith("atomic") and cpu:
                     # Not a measurement that failed: the kernel does not apply here.
                     rec.data.setdefault("not_applicable", {})[f"{path} {dtype}"] = (
-                        "the atomic kernel needs an NVIDIA GPU and float32 rows")
+                        "the atomic kernel needs an NVIDIA GPU")
                     continue
-                if path == "device":   # the engine's entry point for device arrays, end to end
+                if path.startswith("device"):   # the engine's entry point for device arrays, end to end
                     from engine.reduce.jax import reduce_device
 
                     args = (data["y"], jax.numpy.where(data["mask"], ids, 0), data["mask"])
                     info = {}
+                    # "device-f32copy": float64 rows centred and copied to float32 first, as
+                    # reduce_device did before it read float64 rows itself (session 14).
+                    copy32 = jax.jit(lambda y_, mask_: (y_ - jax.numpy.sum(jax.numpy.where(mask_, y_, 0))
+                                                        / jax.numpy.maximum(jax.numpy.sum(mask_), 1)
+                                                        ).astype(jax.numpy.float32))
 
-                    def call(y_, ids_, mask_, info=info):
-                        moments, extra = reduce_device(y_, None, ids_, num_segments, mask=mask_,
-                                                       precision="float32")
+                    def call(y_, ids_, mask_, info=info, copy=path == "device-f32copy"):
+                        moments, extra = reduce_device(copy32(y_, mask_) if copy else y_, None, ids_,
+                                                       num_segments, mask=mask_, precision="float32")
                         info.update(extra)
                         return moments
                     compile_s = 0.0   # compiled by its first (timed, warm-up) call: see warm_s
@@ -1092,11 +1198,11 @@ def section_reduce(config: dict, rec: Recorder) -> None:
                     args = (data["y"], data["x"], ids, data["mask"], padded, block)
                     compiled = reduce_fn.lower(*args, indices_are_sorted=path == "sorted").compile()
                     call = (lambda c: lambda *a: c(*a[:4]))(compiled)
-                if path != "device":
+                if not path.startswith("device"):
                     compile_s = time.perf_counter() - t0
                 timing = _timed_calls(call, args, min_calls=3, min_seconds=0.5)
                 result = call(*args)
-                if path == "device":
+                if path.startswith("device"):
                     item.update(device_method=info.get("method"), refined=info.get("refined"),
                                 warm_s=timing["warm_s"])
                     count, mean, m2 = (jax.numpy.asarray(result[i][:padded]) for i in range(3))
@@ -1651,6 +1757,12 @@ def main(argv=None) -> int:
                         help="comma-separated reduce paths: unsorted, sorted, sums-fused, sums-columns, atomic and "
                              "its variants (ATOMIC_VARIANTS)")
     parser.add_argument("--reduce-budget", type=float, default=None, help="seconds for the reduce section")
+    parser.add_argument("--float64-rows", default="",
+                        help="comma-separated row counts for float64 rows in the reduce section (default: its first)")
+    parser.add_argument("--float64-groups", default="", help="comma-separated group counts for float64 rows")
+    parser.add_argument("--float64-paths", default="",
+                        help="paths for float64 rows (default --reduce-paths); device-f32copy: the rows centred "
+                             "and copied to float32 before reduce_device, its route before session 14")
     parser.add_argument("--tree-leaves", default="", help="comma-separated leaf counts for the tree section")
     parser.add_argument("--nuts-groups", default="", help="groups of the small full-NUTS fit (default 1000)")
     parser.add_argument("--no-nuts-cpu", action="store_true", help="skip the NUTS fit on the host CPU")

@@ -148,7 +148,7 @@ def reduce_jax(rows: pl.LazyFrame, groups, outcome: str, covariates, *, block_ro
 #: ``kernels.segments.reduce_sums``), is reduced again in float64. The float32 route promises
 #: M2 within 2e-4·n·sd² (``kernels.segments``); this keeps a margin of 20.
 REFINE_ERROR = 1e-5
-#: Rows whose mean shifts float32 rows for the atomic kernel (evenly spaced; no pass over all).
+#: Rows whose mean shifts the rows for the atomic kernel (evenly spaced; no pass over all).
 CENTRE_SAMPLE = 4096
 
 
@@ -201,15 +201,12 @@ def _device_programs():
         from kernels import atomic_sums   # Pallas: imported only where the kernel runs
 
         TRACES["device-atomic"] += 1
-        if y.dtype == jnp.float32:
-            # Rows already float32: the kernel subtracts a float32 shift near them (exact within
-            # a factor of two of it), so the rows are read once.
-            shift = sampled_centre(y, mask).astype(jnp.float32)
-            centre_y, y32 = shift.astype(jnp.float64), y
-        else:   # float64 rows: about their float64 mean, then float32 (one pass more)
-            centre_y, _, y32, _ = centred(y, jnp.zeros((y.shape[0], 0)), mask, jnp.float32)
-            shift = jnp.zeros((), jnp.float32)
-        sums, count, largest, dropped = atomic_sums.segment_sums(y32, ids, mask, segments_, shift)
+        # The kernel subtracts a shift near the rows in their own precision (float32 rows: exact
+        # within a factor of two of it; float64 rows: each difference rounded to float32 once),
+        # so the rows are read once, with no pass to centre or convert them first.
+        shift = sampled_centre(y, mask).astype(y.dtype)
+        centre_y = shift.astype(jnp.float64)
+        sums, count, largest, dropped = atomic_sums.segment_sums(y, ids, mask, segments_, shift)
         state, cancellation = segments.moments_from_sums(
             sums, count, jnp.zeros((1,), jnp.float64), exact=largest < atomic_sums.EXACT_COUNT)
         error = cancellation * jnp.sqrt(jnp.maximum(largest, 1).astype(jnp.float64)) * 2.0 ** -24
@@ -278,15 +275,16 @@ def reduce_device(y, x, segment_ids, num_segments: int, *, mask=None, precision:
 
     ``method``: ``"blocks"``, the block scan of ``kernels.segments`` (every precision, any device,
     covariates); ``"atomic"``, the Pallas kernel ``kernels.atomic_sums`` (NVIDIA GPU, float32, no
-    covariates): 5–70× the block scan and 1.5–9× XLA's scatter on an H100 at 1e8 rows
+    covariates; float32 or float64 rows, float32 sums): 5–70× the block scan and 1.5–9× XLA's scatter on an H100 at 1e8 rows
     (benchmarks/RESULTS.md, session 9). Cells whose float32 M2 may be off by more than
     ``REFINE_ERROR`` are reduced again in float64 over their own rows (one more pass of the
     block scan, only when there are any: typically cells of a few nearly equal values).
     ``"auto"`` (default): atomic where it applies, else blocks. ``precision="float32"`` subtracts
     the masked rows' float64 mean first (``kernels.segments``: float32 at an offset of 1e9 has no
-    spread left otherwise) and adds it back to the means; float32 rows going to the atomic kernel
-    are read once instead: the kernel subtracts the mean of ``CENTRE_SAMPLE`` evenly spaced
-    kept rows (a shift near the rows is all the sums need; cells far from it are refined).
+    spread left otherwise) and adds it back to the means; rows going to the atomic kernel are
+    read once instead, float32 or float64 as they are: the kernel subtracts the mean of
+    ``CENTRE_SAMPLE`` evenly spaced kept rows in the rows' precision (a shift near the rows is
+    all the sums need; cells far from it are refined).
 
     Bad ids raise ``SpecError`` naming one. The atomic kernel counts them in its own pass (no
     pass of its own for the check; nothing is returned when it finds any); the block scan checks

@@ -55,6 +55,24 @@ def test_sums_match_float64_reference(replicas):
     assert 1 <= int(np.max(largest)) <= -(-5 // replicas)
 
 
+def test_float64_rows_are_shifted_in_float64_then_summed_in_float32():
+    # Mean 1e9, sd 1: float32 rows would have no spread left; float64 rows with a float64 shift
+    # keep it, and each d is rounded to float32 once (relative error 2⁻²⁴ a row).
+    _, ids, mask = distinct_rows(6, 4, 500, rows=4 * BLOCK - 11)
+    rng = np.random.default_rng(60)
+    y = 1e9 + rng.normal(size=ids.size) + 0.01 * (ids % 9)
+    with jax.enable_x64(True):
+        sums, count, _, dropped = interpreted(500, 1e9 + 0.04)(jnp.asarray(y), ids, mask)
+        sums = np.asarray(sums)
+    assert int(dropped) == 0
+    ref = reference_sums(y, ids, mask, 500, 1e9 + 0.04)
+    np.testing.assert_array_equal(np.asarray(count), ref[:, 0].astype(np.int64))
+    # One float32 rounding of each |d| ≲ 4 (the sums here hold ≤ 4 rows): ≤ 4·4·2⁻²⁴ for Σd,
+    # twice that relative for Σd². Rounded to float32 first, 1e9 + d would be off by up to 32.
+    np.testing.assert_allclose(sums[:, 1], ref[:, 1], rtol=0, atol=16 * 2.0**-24 * 4)
+    np.testing.assert_allclose(sums[:, 2], ref[:, 2], rtol=4 * 2.0**-23, atol=1e-6)
+
+
 def test_out_of_range_ids_are_dropped():
     y, ids, mask = distinct_rows(1, 2, 300)
     ids = ids.copy()
@@ -90,8 +108,8 @@ def test_default_replicas_keep_the_table_small():
 
 def test_bad_arguments():
     y, ids, mask = distinct_rows(2, 1, 300)
-    with pytest.raises(TypeError, match="float32"):
-        atomic_sums.segment_sums(y.astype(np.float64), ids, mask, 300, 0.0, interpret=True)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        atomic_sums.segment_sums(y.astype(np.float16), ids, mask, 300, 0.0, interpret=True)
     with pytest.raises(ValueError, match="power of two"):
         atomic_sums.segment_sums(y, ids, mask, 300, 0.0, block_rows=1000, interpret=True)
     with pytest.raises(ValueError, match="covariates"):

@@ -111,6 +111,26 @@ def test_atomic_without_refinement_when_float32_suffices(interpreted_atomic):
     np.testing.assert_allclose(got[2][seen], want[2][seen], rtol=1e-4, atol=1e-6)
 
 
+def test_atomic_reads_float64_rows_as_they_are(interpreted_atomic, monkeypatch):
+    # Float64 rows at an offset of 1e9 go to the kernel unconverted (no float32 copy): the kernel
+    # subtracts the float64 sampled shift itself. The moments meet the float32 route's
+    # tolerances (kernels/segments.py), which rows rounded to float32 at 1e9 could not.
+    y, ids = distinct_rows(8, 32, 300, offset=1e9)
+    seen_dtypes = []
+    kernel = atomic_sums.segment_sums
+    monkeypatch.setattr(atomic_sums, "segment_sums",
+                        lambda rows, *a, **k: seen_dtypes.append(rows.dtype) or kernel(rows, *a, **k))
+    jax_backend._device_programs.cache_clear()
+    got, info = jax_backend.reduce_device(*on_device(y, None, ids), 300, precision="float32")
+    want = jax_backend.reduce_arrays(y, np.zeros((y.size, 0)), ids, 300)
+    assert info["method"] == "atomic" and seen_dtypes == [jnp.float64]
+    np.testing.assert_array_equal(got[0], want[0])
+    seen = want[0] > 1
+    sd = np.sqrt(want[2][seen] / want[0][seen])
+    assert np.max(np.abs(got[1][seen] - want[1][seen]) / sd) < 2e-5
+    assert np.max(np.abs(got[2][seen] - want[2][seen]) / (want[0][seen] * sd**2)) < 2e-4
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(segment_ids=np.array([0, 1, 5])), "segment_ids holds 5"),
     (dict(segment_ids=np.array([0, -1, 2])), "segment_ids holds -1"),
