@@ -174,8 +174,20 @@ def _device_programs():
         return (centre_y, centre_x, (y.astype(jnp.float64) - centre_y).astype(precision),
                 (x.astype(jnp.float64) - centre_x).astype(precision))
 
-    def blocks(y, x, ids, mask, *, segments_, block_rows, precision):
+    def inputs(y, x, ids, mask):
+        """The caller's arrays as the programs read them, converted inside the program: an
+        eager op on the rows costs a dispatch a call, and on an H100 the first eager
+        ``jnp.zeros((rows, 0))`` of each row count compiled for ~20 s (session 14)."""
+        ids = ids.astype(jnp.int32)
+        mask = jnp.ones(y.shape, bool) if mask is None else mask.astype(bool)
+        x = jnp.zeros((y.shape[0], 0), y.dtype) if x is None else x
+        return x, ids, mask
+
+    def blocks(y, x, ids, mask, refine=None, *, segments_, block_rows, precision):
         TRACES["device-blocks"] += 1
+        x, ids, mask = inputs(y, x, ids, mask)
+        if refine is not None:   # only the rows of these cells
+            mask = mask & refine[jnp.clip(ids, 0, refine.shape[0] - 1)]
         if precision == "float32":
             centre_y, centre_x, y, x = centred(y, x, mask, jnp.float32)
         else:
@@ -201,6 +213,7 @@ def _device_programs():
         from kernels import atomic_sums   # Pallas: imported only where the kernel runs
 
         TRACES["device-atomic"] += 1
+        _, ids, mask = inputs(y, None, ids, mask)
         # The kernel subtracts a shift near the rows in their own precision (float32 rows: exact
         # within a factor of two of it; float64 rows: each difference rounded to float32 once),
         # so the rows are read once, with no pass to centre or convert them first.
@@ -218,6 +231,7 @@ def _device_programs():
 
     def id_range(ids, mask):
         """The least and the largest id of the kept rows (0, 0 where none is kept)."""
+        _, ids, mask = inputs(ids, None, ids, mask)
         return jnp.stack([jnp.min(jnp.where(mask, ids, 0)), jnp.max(jnp.where(mask, ids, 0))])
 
     return (jax.jit(blocks, static_argnames=("segments_", "block_rows", "precision")),
@@ -309,8 +323,10 @@ def reduce_device(y, x, segment_ids, num_segments: int, *, mask=None, precision:
     for name, value in (("segment_ids", segment_ids), ("mask", mask)):
         if value is not None and tuple(np.shape(value)) != (rows,):
             raise SpecError(f"{name} has shape {np.shape(value)}: expected ({rows},), one per row of y")
-    if not jnp.issubdtype(jnp.asarray(segment_ids).dtype, jnp.integer):
-        raise SpecError(f"segment_ids has dtype {jnp.asarray(segment_ids).dtype}: expected integers "
+    id_dtype = getattr(segment_ids, "dtype", None)
+    id_dtype = np.asarray(segment_ids).dtype if id_dtype is None else id_dtype
+    if not jnp.issubdtype(id_dtype, jnp.integer):
+        raise SpecError(f"segment_ids has dtype {id_dtype}: expected integers "
                         f"in [0, {num_segments})")
     if num_segments < 1 or num_segments > 2**31 - 2:
         raise SpecError(f"num_segments {num_segments}: expected 1 to 2³¹ − 2")
@@ -330,18 +346,17 @@ def reduce_device(y, x, segment_ids, num_segments: int, *, mask=None, precision:
                             f"keeps the row; raise num_segments or fix the ids")
 
     with jax.enable_x64(True):
-        ids = jnp.asarray(segment_ids).astype(jnp.int32)
-        mask = jnp.ones((rows,), bool) if mask is None else jnp.asarray(mask).astype(bool)
-        x = jnp.zeros((rows, 0), jnp.asarray(y).dtype) if x is None else jnp.asarray(x)
+        # As given: the programs convert them (``inputs``), so no eager op runs on the rows.
+        y, ids = jnp.asarray(y), jnp.asarray(segment_ids)
+        mask, x = (None if a is None else jnp.asarray(a) for a in (mask, x))
         target = CPU_BLOCK_ROWS if jax.default_backend() == "cpu" else BLOCK_ROWS
         block_rows = segments.block_rows_for(rows, max_block_rows=min(max(target, padded), BLOCK_ROWS))
         if chosen == "blocks":
             if rows:
                 check_ids()
-            flat = blocks(jnp.asarray(y), x, ids, mask, segments_=padded, block_rows=block_rows,
-                          precision=precision)
+            flat = blocks(y, x, ids, mask, segments_=padded, block_rows=block_rows, precision=precision)
             return tuple(_unpacked(np.asarray(flat), padded, k)), {"method": "blocks", "refined": 0}
-        flat, refine = atomic(jnp.asarray(y), ids, mask, num_segments, segments_=padded)
+        flat, refine = atomic(y, ids, mask, num_segments, segments_=padded)
         flat = np.asarray(flat)   # the one wait for the device, and the one copy
         refined, dropped = int(flat[0]), int(flat[1])
         if dropped:   # the kernel's pass was the check: name a bad id (nothing was returned)
@@ -350,7 +365,7 @@ def reduce_device(y, x, segment_ids, num_segments: int, *, mask=None, precision:
         moments = _unpacked(flat[2:], padded, 0)
         if refined:
             # Those cells' rows again, in float64 about each cell's first row (Sterbenz-exact).
-            better = _unpacked(np.asarray(blocks(jnp.asarray(y), x, ids, mask & refine[ids], segments_=padded,
+            better = _unpacked(np.asarray(blocks(y, x, ids, mask, refine, segments_=padded,
                                                  block_rows=block_rows, precision="float64")), padded, 0)
             chosen_cells = np.asarray(refine)
             for i in (1, 2):

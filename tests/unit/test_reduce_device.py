@@ -8,6 +8,8 @@ whose float32 M2 cannot be trusted.
 from __future__ import annotations
 
 import functools
+import logging
+import re
 
 import jax
 import jax.numpy as jnp
@@ -129,6 +131,22 @@ def test_atomic_reads_float64_rows_as_they_are(interpreted_atomic, monkeypatch):
     sd = np.sqrt(want[2][seen] / want[0][seen])
     assert np.max(np.abs(got[1][seen] - want[1][seen]) / sd) < 2e-5
     assert np.max(np.abs(got[2][seen] - want[2][seen]) / (want[0][seen] * sd**2)) < 2e-4
+
+
+@pytest.mark.parametrize("method", ["blocks", "atomic"])
+def test_no_eager_op_on_the_rows(interpreted_atomic, method, caplog):
+    # Each eager op on the rows is a dispatch a call, and a program per row count: on an H100 the
+    # first eager jnp.zeros((rows, 0)) of each row count compiled for ~20 s (session 14). The
+    # conversions and defaults (x, mask, the ids' dtype) now happen inside the named programs.
+    y, ids = distinct_rows(9, 3, 300, offset=0.0)
+    y32 = jnp.asarray(y.astype(np.float32) if method == "atomic" else y)
+    with jax.enable_x64(True):
+        ids64 = jnp.asarray(ids.astype(np.int64))
+    with caplog.at_level(logging.DEBUG, logger="jax"), jax.log_compiles(True):
+        jax_backend.reduce_device(y32, None, ids64, 300, precision="float32", method=method)
+    compiled = {m.group(1) for m in (re.search(r"Finished XLA compilation of (jit\([^)]*\))", r.getMessage())
+                                     for r in caplog.records) if m}
+    assert compiled and compiled <= {"jit(blocks)", "jit(atomic)", "jit(id_range)"}, compiled
 
 
 @pytest.mark.parametrize("change, message", [
