@@ -103,6 +103,29 @@ def test_atomic_refines_cells_whose_float32_m2_is_not_trustworthy(interpreted_at
     assert np.max(np.abs(got[2][seen] - want[2][seen]) / (want[0][seen] * sd**2)) < 2e-4
 
 
+@pytest.mark.parametrize("block_rows", [None, 1024])
+def test_many_refined_cells_are_gathered_and_reduced_in_float64(interpreted_atomic, monkeypatch, block_rows):
+    # Every cell's rows lie within 1e-6 of each other, 1e9 away from zero: no float32 M2 can be
+    # trusted, so every cell's rows are gathered and reduced again in float64. With BLOCK_ROWS
+    # lowered to 1024 the gathered rows (2048 a bucket) go through the block scan instead.
+    if block_rows:
+        monkeypatch.setattr(jax_backend, "BLOCK_ROWS", block_rows)
+        jax_backend._device_programs.cache_clear()
+    rng = np.random.default_rng(11)
+    ids = np.concatenate([rng.permutation(300)[:BLOCK] for _ in range(6)])
+    y = 1e9 + 0.5 * (ids % 13) + 1e-6 * rng.normal(size=ids.size)
+    keep = rng.random(ids.size) < 0.9
+    traces = jax_backend.TRACES["device-refined"]
+    got, info = jax_backend.reduce_device(*on_device(y, None, ids), 300, mask=keep, precision="float32")
+    want = jax_backend.reduce_arrays(y[keep], np.zeros((keep.sum(), 0)), ids[keep], 300)
+    assert info["method"] == "atomic" and info["refined"] == int(np.sum(want[0] > 1))
+    assert jax_backend.TRACES["device-refined"] == traces + 1
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-15)
+    seen = want[0] > 1
+    np.testing.assert_allclose(got[2][seen], want[2][seen], rtol=1e-6)
+
+
 def test_atomic_without_refinement_when_float32_suffices(interpreted_atomic):
     y, ids = distinct_rows(5, 6, 300, offset=3.0)
     got, info = jax_backend.reduce_device(*on_device(y, None, ids), 300, precision="float32")
@@ -146,7 +169,7 @@ def test_no_eager_op_on_the_rows(interpreted_atomic, method, caplog):
         jax_backend.reduce_device(y32, None, ids64, 300, precision="float32", method=method)
     compiled = {m.group(1) for m in (re.search(r"Finished XLA compilation of (jit\([^)]*\))", r.getMessage())
                                      for r in caplog.records) if m}
-    assert compiled and compiled <= {"jit(blocks)", "jit(atomic)", "jit(id_range)"}, compiled
+    assert compiled and compiled <= {"jit(blocks)", "jit(atomic)", "jit(id_range)", "jit(refined)"}, compiled
 
 
 @pytest.mark.parametrize("change, message", [
