@@ -315,7 +315,7 @@ def reduce_sums(y, x, segment_ids, mask, num_segments: int, shift, *, accumulate
 
     ``fused``: one scatter of a (rows, columns) matrix; else one 1-D scatter per column.
     ``scatter="atomic"``: the sums come from ``atomic_sums.segment_sums`` instead, a Pallas
-    kernel for NVIDIA GPUs (float32 rows, no covariates, one shift for all rows): float32
+    kernel for NVIDIA GPUs (float32 or float64 rows, no covariates, one shift for all rows): float32
     partials, one vector atomic a row; a segment whose partial count may have lost increments
     gets an infinite cancellation, so the caller falls back as for any other.
     Returns ``(Moments, cancellation)``; ``merge`` combines the result with any other.
