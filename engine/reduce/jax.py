@@ -307,9 +307,10 @@ def reduce_device(y, x, segment_ids, num_segments: int, *, mask=None, precision:
     were ``refined``.
 
     ``method``: ``"blocks"``, the block scan of ``kernels.segments`` (every precision, any device,
-    covariates); ``"atomic"``, the Pallas kernel ``kernels.atomic_sums`` (NVIDIA GPU, float32, no
-    covariates; float32 or float64 rows, float32 sums): 5–70× the block scan and 1.5–9× XLA's scatter on an H100 at 1e8 rows
-    (benchmarks/RESULTS.md, session 9). Cells whose float32 M2 may be off by more than
+    covariates); ``"atomic"``, the Pallas kernel ``kernels.atomic_sums`` (NVIDIA GPU,
+    ``precision="float32"``, no covariates; float32 or float64 rows, float32 sums): 5–70× the
+    block scan and 1.5–9× XLA's scatter on an H100 at 1e8 rows (benchmarks/RESULTS.md, sessions
+    9 and 14). Cells whose float32 M2 may be off by more than
     ``REFINE_ERROR`` are reduced again in float64 over their own rows, gathered first (only
     when there are any: typically cells of a few nearly equal values).
     ``"auto"`` (default): atomic where it applies, else blocks. ``precision="float32"`` subtracts
