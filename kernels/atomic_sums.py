@@ -203,10 +203,10 @@ def segment_sums(y, segment_ids, mask, num_segments: int, shift, *, block_rows: 
             jnp.max(counts, axis=0), dropped)
 
 
-def lowers_for_cuda(num_segments: int = 256, rows: int = 4096, **options) -> str:
-    """The kernel lowered for CUDA from any host (no GPU needed): the StableHLO text, which
-    embeds the Triton IR. Raises where Pallas cannot lower it."""
-    spec = (jax.ShapeDtypeStruct((rows,), jnp.float32), jax.ShapeDtypeStruct((rows,), jnp.int32),
+def lowers_for_cuda(num_segments: int = 256, rows: int = 4096, dtype=jnp.float32, **options) -> str:
+    """The kernel lowered for CUDA from any host (no GPU needed) for rows of ``dtype``: the
+    StableHLO text, which embeds the Triton IR. Raises where Pallas cannot lower it."""
+    spec = (jax.ShapeDtypeStruct((rows,), dtype), jax.ShapeDtypeStruct((rows,), jnp.int32),
             jax.ShapeDtypeStruct((rows,), jnp.bool_))
     fn = jax.jit(lambda y, ids, mask: segment_sums(y, ids, mask, num_segments, 0.0, **options))
     return fn.trace(*spec).lower(lowering_platforms=("cuda",)).as_text()

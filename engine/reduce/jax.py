@@ -177,7 +177,13 @@ def _device_programs():
     def inputs(y, x, ids, mask):
         """The caller's arrays as the programs read them, converted inside the program: an
         eager op on the rows costs a dispatch a call, and on an H100 the first eager
-        ``jnp.zeros((rows, 0))`` of each row count compiled for ~20 s (session 14)."""
+        ``jnp.zeros((rows, 0))`` of each row count compiled for ~20 s (session 14). Ids past
+        the int32 range become −1 (out of range, so refused), not wrapped into a segment."""
+        if jnp.iinfo(ids.dtype).max > 2**31 - 1 or jnp.iinfo(ids.dtype).min < -2**31:
+            past = ids > 2**31 - 1
+            if jnp.iinfo(ids.dtype).min < 0:
+                past = past | (ids < -2**31)
+            ids = jnp.where(past, -1, jnp.where(past, 0, ids).astype(jnp.int32))
         ids = ids.astype(jnp.int32)
         mask = jnp.ones(y.shape, bool) if mask is None else mask.astype(bool)
         x = jnp.zeros((y.shape[0], 0), y.dtype) if x is None else x
@@ -212,6 +218,9 @@ def _device_programs():
 
         TRACES["device-atomic"] += 1
         _, ids, mask = inputs(y, None, ids, mask)
+        if y.dtype not in (jnp.float32, jnp.float64):   # the kernel reads these two
+            narrow = jnp.issubdtype(y.dtype, jnp.floating) and y.dtype.itemsize < 4
+            y = y.astype(jnp.float32 if narrow else jnp.float64)
         # The kernel subtracts a shift near the rows in their own precision (float32 rows: exact
         # within a factor of two of it; float64 rows: each difference rounded to float32 once),
         # so the rows are read once, with no pass to centre or convert them first.
@@ -248,8 +257,9 @@ def _device_programs():
                                 _packed(state, jnp.zeros((), jnp.float64), jnp.zeros(0, jnp.float64))])
 
     def id_range(ids, mask):
-        """The least and the largest id of the kept rows (0, 0 where none is kept)."""
-        _, ids, mask = inputs(ids, None, ids, mask)
+        """The least and the largest id of the kept rows (0, 0 where none is kept), in the ids'
+        own type (an int64 id past the int32 range is named as it is)."""
+        mask = jnp.ones(ids.shape, bool) if mask is None else mask.astype(bool)
         return jnp.stack([jnp.min(jnp.where(mask, ids, 0)), jnp.max(jnp.where(mask, ids, 0))])
 
     return (jax.jit(blocks, static_argnames=("segments_", "block_rows", "precision")),
@@ -312,7 +322,11 @@ def reduce_device(y, x, segment_ids, num_segments: int, *, mask=None, precision:
     block scan and 1.5–9× XLA's scatter on an H100 at 1e8 rows (benchmarks/RESULTS.md, sessions
     9 and 14). Cells whose float32 M2 may be off by more than
     ``REFINE_ERROR`` are reduced again in float64 over their own rows, gathered first (only
-    when there are any: typically cells of a few nearly equal values).
+    when there are any: typically cells of a few nearly equal values), and so are cells whose
+    float32 partial count may have lost rows (their counts come from the rows then). A cell of
+    one row has no M2 to refine: its mean carries the float32 rounding of its distance from the
+    shift, as on the block scan's float32 route. Rows of other types (integers, float16) are
+    converted in the program; ids past the int32 range are refused, not wrapped.
     ``"auto"`` (default): atomic where it applies, else blocks. ``precision="float32"`` subtracts
     the masked rows' float64 mean first (``kernels.segments``: float32 at an offset of 1e9 has no
     spread left otherwise) and adds it back to the means; rows going to the atomic kernel are
@@ -343,18 +357,20 @@ def reduce_device(y, x, segment_ids, num_segments: int, *, mask=None, precision:
     for name, value in (("segment_ids", segment_ids), ("mask", mask)):
         if value is not None and tuple(np.shape(value)) != (rows,):
             raise SpecError(f"{name} has shape {np.shape(value)}: expected ({rows},), one per row of y")
-    id_dtype = getattr(segment_ids, "dtype", None)
-    id_dtype = np.asarray(segment_ids).dtype if id_dtype is None else id_dtype
+    # A Polars or pandas Series has a dtype of its own, not NumPy's: read theirs through NumPy.
+    id_dtype = segment_ids.dtype if isinstance(segment_ids, (np.ndarray, jax.Array)) else np.asarray(segment_ids).dtype
     if not jnp.issubdtype(id_dtype, jnp.integer):
         raise SpecError(f"segment_ids has dtype {id_dtype}: expected integers "
                         f"in [0, {num_segments})")
     if num_segments < 1 or num_segments > 2**31 - 2:
         raise SpecError(f"num_segments {num_segments}: expected 1 to 2³¹ − 2")
     atomic_applies = precision == "float32" and k == 0 and _gpu(y)
+    if method == "atomic" and atomic_applies and not rows:
+        method = "blocks"   # nothing to add: the block scan returns the empty moments
     if method == "atomic" and not atomic_applies:
         raise SpecError("method 'atomic' needs float32 precision, no covariates and y on an NVIDIA GPU; "
                         "use method='blocks' (or 'auto')")
-    chosen = "atomic" if method == "atomic" or (method == "auto" and atomic_applies) else "blocks"
+    chosen = "atomic" if method == "atomic" or (method == "auto" and atomic_applies and rows) else "blocks"
     padded = segments.bucket(num_segments, MIN_SEGMENTS)
     blocks, atomic, id_range, refined_program = _device_programs()
 
@@ -392,6 +408,6 @@ def reduce_device(y, x, segment_ids, num_segments: int, *, mask=None, precision:
                 size = segments.bucket(int(again[0]), 1024)
                 again = np.asarray(refined_program(y, ids, mask, refine, size=size, segments_=padded))
             better = _unpacked(again[1:], padded, 0)
-            for i in (1, 2):
+            for i in (0, 1, 2):   # the count too: a partial count of 2²⁴ rows may have lost some
                 moments[i] = np.where(chosen_cells, better[i], moments[i])
         return tuple(moments), {"method": "atomic", "refined": refined}

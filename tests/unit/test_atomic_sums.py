@@ -120,10 +120,12 @@ def test_bad_arguments():
                              jnp.asarray(mask), 300, jnp.zeros((1,), jnp.float32), scatter="numba")
 
 
-def test_the_kernel_lowers_to_triton_for_cuda():
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_the_kernel_lowers_to_triton_for_cuda(dtype):
     # Pallas → Triton IR happens here, on any host; Triton → PTX only on the GPU.
-    text = atomic_sums.lowers_for_cuda(num_segments=512, rows=3000)
-    assert "__gpu$xla.gpu.triton" in text
+    with jax.enable_x64(dtype == "float64"):
+        text = atomic_sums.lowers_for_cuda(num_segments=512, rows=3000, dtype=jnp.dtype(dtype))
+    assert "__gpu$xla.gpu.triton" in text and f"tensor<3000x{dtype.replace('float', 'f')}>" in text
 
 
 @pytest.fixture

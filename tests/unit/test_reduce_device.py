@@ -126,6 +126,68 @@ def test_many_refined_cells_are_gathered_and_reduced_in_float64(interpreted_atom
     np.testing.assert_allclose(got[2][seen], want[2][seen], rtol=1e-6)
 
 
+def test_refined_cells_take_their_counts_from_the_rows(interpreted_atomic, monkeypatch):
+    # A float32 partial count that reached 2²⁴ may have lost increments: its cell is refined,
+    # and the count comes from the gathered rows too. The kernel here reports 2 rows for each
+    # of the first 200 cells (~1365 rows), so the gather's first size (1024) is too small and
+    # it runs again, larger.
+    y, ids = distinct_rows(12, 8, 300, offset=5.0)
+    kernel = atomic_sums.segment_sums
+
+    def undercounting(*args, **kwargs):
+        sums, count, largest, dropped = kernel(*args, **kwargs)
+        lost = jnp.arange(count.shape[0]) < 200
+        return (sums, jnp.where(lost, 2, count), jnp.where(lost, atomic_sums.EXACT_COUNT, largest), dropped)
+
+    monkeypatch.setattr(atomic_sums, "segment_sums", undercounting)
+    jax_backend._device_programs.cache_clear()
+    traces = jax_backend.TRACES["device-refined"]
+    got, info = jax_backend.reduce_device(*on_device(y, None, ids), 300, precision="float32")
+    want = jax_backend.reduce_arrays(y, np.zeros((y.size, 0)), ids, 300)
+    assert info["refined"] >= 200 and jax_backend.TRACES["device-refined"] == traces + 2   # two sizes
+    np.testing.assert_array_equal(got[0], want[0])
+    lost = np.arange(want[0].size) < 200           # refined: float64 over their rows
+    np.testing.assert_allclose(got[1][lost], want[1][lost], rtol=1e-12)
+    np.testing.assert_allclose(got[2][lost], want[2][lost], rtol=1e-9, atol=1e-12)
+    seen = ~lost & (want[0] > 1)                   # the rest: the float32 route's tolerances
+    sd = np.sqrt(want[2][seen] / want[0][seen])
+    assert np.max(np.abs(got[1][seen] - want[1][seen]) / sd) < 2e-5
+    assert np.max(np.abs(got[2][seen] - want[2][seen]) / (want[0][seen] * sd**2)) < 2e-4
+
+
+@pytest.mark.parametrize("dtype", ["int32", "float16"])
+def test_atomic_converts_other_row_types_in_the_program(interpreted_atomic, dtype):
+    y, ids = distinct_rows(13, 4, 300, offset=40.0)
+    rows_ = np.round(y).astype(dtype)
+    got, info = jax_backend.reduce_device(jnp.asarray(rows_), None, jnp.asarray(ids), 300, precision="float32")
+    want = jax_backend.reduce_arrays(rows_.astype(np.float64), np.zeros((y.size, 0)), ids, 300)
+    assert info["method"] == "atomic"
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_allclose(got[1], want[1], atol=1e-4)
+    np.testing.assert_allclose(got[2], want[2], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["blocks", "atomic"])
+def test_ids_past_int32_are_refused_not_wrapped(interpreted_atomic, method):
+    y, ids = distinct_rows(14, 2, 300, offset=0.0)
+    with jax.enable_x64(True):
+        wide = jnp.asarray(ids.astype(np.int64)).at[7].set(2**32 + 5)   # would wrap to segment 5
+        with pytest.raises(SpecError, match=str(2**32 + 5)):
+            jax_backend.reduce_device(jnp.asarray(y.astype(np.float32)), None, wide, 300, precision="float32",
+                                      method=method)
+
+
+def test_no_rows_and_series_ids(interpreted_atomic):
+    import polars as pl
+
+    empty, _ = jax_backend.reduce_device(jnp.zeros(0, jnp.float32), None, jnp.zeros(0, jnp.int32), 10,
+                                         precision="float32", method="atomic")
+    assert empty[0].sum() == 0
+    y, ids = distinct_rows(15, 2, 300, offset=0.0)
+    got, _ = jax_backend.reduce_device(jnp.asarray(y), None, pl.Series(ids), 300)
+    np.testing.assert_array_equal(got[0], np.bincount(ids, minlength=got[0].size))
+
+
 def test_atomic_without_refinement_when_float32_suffices(interpreted_atomic):
     y, ids = distinct_rows(5, 6, 300, offset=3.0)
     got, info = jax_backend.reduce_device(*on_device(y, None, ids), 300, precision="float32")
