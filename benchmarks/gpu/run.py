@@ -1084,7 +1084,7 @@ def section_bandwidth(config: dict, rec: Recorder) -> None:
             only = _atomics_only(int(sizes.get("read_rows", 10**8)), sizes["atomics_segments"],
                                  int(sizes["repeats"]))
             rec.data["atomics_only"] = only
-            rec.say("atomics alone, 1e8 a call (16-byte vector / 4-byte scalar), per second: " + ", ".join(
+            rec.say(f"atomics alone, {only['rows']:.0e} a call (16-byte vector / 4-byte scalar), per second: " + ", ".join(
                 f"{g:.0e} segments {only.get(f's{g}_w4_per_s', 0) / 1e9:.1f}e9 / {only.get(f's{g}_w1_per_s', 0) / 1e9:.1f}e9"
                 for g in sizes["atomics_segments"]))
         except Exception as error:
