@@ -36,6 +36,14 @@ def rows(seed, n, segments, k=0, offset=0.0):
     return y, x, ids
 
 
+def assert_float32_tolerances(got, want, seen):
+    """kernels/segments.py's float32 tolerances over the cells ``seen``: means within 2e-5·sd,
+    M2 within 2e-4·n·sd² of the float64 reference ``want``."""
+    sd = np.sqrt(want[2][seen] / want[0][seen])
+    assert np.max(np.abs(got[1][seen] - want[1][seen]) / sd) < 2e-5
+    assert np.max(np.abs(got[2][seen] - want[2][seen]) / (want[0][seen] * sd**2)) < 2e-4
+
+
 def test_blocks_match_reduce_arrays():
     y, x, ids = rows(0, 5000, 300, k=2)
     got, info = jax_backend.reduce_device(*on_device(y, x, ids), 300)
@@ -51,10 +59,7 @@ def test_float32_blocks_at_an_offset_of_1e9():
     got, _ = jax_backend.reduce_device(*on_device(y, None, ids), 50, precision="float32")
     want = jax_backend.reduce_arrays(y, np.zeros((y.size, 0)), ids, 50)
     seen = want[0] > 0
-    sd = np.sqrt(want[2][seen] / want[0][seen])
-    # kernels/segments.py's float32 tolerances: 2e-5·sd on means, 2e-4·n·sd² on M2.
-    assert np.max(np.abs(got[1][seen] - want[1][seen]) / sd) < 2e-5
-    assert np.max(np.abs(got[2][seen] - want[2][seen]) / (want[0][seen] * sd**2)) < 2e-4
+    assert_float32_tolerances(got, want, seen)
 
 
 def test_mask_drops_rows():
@@ -98,9 +103,7 @@ def test_atomic_refines_cells_whose_float32_m2_is_not_trustworthy(interpreted_at
     np.testing.assert_array_equal(got[0], want[0])
     assert got[2][7] == pytest.approx(want[2][7], rel=1e-6)
     seen = want[0] > 1
-    sd = np.sqrt(want[2][seen] / want[0][seen])
-    assert np.max(np.abs(got[1][seen] - want[1][seen]) / sd) < 2e-5
-    assert np.max(np.abs(got[2][seen] - want[2][seen]) / (want[0][seen] * sd**2)) < 2e-4
+    assert_float32_tolerances(got, want, seen)
 
 
 @pytest.mark.parametrize("block_rows", [None, 1024])
@@ -150,9 +153,7 @@ def test_refined_cells_take_their_counts_from_the_rows(interpreted_atomic, monke
     np.testing.assert_allclose(got[1][lost], want[1][lost], rtol=1e-12)
     np.testing.assert_allclose(got[2][lost], want[2][lost], rtol=1e-9, atol=1e-12)
     seen = ~lost & (want[0] > 1)                   # the rest: the float32 route's tolerances
-    sd = np.sqrt(want[2][seen] / want[0][seen])
-    assert np.max(np.abs(got[1][seen] - want[1][seen]) / sd) < 2e-5
-    assert np.max(np.abs(got[2][seen] - want[2][seen]) / (want[0][seen] * sd**2)) < 2e-4
+    assert_float32_tolerances(got, want, seen)
 
 
 @pytest.mark.parametrize("dtype", ["int32", "float16"])
@@ -213,9 +214,7 @@ def test_atomic_reads_float64_rows_as_they_are(interpreted_atomic, monkeypatch):
     assert info["method"] == "atomic" and seen_dtypes == [jnp.float64]
     np.testing.assert_array_equal(got[0], want[0])
     seen = want[0] > 1
-    sd = np.sqrt(want[2][seen] / want[0][seen])
-    assert np.max(np.abs(got[1][seen] - want[1][seen]) / sd) < 2e-5
-    assert np.max(np.abs(got[2][seen] - want[2][seen]) / (want[0][seen] * sd**2)) < 2e-4
+    assert_float32_tolerances(got, want, seen)
 
 
 @pytest.mark.parametrize("method", ["blocks", "atomic"])
@@ -269,9 +268,7 @@ def test_atomic_reads_float32_rows_once_about_a_sampled_shift(interpreted_atomic
     assert info["method"] == "atomic"
     np.testing.assert_array_equal(got[0], want[0])
     seen = want[0] > 1
-    sd = np.sqrt(want[2][seen] / want[0][seen])
-    assert np.max(np.abs(got[1][seen] - want[1][seen]) / sd) < 2e-5
-    assert np.max(np.abs(got[2][seen] - want[2][seen]) / (want[0][seen] * sd**2)) < 2e-4
+    assert_float32_tolerances(got, want, seen)
 
 
 @pytest.mark.parametrize("method", ["blocks", "atomic"])
