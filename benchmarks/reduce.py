@@ -9,8 +9,8 @@ float64: 25 bytes a row):
 - ``polars``   engine.reduce.polars.reduce_polars (fixed batches, fixed merge tree);
 - ``polars-no-codes`` the same with string keys grouped by Polars (``key_codes=False``), not
                coded to integers for the dense route (one integer key: the same as ``polars``);
-- ``polars-two-pass`` the same without ``engine.reduce.fused``'s window reordering at many
-               segments (``PARTITION_SEGMENTS`` out of reach): its two passes over the rows as they come;
+- ``polars-two-pass`` the same without ``engine.reduce.fused``'s direct pass at many segments
+               (``DIRECT_SEGMENTS`` out of reach): its two passes over the rows as they come;
 - ``polars-ids`` the same with every batch through a segment-id array (``fused.keyed_sums``
                off: a later batch whose cells all have shifts is otherwise one pass over its key
                and arm columns);
@@ -190,15 +190,15 @@ def run(sizes, methods, workers, bound_mib, repeat=1, keys="int"):
                 elif method in ("polars-two-pass", "polars-ids"):
                     from engine.reduce import fused
 
-                    saved = fused.PARTITION_SEGMENTS, fused.keyed_applies
+                    saved = fused.DIRECT_SEGMENTS, fused.keyed_applies
                     if method == "polars-two-pass":
-                        fused.PARTITION_SEGMENTS = 2**62
+                        fused.DIRECT_SEGMENTS = 2**62
                     else:
                         fused.keyed_applies = lambda *a: False
                     try:
                         seconds = _best(repeat, reduce_polars, frame.lazy(), group_columns(keys), "y", ["x"])
                     finally:
-                        fused.PARTITION_SEGMENTS, fused.keyed_applies = saved
+                        fused.DIRECT_SEGMENTS, fused.keyed_applies = saved
                 elif method == "jax":
                     _, first = _timed(run_jax, frame)
                     seconds = _best(repeat, run_jax, frame)

@@ -166,9 +166,9 @@ class Passes(NamedTuple):
     deviations: object
     chunked: bool
     #: Optional ``(ids, y, x, num_segments, shift, seen)`` → ``Sums`` or None: the whole of
-    #: ``accumulate`` done another way where it chooses to (e.g. with rows reordered for the
-    #: cache when the segments are many); None declines and the two passes run as usual.
-    partitioned: object = None
+    #: ``accumulate`` done another way where it chooses to (e.g. one pass that fetches its
+    #: tables' lines ahead when the segments are many); None declines and the two passes run.
+    whole: object = None
     #: ``deviations`` also takes a trailing ``counting`` flag and then returns (count (S,),
     #: Σd, Σdᵤd_v): a batch whose segments all have shifts is then one pass, not two.
     counting: bool = False
@@ -219,8 +219,8 @@ def accumulate(segment_ids: np.ndarray, y: np.ndarray, x: np.ndarray, num_segmen
                          "y (rows,), x (rows, k) and segment_ids (rows,)")
     ids, y = np.asarray(segment_ids), np.asarray(y, np.float64)
     x = np.asarray(x, np.float64)
-    if passes.partitioned is not None and threads > 1:
-        done = passes.partitioned(ids, y, x, num_segments, shift, seen)
+    if passes.whole is not None and threads > 1:
+        done = passes.whole(ids, y, x, num_segments, shift, seen)
         if done is not None:
             return done
     slices = row_parts(rows, threads)

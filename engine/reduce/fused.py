@@ -15,9 +15,12 @@ last places from the NumPy passes, which add in cache-sized chunks.
 ``segment_ids`` computes the dense route's segments ``2·(key − low) + arm`` from the key and arm
 columns as Polars holds them: a Polars expression for it was half of a batch's time at 10⁸ rows.
 
-From ``PARTITION_SEGMENTS`` segments on, ``partitioned_sums`` first puts a batch's rows in windows
-of 2^``WINDOW_BITS`` segments, so that both passes run in tables that fit in L2 (1.5–2.5× at
-10⁵–10⁶ groups). A batch whose segments all have shifts counts its rows in the deviation pass
+From ``DIRECT_SEGMENTS`` segments on, ``direct_sums`` replaces both passes with one: each half of
+the rows adds into its own table of one cache line a segment, asking for the line of the row
+``AHEAD`` rows on as it goes, and a segment new to the caller sums about its first row (a second
+pass only for a segment whose first row lies so far out that rounding would show);
+``direct_fold`` adds such a pass into a dense run's arrays in place. A batch whose segments all
+have shifts counts its rows in the deviation pass
 (``Passes.counting``). Two more loops serve the dense route's callers: ``far_segments`` (the dense
 run's test for sums that drifted from their shift) and ``merge_sorted`` (two sorted cell tables
 merged by Chan's update without a join, for ``engine.cells.merge_pair``).
@@ -249,7 +252,7 @@ def keyed_applies(passes, num_segments: int) -> bool:
     """Whether ``keyed_sums`` may stand in for ``kernels.host.accumulate`` with ``passes``:
     these compiled passes, where they count in the deviation pass and would not reorder the
     rows in windows (there, random access to many segments costs more than the ids pass)."""
-    return passes is PASSES and PASSES is not None and passes.counting and num_segments < PARTITION_SEGMENTS
+    return passes is PASSES and PASSES is not None and passes.counting and num_segments < DIRECT_SEGMENTS
 
 
 def keyed_sums(key, arm, low, y, x, shift, num_segments):
@@ -266,230 +269,366 @@ def keyed_sums(key, arm, low, y, x, shift, num_segments):
     return host.counted_sums(host.in_parts(part, host.row_parts(y.shape[0])), shift)
 
 
-# --- many segments: rows in window order first ----------------------------------------------
+# --- many segments: one packed table a half, its lines fetched ahead ------------------------
 
-#: Segments a window covers: its tables (count and sums, then shifts and deviation sums; ~80
-#: bytes a segment with one covariate) stay in the core's L2 cache. At most 16: a row's offset in
-#: its window is kept in 16 bits.
-WINDOW_BITS = 12
-#: From this many segments on, ``partitioned_sums`` puts the rows in window order first. Below it
-#: the whole tables stay in cache anyway and the reordering would cost more than it saves.
-PARTITION_SEGMENTS = 1 << 17
-
-
-def _histogram_loop(ids, bits, segments, counts):
-    """counts[w] += rows of window w (= id >> bits). Returns −1, or the first row whose id is
-    out of range."""
-    for i in range(ids.shape[0]):
-        s = ids[i]
-        if s < 0 or s >= segments:
-            return i
-        counts[s >> bits] += 1
-    return -1
+#: From this many segments on, ``direct_sums`` stands in for the two passes. Below it the
+#: tables stay in L1/L2 and the passes' lighter loops are faster (machine A, 4·2²⁰ rows: 10²
+#: groups 1.2 against 1.7 ns a row, 10⁴ groups about even, 3·10⁴ groups 2.8 against 1.7).
+DIRECT_SEGMENTS = 1 << 14
+#: Rows ahead whose table line ``direct_sums``' loops ask the cache for. A line from L3 or
+#: memory takes ~100–300 ns, a row ~2–8: 32–64 rows ahead hide it (machine A, 2·10⁵ and 2·10⁶
+#: segments: 5.4 → 2.3 and 18.3 → 8.3 ns a row on two threads).
+AHEAD = 48
+#: ``direct_sums`` adds each new segment's rows about its first row. It adds them again about
+#: their mean where that would leave M2 a relative rounding error above this (the test of
+#: ``engine.reduce.polars``' dense run for sums about an old shift, ``far_segments``).
+REFINE_TOLERANCE = 1e-11
 
 
-def _scatter_loop(ids, y, x, bits, cursor, cell, values):
-    """Rows to window order, stably: row i goes to row cursor[window], which then moves on, as
-    its id's offset within the window (``cell``, uint16) and its values (``values``: y, x): one
-    stream of each a window. Two bytes for the offset, not eight as a float beside the values:
-    1.26× for the scatter and the window passes together (2·10⁵ cells, machine A, session 14)."""
-    mask = (1 << bits) - 1
-    k = x.shape[1]
-    for i in range(ids.shape[0]):
-        s = ids[i]
-        w = s >> bits
-        j = cursor[w]
-        cursor[w] = j + 1
-        cell[j] = s & mask
-        values[j, 0] = y[i]
-        for c in range(k):
-            values[j, 1 + c] = x[i, c]
-
-
-# A window's table, one row a segment: count, the shift (c values), Σd (c), then Σdᵤd_v for
-# u ≤ v (row-major upper triangle); c = 1 + k. One covariate: 8 values, one cache line.
-
-
-def _records_loop(cell, values, a, b, table, only):
-    """Rows a … b of the window's records into its table, about each segment's shift; a segment
-    whose shift is NaN takes its first row's values as the shift. ``only``: where not all
-    False, just the rows of the segments marked there (a second pass)."""
-    c = values.shape[1]
-    d = np.empty(c)
-    some = False
-    for s in range(only.shape[0]):
-        some = some or only[s]
-    for i in range(a, b):
-        s = np.int64(cell[i])
-        if some and not only[s]:
-            continue
-        if table[s, 1] != table[s, 1]:
-            for j in range(c):
-                table[s, 1 + j] = values[i, j]
-        table[s, 0] += 1.0
-        for j in range(c):
-            d[j] = values[i, j] - table[s, 1 + j]
-        t = 1 + 2 * c
-        for u in range(c):
-            table[s, 1 + c + u] += d[u]
-            for v in range(u, c):
-                table[s, t] += d[u] * d[v]
-                t += 1
-
-
-def _records_loop_1(cell, values, a, b, table, only):
-    """``_records_loop`` for one covariate, its terms as scalars (the common case, ~2× faster)."""
-    some = False
-    for s in range(only.shape[0]):
-        some = some or only[s]
-    for i in range(a, b):
-        s = np.int64(cell[i])
-        if some and not only[s]:
-            continue
-        if table[s, 1] != table[s, 1]:
-            table[s, 1] = values[i, 0]
-            table[s, 2] = values[i, 1]
-        dy = values[i, 0] - table[s, 1]
-        dx = values[i, 1] - table[s, 2]
-        table[s, 0] += 1.0
-        table[s, 3] += dy
-        table[s, 4] += dx
-        table[s, 5] += dy * dy
-        table[s, 6] += dy * dx
-        table[s, 7] += dx * dx
-
-
-def _window_loop(cell, values, starts, first_window, last_window, bits, segments, shift, seen,
-                 count, shifts, sums, products):
-    """Windows [first_window, last_window): the corrected two-pass algorithm over each window's
-    records, into a table of its segments alone (``_records_loop``), then the window's segments
-    into the outputs. Pass 1 adds each row about the caller's shift where ``seen`` (and that is
-    all those segments need) and about the segment's first row elsewhere, which gives a mean
-    good to the rounding of the spread, not of the level; pass 2, over the rows of the segments
-    not ``seen`` that have two rows or more, adds them again about that mean."""
-    width = 1 << bits
-    c = values.shape[1]
-    table = np.zeros((width, 1 + 2 * c + c * (c + 1) // 2))
-    again = np.zeros(width, np.bool_)
-    for w in range(first_window, last_window):
-        a, b = starts[w], starts[w + 1]
-        base = w << bits
-        span = min(width, segments - base)
-        for s in range(span):
-            table[s, :] = 0.0
-            again[s] = False
-            if seen[base + s]:
-                for j in range(c):
-                    table[s, 1 + j] = shift[j, base + s]
-            else:
-                table[s, 1] = np.nan
-        for second in range(2):
-            if c == 2:
-                _records_loop_1(cell, values, a, b, table, again[:span])
-            else:
-                _records_loop(cell, values, a, b, table, again[:span])
-            if second:
-                break
-            more = False
-            for s in range(span):
-                n = table[s, 0]
-                if n >= 2.0 and not seen[base + s]:
-                    again[s] = more = True
-                    for j in range(c):     # the shift becomes the mean; the sums start again
-                        table[s, 1 + j] += table[s, 1 + c + j] / n
-                    for t in range(1 + c, table.shape[1]):
-                        table[s, t] = 0.0
-                    table[s, 0] = 0.0
-            if not more:
-                break
-        for s in range(span):
-            g = base + s
-            count[g] = np.int64(table[s, 0])
-            t = 1 + 2 * c
-            for u in range(c):
-                value = table[s, 1 + u]
-                shifts[u, g] = 0.0 if value != value else value   # an empty segment's is NaN
-                sums[u, g] = table[s, 1 + c + u]
-                for v in range(u, c):
-                    products[u, v, g] = table[s, t]
-                    products[v, u, g] = table[s, t]
-                    t += 1
+def _prefetch(array, index):   # pragma: no cover - replaced by the compiled intrinsic below
+    """Ask the cache for the line of a C-contiguous array's flat element ``index`` (no wait, no fault)."""
 
 
 if numba is not None:
-    _histogram_loop, _scatter_loop, _records_loop, _records_loop_1 = (
-        _jit(_histogram_loop), _jit(_scatter_loop), _jit(_records_loop), _jit(_records_loop_1))
-    _window_loop = _jit(_window_loop)
+    from llvmlite import ir as _ir
+    from llvmlite.binding import llvm_version_info as _llvm_version
+    from numba.core import cgutils as _cgutils
+    from numba.extending import intrinsic as _intrinsic
+
+    # The intrinsic's name carries its pointer type: opaque (LLVM 17 on) or i8* before.
+    _PREFETCH = "llvm.prefetch.p0" if _llvm_version[0] >= 17 else "llvm.prefetch.p0i8"
+
+    @_intrinsic
+    def _prefetch(typingctx, array, index):   # noqa: F811 - the compiled form of the stub above
+        if not (isinstance(array, numba.types.Array) and array.layout == "C"
+                and isinstance(index, numba.types.Integer)):
+            return None
+
+        def codegen(context, builder, signature, args):
+            data = context.make_array(signature.args[0])(context, builder, args[0]).data
+            byte = _ir.IntType(8).as_pointer()
+            i32 = _ir.IntType(32)
+            signature_ir = _ir.FunctionType(_ir.VoidType(), [byte, i32, i32, i32])
+            fn = _cgutils.get_or_insert_function(builder.module, signature_ir, _PREFETCH)
+            # read (0), keep in all cache levels (3), data (1)
+            builder.call(fn, [builder.bitcast(builder.gep(data, [args[1]]), byte), i32(0), i32(3), i32(1)])
+            return context.get_dummy_value()
+
+        return numba.types.void(array, index), codegen
 
 
-def _records(rows: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """This thread's reordered rows: each one's offset in its window (rows,) uint16 and values
-    (rows, 1 + k), reused from call to call (fresh arrays cost page faults)."""
-    held = getattr(_LOCAL, "records", None)
-    if held is None or held[0].shape[0] < rows or held[1].shape[1] != 1 + k:
-        held = _LOCAL.records = (np.empty(rows, np.uint16), np.empty((rows, 1 + k)))
-    return held[0][:rows], held[1][:rows]
+# A segment's line in a table: count, the shift (c values), Σd (c), then Σdᵤd_v for u ≤ v
+# (row-major upper triangle); c = 1 + k. Padded to 4 or a multiple of 8 values and aligned, so
+# that a row touches one cache line (k ≤ 1) or whole lines: 8 values, one line, with one covariate.
 
 
-def partitioned_sums(ids, y, x, num_segments, shift=None, seen=None):
-    """``kernels.host.accumulate``'s result for many segments, or None below
-    ``PARTITION_SEGMENTS`` (the caller's passes then run as usual).
+def _table_width(c: int) -> int:
+    used = 1 + 2 * c + c * (c + 1) // 2
+    return 1 << (used - 1).bit_length() if used <= 8 else -(-used // 8) * 8
 
-    With 10⁵–10⁶ segments the passes' tables (~80 bytes a segment with one covariate, one per
-    thread) outgrow the caches, and every row costs a miss. Here the rows are first put in
-    window order (``WINDOW_BITS``: 4096 segments a window), stably (a histogram, then a scatter,
-    both in two halves on two threads), then each thread takes whole windows and runs the
-    corrected two-pass algorithm over a window's rows into tables of its segments alone
-    (``_window_loop``: the first pass about each segment's first row, so the means it gives are
-    good to the rounding of the spread; the second about those means). As ``accumulate``, the
-    sums come about the caller's ``shift`` where ``seen`` and about the rows' own means elsewhere.
-    Each segment's rows are added by one thread in row order, so the bits do not depend on the
-    threads, only on the rows.
+
+def _direct_loops(keyed: bool, only: bool):
+    """The direct pass's loops {0: no covariate, 1: one, None: any number}: rows a … b into
+    ``table`` about each segment's shift; a segment whose shift is NaN takes its row's values
+    as its shift first. ``keyed``: ``ids`` is the key column and a row's segment
+    2·(key − low) + arm (as in ``_deviation_loops``); ``only``: just the rows of the segments
+    marked in ``again``. Both are constants of the closure. Each returns −1, or the first row
+    whose segment is out of range."""
+
+    def segment(ids, arm, low, i):
+        return 2 * (np.int64(ids[i]) - low) + np.int64(arm[i]) if keyed else np.int64(ids[i])
+
+    def general(ids, arm, low, y, x, a, b, table, again):
+        c = 1 + x.shape[1]
+        d = np.empty(c)
+        for i in range(a, b):
+            if i + AHEAD < b:
+                _prefetch(table, segment(ids, arm, low, i + AHEAD) * table.shape[1])
+            s = segment(ids, arm, low, i)
+            if s < 0 or s >= table.shape[0]:
+                return i
+            if only and not again[s]:
+                continue
+            if table[s, 1] != table[s, 1]:
+                table[s, 1] = y[i]
+                for j in range(c - 1):
+                    table[s, 2 + j] = x[i, j]
+            table[s, 0] += 1.0
+            d[0] = y[i] - table[s, 1]
+            for j in range(c - 1):
+                d[1 + j] = x[i, j] - table[s, 2 + j]
+            t = 1 + 2 * c
+            for u in range(c):
+                table[s, 1 + c + u] += d[u]
+                for v in range(u, c):
+                    table[s, t] += d[u] * d[v]
+                    t += 1
+        return -1
+
+    def none(ids, arm, low, y, x, a, b, table, again):
+        for i in range(a, b):
+            if i + AHEAD < b:
+                _prefetch(table, segment(ids, arm, low, i + AHEAD) * table.shape[1])
+            s = segment(ids, arm, low, i)
+            if s < 0 or s >= table.shape[0]:
+                return i
+            if only and not again[s]:
+                continue
+            if table[s, 1] != table[s, 1]:
+                table[s, 1] = y[i]
+            dy = y[i] - table[s, 1]
+            table[s, 0] += 1.0
+            table[s, 2] += dy
+            table[s, 3] += dy * dy
+        return -1
+
+    def one(ids, arm, low, y, x, a, b, table, again):
+        for i in range(a, b):
+            if i + AHEAD < b:
+                _prefetch(table, segment(ids, arm, low, i + AHEAD) * table.shape[1])
+            s = segment(ids, arm, low, i)
+            if s < 0 or s >= table.shape[0]:
+                return i
+            if only and not again[s]:
+                continue
+            if table[s, 1] != table[s, 1]:
+                table[s, 1] = y[i]
+                table[s, 2] = x[i, 0]
+            dy = y[i] - table[s, 1]
+            dx = x[i, 0] - table[s, 2]
+            table[s, 0] += 1.0
+            table[s, 3] += dy
+            table[s, 4] += dx
+            table[s, 5] += dy * dy
+            table[s, 6] += dy * dx
+            table[s, 7] += dx * dx
+        return -1
+
+    if numba is not None:
+        # The prefetch stays in the loops' own bodies: from a helper inlined by Numba it made the
+        # loop 10× slower (4·2²⁰ rows, 2·10⁵ segments: 14 → 140 ms).
+        segment = numba.njit(inline="always")(segment)
+        general, none, one = (numba.njit(nogil=True, cache=True)(f) for f in (general, none, one))
+    return {0: none, 1: one, None: general}
+
+
+_DIRECT_LOOPS = {(keyed, only): _direct_loops(keyed, only) for keyed in (False, True) for only in (False, True)}
+
+
+def _start_loop(table, a, b, shift, seen):
+    """Segments a … b of a table: zero sums, about the caller's shift where ``seen``, else NaN
+    (the first row sets it)."""
+    c = shift.shape[0]
+    for s in range(a, b):
+        table[s, :] = 0.0
+        if seen[s]:
+            for j in range(c):
+                table[s, 1 + j] = shift[j, s]
+        else:
+            table[s, 1] = np.nan
+
+
+def _fold_loop(first, second, a, b, seen, refine, again, only, tolerance, count, shift, sums, products, far):
+    """Segments a … b of both halves' tables added into ``kernels.host.Sums``' arrays (count,
+    shift, sums, products: a dense run's, or zeros). Where the halves' shifts differ (a
+    segment not ``seen``, each half about its own first row) the second half's line moves to
+    the first's shift first: d' = d + δ with δ = its shift − the first's, so Σd' = Σd + nδ and
+    Σd'ᵤd'_v = Σdᵤd_v + δᵤΣd_v + δ_vΣdᵤ + nδᵤδ_v. Segments the tables saw no row of are left as
+    they are. ``only``: just the segments marked in ``again``.
+
+    A segment is not added where either test finds the sums' rounding above its tolerance
+    (ε·√n·Σd²/(Σd² − (Σd)²/n) for y and each covariate, ``_far_loop``'s test):
+    - ``refine`` > 0, a segment not ``seen`` of two rows or more, its sums about its first
+      row: marked in ``again``, both tables' lines restarted about its rows' mean, for a
+      second pass over its rows;
+    - ``tolerance`` > 0, its sums with the arrays' (about the same shift): marked in ``far``,
+      for the caller to fold otherwise. Returns whether any segment was marked in ``again``."""
+    c = shift.shape[0]
+    eps = np.finfo(np.float64).eps
+    width = 1 + 2 * c + c * (c + 1) // 2
+    more = False
+    for s in range(a, b):
+        if only and not again[s]:
+            continue
+        far[s] = False
+        n1, n2 = first[s, 0], second[s, 0]
+        n = n1 + n2
+        if n == 0.0:
+            continue
+        if n1 > 0.0 and n2 > 0.0 and not seen[s]:   # the second line to the first's shift
+            t = 1 + 2 * c
+            for u in range(c):
+                for v in range(u, c):
+                    du = second[s, 1 + u] - first[s, 1 + u]
+                    dv = second[s, 1 + v] - first[s, 1 + v]
+                    second[s, t] += du * second[s, 1 + c + v] + dv * second[s, 1 + c + u] + n2 * du * dv
+                    t += 1
+            for u in range(c):
+                second[s, 1 + c + u] += n2 * (second[s, 1 + u] - first[s, 1 + u])
+                second[s, 1 + u] = first[s, 1 + u]
+        home = first if n1 > 0.0 else second
+        if refine > 0.0 and n >= 2.0 and not seen[s]:
+            rough = False
+            for u in range(c):
+                t = 1 + 2 * c + u * c - u * (u - 1) // 2
+                q = first[s, t] + second[s, t]
+                m = first[s, 1 + c + u] + second[s, 1 + c + u]
+                rough = rough or eps * np.sqrt(n) * q > refine * (q - m * m / n)
+            if rough:
+                again[s] = more = True
+                for u in range(c):
+                    mean = home[s, 1 + u] + (first[s, 1 + c + u] + second[s, 1 + c + u]) / n
+                    first[s, 1 + u] = second[s, 1 + u] = mean
+                for t in range(1 + c, width):
+                    first[s, t] = second[s, t] = 0.0
+                first[s, 0] = second[s, 0] = 0.0
+                continue
+        if tolerance > 0.0:
+            whole = count[s] + n
+            for u in range(c):
+                t = 1 + 2 * c + u * c - u * (u - 1) // 2
+                q = products[u, u, s] + first[s, t] + second[s, t]
+                m = sums[u, s] + first[s, 1 + c + u] + second[s, 1 + c + u]
+                if eps * np.sqrt(whole) * q > tolerance * (q - m * m / whole):
+                    far[s] = True
+            if far[s]:
+                continue
+        count[s] += np.int64(n)
+        t = 1 + 2 * c
+        for u in range(c):
+            shift[u, s] = home[s, 1 + u]
+            sums[u, s] += first[s, 1 + c + u] + second[s, 1 + c + u]
+            for v in range(u, c):
+                products[u, v, s] += first[s, t] + second[s, t]
+                if v != u:
+                    products[v, u, s] += first[s, t] + second[s, t]
+                t += 1
+    return more
+
+
+if numba is not None:
+    _start_loop, _fold_loop = _jit(_start_loop), _jit(_fold_loop)
+
+
+def _tables(segments: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two (segments, width) tables on 64-byte lines, this thread's own, reused from call to
+    call (fresh memory costs page faults: 2·10⁵ segments, 4·2²⁰ rows, 13 → 21 ms a call on
+    machine A); ``release_buffers`` hands them back."""
+    size = segments * width
+    held = getattr(_LOCAL, "tables", None)
+    if held is None or held.shape[0] < 2 * size + 8:
+        held = _LOCAL.tables = np.empty(2 * size + 8)
+    skip = (-held.ctypes.data % 64) // 8
+    flat = held[skip:skip + 2 * size]
+    return flat[:size].reshape(segments, width), flat[size:].reshape(segments, width)
+
+
+def release_buffers() -> None:
+    """Drop this thread's reused buffers (segment ids, tables): a reduce over many segments
+    holds a few hundred MB of them at 10⁶ groups."""
+    for name in ("ids", "tables"):
+        if hasattr(_LOCAL, name):
+            delattr(_LOCAL, name)
+
+
+def _zero_sums(segments: int, c: int):
+    """Zeroed (count, shift, sums, products) for ``kernels.host.Sums``, views of one allocation:
+    large enough (14 MB at 2·10⁵ segments) for NumPy to ask for huge pages, where four arrays
+    of 1.6–6.4 MB took a page fault every 4 kB (~1.5 ms a batch on machine A)."""
+    flat = np.zeros(segments * (1 + 2 * c + c * c))
+    count = flat[:segments].view(np.int64)
+    shift = flat[segments:segments * (1 + c)].reshape(c, segments)
+    sums = flat[segments * (1 + c):segments * (1 + 2 * c)].reshape(c, segments)
+    products = flat[segments * (1 + 2 * c):].reshape(c, c, segments)
+    return count, shift, sums, products
+
+
+def direct_sums(ids, y, x, num_segments, shift=None, seen=None, *, arm=None, low=0):
+    """``kernels.host.accumulate``'s result for many segments, or None below ``DIRECT_SEGMENTS``
+    (the caller's passes then run as usual).
+
+    With 10⁴–10⁶ segments the two passes' tables (a shift array and a sums array, ~10 lines a
+    row's update touches) outgrow L1/L2 and every row waits on misses. Here each half of the
+    rows, on its own thread, adds into its own table of one line a segment (``_table_width``)
+    and asks for row i + ``AHEAD``'s line while it adds row i: one pass, its misses overlapped
+    (machine A, 4·2²⁰ rows, two threads: 2·10⁵ segments 25 → 13 ms, the rows first put in
+    windows of L2-sized tables before).
+
+    As ``accumulate``, the sums come about the caller's ``shift`` where ``seen``; elsewhere about
+    the segment's first row, or, where those sums would leave M2 a relative rounding error
+    above ``REFINE_TOLERANCE`` (a first row far out in a large segment), about the mean of its
+    rows, added again in a second pass over the rows of those segments alone. Each half adds
+    its rows in row order and the halves depend on the row count alone, so the bits depend on
+    the rows, not on the machine. With ``arm``, ``ids`` is the key column and the segments are
+    ``2·(key − low) + arm`` (no id array).
     """
-    if numba is None or num_segments < PARTITION_SEGMENTS:
+    if numba is None or num_segments < DIRECT_SEGMENTS:
         return None
-    from kernels import host
-
-    ids, y, x = _rows(ids, y, x)
-    rows, k = y.shape[0], x.shape[1]
-    c = 1 + k
+    c = 1 + np.shape(x)[1]
     if shift is None:
         shift, seen = np.zeros((c, num_segments)), np.zeros(num_segments, bool)
-    shift = np.ascontiguousarray(shift, np.float64)
+    into = _zero_sums(num_segments, c)
+    np.copyto(into[1], shift, where=seen)   # kept for the caller's segments without rows here too
+    _direct(ids, y, x, num_segments, shift, seen, into, 0.0, arm, low)
+    from kernels import host
+
+    return host.Sums(*into)
+
+
+def direct_fold(ids, y, x, into, tolerance: float, *, arm=None, low=0) -> np.ndarray:
+    """``direct_sums`` about ``into``'s shifts where it has rows (``kernels.host.Sums``, e.g. a
+    dense run's arrays over the batch's segments, views allowed), added into it in place; a
+    segment whose sums, with ``into``'s, fail ``far_segments``' test at ``tolerance`` is left
+    as it is and marked in the returned (S,) bool array, for the caller to fold another way.
+    The same sums as ``direct_sums`` then ``far_segments`` and an add, without the segment-
+    sized arrays in between (2·10⁵ segments: ~4 ms a batch on machine A)."""
+    return _direct(ids, y, x, into[0].shape[0], into[1], np.asarray(into[0]) > 0, into, tolerance, arm, low)
+
+
+def _direct(ids, y, x, num_segments, shift, seen, into, tolerance, arm, low):
+    """``direct_sums``/``direct_fold``: the pass, the refinement, the fold; returns ``far``."""
+    if arm is None:
+        ids, y, x = _rows(ids, y, x)
+        arm = _NO_ARM
+    else:   # the key column as it is (any integer type); the loops read it as int64
+        y, x = np.ascontiguousarray(y, np.float64), np.ascontiguousarray(x, np.float64)
+        low = int(low) - 2**64 if int(low) >= 2**63 else int(low)   # as a UInt64 key reads
+    rows, k = y.shape[0], x.shape[1]
+    shift = np.asarray(shift, np.float64)
     seen = np.ascontiguousarray(seen, np.bool_)
-    if not 0 <= WINDOW_BITS <= 16:
-        raise ValueError(f"WINDOW_BITS {WINDOW_BITS}: expected 0 to 16 (offsets are kept in 16 bits)")
-    windows = ((num_segments - 1) >> WINDOW_BITS) + 1
-    half = rows // 2
-    halves = [(0, half), (half, rows)]
-    counts = np.zeros((2, windows), np.int64)
+    first, second = _tables(num_segments, _table_width(1 + k))
+    rows_at, segments_at = (0, rows // 2, rows), (0, num_segments // 2, num_segments)
 
-    def both(fn, *args_of_half):
-        done = _helper().submit(fn, *args_of_half[0])
-        second = fn(*args_of_half[1])
-        return done.result(), second
+    def both(fn, cut, first_args, second_args):
+        """fn(*head, lo, hi, *tail) for the two halves of ``cut`` (row or segment bounds), each
+        half's (head, tail) given; the first half on the helper thread."""
+        done = _helper().submit(fn, *first_args[0], cut[0], cut[1], *first_args[1])
+        here = fn(*second_args[0], cut[1], cut[2], *second_args[1])
+        return done.result(), here
 
-    bad = both(_histogram_loop, *[(ids[a:b], WINDOW_BITS, num_segments, counts[h])
-                                  for h, (a, b) in enumerate(halves)])
-    for h, row in enumerate(bad):
-        if row >= 0:
-            at = halves[h][0] + row
-            raise ValueError(f"segment id {int(ids[at])} is outside [0, {num_segments})")
-    # Window-major, the first half's rows before the second's within a window: stable.
-    starts = np.zeros(windows + 1, np.int64)
-    np.cumsum(counts.sum(axis=0), out=starts[1:])
-    cursors = np.stack([starts[:-1], starts[:-1] + counts[0]])
-    cell, values = _records(rows, k)
-    both(_scatter_loop, *[(ids[a:b], y[a:b], x[a:b], WINDOW_BITS, cursors[h], cell, values)
-                          for h, (a, b) in enumerate(halves)])
+    for table in (first, second):
+        both(_start_loop, segments_at, ((table,), (shift, seen)), ((table,), (shift, seen)))
+    again = np.zeros(num_segments, np.bool_)
+    far = np.empty(num_segments, np.bool_)
 
-    count = np.empty(num_segments, np.int64)
-    shifts, sums = np.empty((c, num_segments)), np.empty((c, num_segments))
-    products = np.empty((c, c, num_segments))
-    cut = int(np.searchsorted(starts, rows / 2))        # windows split where the rows halve
-    both(_window_loop, *[(cell, values, starts, lo, hi, WINDOW_BITS, num_segments, shift, seen,
-                          count, shifts, sums, products) for lo, hi in ((0, cut), (cut, windows))])
-    return host.Sums(count, shifts, sums, products)
+    def add(only):
+        loops = _DIRECT_LOOPS[(arm is not _NO_ARM, only)]
+        loop = loops.get(k, loops[None])
+        rows_of = (ids, arm, low, y, x)
+        for row in both(loop, rows_at, (rows_of, (first, again)), (rows_of, (second, again))):
+            if row >= 0:   # the loops count rows from the start of ``ids``
+                segment = int(ids[row]) if arm is _NO_ARM else 2 * (int(ids[row]) - low) + int(arm[row])
+                raise ValueError(f"segment id {segment} is outside [0, {num_segments})")
+
+    def fold(refine, only):
+        args = ((first, second), (seen, refine, again, only, tolerance, *into, far))
+        return any(both(_fold_loop, segments_at, args, args))
+
+    add(False)
+    if fold(0.0 if seen.all() else REFINE_TOLERANCE, False):
+        add(True)
+        fold(0.0, True)
+    return far
 
 
 def _far_loop(count, sums, products, part_count, part_sums, part_products, tolerance, out):
@@ -584,7 +723,7 @@ def _passes():
     if numba is None:
         return None
     from kernels import host
-    return host.Passes(first=first_sums, deviations=deviation_sums, chunked=False, partitioned=partitioned_sums,
+    return host.Passes(first=first_sums, deviations=deviation_sums, chunked=False, whole=direct_sums,
                        counting=True)
 
 

@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from engine.reduce.fused import _prefetch
+
 try:
     import numba
 except ImportError:   # pragma: no cover - numba is a dependency; the caller then groups by Polars
@@ -54,10 +56,6 @@ _SHORT = np.uint64(12)          # the longest string a view holds whole
 _P1 = np.uint64(0x9E3779B97F4A7C15)
 _P2 = np.uint64(0xC2B2AE3D27D4EB4F)
 _P3 = np.uint64(0x165667B19E3779F9)
-
-
-def _prefetch(array, index):   # pragma: no cover - replaced by the compiled intrinsic below
-    """Ask the cache for the line of a C-contiguous array's flat element ``index`` (no wait, no fault)."""
 
 
 def _mix(a, b):
@@ -326,34 +324,6 @@ def _rehash_loop(slots, arena, shift, strings, new):
         while new[j, 2] != _EMPTY:
             j = (j + 1) & mask
         new[j, 0], new[j, 1], new[j, 2] = w0, w1, slots[s, 2]
-
-
-if numba is not None:
-    from llvmlite import ir as _ir
-    from numba.core import cgutils as _cgutils
-    from llvmlite.binding import llvm_version_info as _llvm_version
-    from numba.extending import intrinsic as _intrinsic
-
-    # The intrinsic's name carries its pointer type: opaque (LLVM 17 on) or i8* before.
-    _PREFETCH = "llvm.prefetch.p0" if _llvm_version[0] >= 17 else "llvm.prefetch.p0i8"
-
-    @_intrinsic
-    def _prefetch(typingctx, array, index):   # noqa: F811 - the compiled form of the stub above
-        if not (isinstance(array, numba.types.Array) and array.layout == "C"
-                and isinstance(index, numba.types.Integer)):
-            return None
-
-        def codegen(context, builder, signature, args):
-            data = context.make_array(signature.args[0])(context, builder, args[0]).data
-            byte = _ir.IntType(8).as_pointer()
-            i32 = _ir.IntType(32)
-            signature_ir = _ir.FunctionType(_ir.VoidType(), [byte, i32, i32, i32])
-            fn = _cgutils.get_or_insert_function(builder.module, signature_ir, _PREFETCH)
-            # read (0), keep in all cache levels (3), data (1)
-            builder.call(fn, [builder.bitcast(builder.gep(data, [args[1]]), byte), i32(0), i32(3), i32(1)])
-            return context.get_dummy_value()
-
-        return numba.types.void(array, index), codegen
 
 
 if numba is not None:

@@ -256,34 +256,36 @@ class _DenseRun:
         return keys <= min(max(2 * (self.rows + rows), DENSE_MIN_KEYS), DENSE_MAX_KEYS)
 
     def add(self, batch: pl.DataFrame, outcome: str, span) -> None:
-        from kernels import host
+        from engine.reduce import fused
 
         passes = host_passes()
         if self.state is None:
-            arrays = _dense_arrays(batch, self.group, outcome, self.covariates, span[0], passes)
-            self.state = host.accumulate(*arrays, 2 * span[1], passes=passes)
+            self.state, _ = self._sums(batch, outcome, span, passes)
             (self.low, self.keys), self.rows = span, batch.height
             self.base, self.capacity = span
             return
         self._cover(span)
         window = slice(2 * (span[0] - self.base), 2 * (span[0] - self.base + span[1]))
         count, shift, sums, products = self.state
-        seen = count[window] > 0
-        from engine.reduce import fused
-
-        if fused.keyed_applies(passes, 2 * span[1]) and seen.all():
-            # Every segment has a shift: one pass straight from the key and arm columns.
-            arrays = None
+        if self._direct(passes, span):
+            # Added in place but for the segments that fail the far test, which stay as they were.
+            key, arm = _key_and_arm(batch, self.group)
             y, x = _dense_values(batch, outcome, self.covariates)
-            part = fused.keyed_sums(*_key_and_arm(batch, self.group), span[0], y, x, shift[:, window], 2 * span[1])
-        else:
-            arrays = _dense_arrays(batch, self.group, outcome, self.covariates, span[0], passes)
-            part = host.accumulate(*arrays, 2 * span[1], shift=shift[:, window], seen=seen, passes=passes)
+            here = tuple(a[..., window] for a in self.state)
+            far = fused.direct_fold(key, y, x, here, SHIFT_TOLERANCE, arm=arm, low=span[0])
+            if far.any():
+                rebased = self._rebase(far, _dense_arrays(batch, self.group, outcome, self.covariates, span[0],
+                                                          passes), window)
+                for mine, theirs in zip(self.state, rebased):
+                    mine[..., window][..., far] = theirs[..., far]
+            self.rows += batch.height
+            return
+        part, arrays = self._sums(batch, outcome, span, passes, shift[:, window], count[window] > 0)
         far = self._far(part, window)
         if far.any() and arrays is None:
             arrays = _dense_arrays(batch, self.group, outcome, self.covariates, span[0], passes)
         rebased = self._rebase(far, arrays, window) if far.any() else None
-        shift[:, window] = part.shift        # unchanged where seen; the batch's means elsewhere
+        shift[:, window] = part.shift        # unchanged where seen; the batch's own elsewhere
         count[window] += part.count
         sums[:, window] += part.sums
         products[:, :, window] += part.products
@@ -291,6 +293,34 @@ class _DenseRun:
             for mine, theirs in zip(self.state, rebased):
                 mine[..., window][..., far] = theirs[..., far]
         self.rows += batch.height
+
+    @staticmethod
+    def _direct(passes, span) -> bool:
+        """Whether the batch's segments are many enough for ``fused.direct_sums``' pass."""
+        from engine.reduce import fused
+
+        return passes is fused.PASSES and passes is not None and 2 * span[1] >= fused.DIRECT_SEGMENTS
+
+    def _sums(self, batch: pl.DataFrame, outcome: str, span, passes, shift=None, seen=None):
+        """The batch's ``kernels.host.Sums`` over its ``span``, about ``shift`` where ``seen``,
+        and the (segment ids, y, x) arrays where they were made (else None). From the key and
+        arm columns themselves, with no id array, where the compiled passes allow: one direct
+        pass at many segments (``fused.direct_sums``), one counting pass where every segment
+        has a shift (``fused.keyed_sums``)."""
+        from kernels import host
+
+        from engine.reduce import fused
+
+        segments = 2 * span[1]
+        if self._direct(passes, span):
+            key, arm = _key_and_arm(batch, self.group)
+            y, x = _dense_values(batch, outcome, self.covariates)
+            return fused.direct_sums(key, y, x, segments, shift, seen, arm=arm, low=span[0]), None
+        if seen is not None and fused.keyed_applies(passes, segments) and seen.all():
+            y, x = _dense_values(batch, outcome, self.covariates)
+            return fused.keyed_sums(*_key_and_arm(batch, self.group), span[0], y, x, shift, segments), None
+        arrays = _dense_arrays(batch, self.group, outcome, self.covariates, span[0], passes)
+        return host.accumulate(*arrays, segments, shift=shift, seen=seen, passes=passes), arrays
 
     def _far(self, part, window):
         """Segments whose sums about their shift would cost M2 more than ``SHIFT_TOLERANCE``

@@ -1,5 +1,5 @@
 """Property: the polars, jax and dask backends agree on any data the validator accepts (the
-polars backend also with its compiled passes' window reordering forced on at any size).
+polars backend also with its compiled passes' direct pass forced on at any size).
 
 Random row counts, group counts and nesting, covariates, arms missing from
 groups, one-row cells, ties, large offsets and tiny or huge spreads. The jax
@@ -71,19 +71,20 @@ def datasets(draw):
     return frame, tuple(levels), tuple(f"x{j}" for j in range(k)), options
 
 
-def _windowed(reduce_fn):
-    """``reduce_fn()`` with the compiled host passes' window reordering at every segment count,
-    in windows of four segments (``engine.reduce.fused.partitioned_sums``), or None without Numba."""
+def _direct(reduce_fn):
+    """``reduce_fn()`` with the compiled host passes' direct pass (a table a half,
+    ``engine.reduce.fused.direct_sums``/``direct_fold``) at every segment count, or None
+    without Numba."""
     from engine.reduce import fused
 
     if fused.PASSES is None:
         return None
-    saved = fused.PARTITION_SEGMENTS, fused.WINDOW_BITS
-    fused.PARTITION_SEGMENTS, fused.WINDOW_BITS = 0, 2
+    saved = fused.DIRECT_SEGMENTS
+    fused.DIRECT_SEGMENTS = 0
     try:
         return reduce_fn()
     finally:
-        fused.PARTITION_SEGMENTS, fused.WINDOW_BITS = saved
+        fused.DIRECT_SEGMENTS = saved
 
 
 @settings(max_examples=20, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
@@ -94,7 +95,7 @@ def test_backends_agree(client, dataset):
     checked = validate.check(validate.resolve_source(frame), spec)
 
     polars_cells = reduce_polars(checked.rows, levels, "y", covariates, batch_rows=options["batch_rows"])
-    windowed_cells = _windowed(lambda: reduce_polars(checked.rows, levels, "y", covariates,
+    direct_cells = _direct(lambda: reduce_polars(checked.rows, levels, "y", covariates,
                                                      batch_rows=options["batch_rows"]))
     traces = jax_backend.TRACES["accumulate"]
     jax_cells = reduce_jax(checked.rows, levels, "y", covariates, block_rows=JAX_BLOCK_ROWS)
@@ -106,7 +107,7 @@ def test_backends_agree(client, dataset):
     dask_cells = reduce_dask(checked, spec, client=client, **options)
 
     assert polars_cells.n_rows == frame.height
-    for cells in (jax_cells, dask_cells) + ((windowed_cells,) if windowed_cells is not None else ()):
+    for cells in (jax_cells, dask_cells) + ((direct_cells,) if direct_cells is not None else ()):
         assert_same_layout(cells, polars_cells)
         assert_cells_agree(cells, polars_cells, list(levels), list(covariates))
 

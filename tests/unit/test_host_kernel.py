@@ -10,22 +10,21 @@ import pytest
 from engine.reduce import fused
 from kernels import host
 
-PASSES = {"numpy": host.NUMPY, "fused": fused.PASSES, "windowed": fused.PASSES}
+PASSES = {"numpy": host.NUMPY, "fused": fused.PASSES, "direct": fused.PASSES}
 
 
-def windowed(monkeypatch, bits=2):
-    """fused.partitioned_sums at any segment count, in windows of 2**bits segments (tiny, so
-    that a few segments make several windows)."""
-    monkeypatch.setattr(fused, "PARTITION_SEGMENTS", 0)
-    monkeypatch.setattr(fused, "WINDOW_BITS", bits)
+def direct(monkeypatch):
+    """fused.direct_sums at any segment count (it stands in for the passes from
+    ``DIRECT_SEGMENTS`` on)."""
+    monkeypatch.setattr(fused, "DIRECT_SEGMENTS", 0)
 
 
 @pytest.fixture(params=sorted(PASSES))
 def passes(request, monkeypatch):
     if PASSES[request.param] is None:
         pytest.skip("numba is not installed")
-    if request.param == "windowed":
-        windowed(monkeypatch)
+    if request.param == "direct":
+        direct(monkeypatch)
     return PASSES[request.param]
 
 
@@ -110,11 +109,11 @@ def test_out_of_range_segment_and_bad_shapes_are_refused(passes):
 
 
 @pytest.mark.parametrize("k", [0, 1, 3])
-@pytest.mark.parametrize("route", ["fused", "windowed"])
+@pytest.mark.parametrize("route", ["fused", "direct"])
 def test_fused_passes_agree_with_numpy_passes_about_running_shifts(k, route, monkeypatch):
     """Each covariate count the fused loops specialise (0, 1) and the general loop (3), for a
     first batch and for a later one added about the first one's shifts (some segments new);
-    the windowed route at 40 segments in windows of 8."""
+    the direct route at 40 segments."""
     if fused.PASSES is None:
         pytest.skip("numba is not installed")
     rng = np.random.default_rng(5 + k)
@@ -123,8 +122,8 @@ def test_fused_passes_agree_with_numpy_passes_about_running_shifts(k, route, mon
     y1, y2 = rng.normal(1e9, 1.0, first_ids.size), rng.normal(1e9 + 0.5, 1.0, later_ids.size)
     x1, x2 = rng.normal(size=(first_ids.size, k)), rng.normal(size=(later_ids.size, k))
     for passes in (host.NUMPY, fused.PASSES):
-        if route == "windowed" and passes is fused.PASSES:
-            windowed(monkeypatch, bits=3)
+        if route == "direct" and passes is fused.PASSES:
+            direct(monkeypatch)
         state = host.accumulate(first_ids, y1, x1, segments, passes=passes)
         later = host.accumulate(later_ids, y2, x2, segments, shift=state.shift, seen=state.count > 0,
                                 passes=passes)
@@ -164,14 +163,24 @@ def test_fused_segment_ids_never_wrap(dtype, low, high):
         np.testing.assert_array_equal(fused.segment_ids(key, arm.astype(bool), low), want)
 
 
-def test_windowed_route_is_exact_where_a_first_row_is_far_out(monkeypatch):
-    """The windowed route's first pass adds each segment's rows about its first row: sums whose
-    M2 would carry a relative rounding of ~ε·√n·Σd²/M2, up to ~ε·n^1.5 (Σd²/M2 ≤ 1 + n), ~1e-7
-    for a segment of 10⁶ rows whose first row is 10⁴ sds out. Its second pass, about the first
-    one's mean, leaves the moments equal to the NumPy two-pass ones to 1e-11."""
+def test_direct_route_refines_a_segment_whose_first_row_is_far_out(monkeypatch):
+    """The direct route adds each new segment's rows about its first row: sums whose M2 would
+    carry a relative rounding of ~ε·√n·Σd²/M2, up to ~ε·n^1.5 (Σd²/M2 ≤ 1 + n), ~1e-7 for a
+    segment of 10⁶ rows whose first row is 10⁴ sds out. Such a segment (and only it) is added
+    again about its mean, which leaves the moments equal to the NumPy two-pass ones to 1e-11."""
     if fused.PASSES is None:
         pytest.skip("numba is not installed")
-    windowed(monkeypatch)
+    direct(monkeypatch)
+    refined = []
+    loop = fused._fold_loop
+
+    def fold_loop(first, second, a, b, seen, refine, again, *rest):
+        more = loop(first, second, a, b, seen, refine, again, *rest)
+        if more:
+            refined.append(np.flatnonzero(again[a:b]) + a)
+        return more
+
+    monkeypatch.setattr(fused, "_fold_loop", fold_loop)
     rng = np.random.default_rng(9)
     rows = 1_000_000
     ids = np.where(rng.random(rows) < 0.9, 0, rng.integers(1, 11, rows))    # segment 0: ~9e5 rows
@@ -180,6 +189,7 @@ def test_windowed_route_is_exact_where_a_first_row_is_far_out(monkeypatch):
     y[0], x[0, 0], ids[0] = 1e9 + 1e4, 5.0 + 2e4, 0                       # its first row, far out
     got = host.reduce(ids, y, x, 11, passes=fused.PASSES)
     want = host.reduce(ids, y, x, 11, passes=host.NUMPY)
+    assert [r.tolist() for r in refined] == [[0]]
     np.testing.assert_array_equal(got.count, want.count)
     np.testing.assert_allclose(got.mean, want.mean, rtol=1e-15)
     np.testing.assert_allclose(got.m2, want.m2, rtol=1e-11)
@@ -188,21 +198,61 @@ def test_windowed_route_is_exact_where_a_first_row_is_far_out(monkeypatch):
     assert np.all(np.abs(got.xy_m2[:, 0] - want.xy_m2[:, 0]) <= 1e-11 * scale)
 
 
-def test_windowed_route_refuses_out_of_range_ids_and_keeps_shifts(monkeypatch):
+def test_direct_route_refuses_out_of_range_ids_and_keeps_shifts(monkeypatch):
     if fused.PASSES is None:
         pytest.skip("numba is not installed")
-    windowed(monkeypatch)
-    with pytest.raises(ValueError, match="segment id 9 is outside"):
-        fused.partitioned_sums(np.array([0, 9, 1]), np.zeros(3), np.zeros((3, 0)), 9)
-    with pytest.raises(ValueError, match="segment id -2 is outside"):
-        fused.partitioned_sums(np.array([0, 1, -2]), np.zeros(3), np.zeros((3, 0)), 9)
+    direct(monkeypatch)
+    for ids, bad in (([0, 9, 1], 9), ([0, 1, -2], -2)):
+        with pytest.raises(ValueError, match=f"segment id {bad} is outside"):
+            fused.direct_sums(np.array(ids), np.zeros(3), np.zeros((3, 0)), 9)
+    key, arm = np.array([3, 7, 12], np.int64), np.array([0, 1, 1], np.int8)
+    with pytest.raises(ValueError, match="segment id 19 is outside"):             # 2·(12 − 3) + 1
+        fused.direct_sums(key, np.zeros(3), np.zeros((3, 1)), 18, arm=arm, low=3)
     rng = np.random.default_rng(3)
-    ids = rng.integers(0, 9, 500)
+    ids = rng.integers(0, 8, 500)                                       # segment 8 has no rows
     shift, seen = rng.normal(size=(1, 9)), np.arange(9) % 3 == 0
-    got = fused.partitioned_sums(ids, rng.normal(size=500), np.zeros((500, 0)), 9, shift, seen)
+    got = fused.direct_sums(ids, rng.normal(size=500), np.zeros((500, 0)), 9, shift, seen)
     assert np.array_equal(got.shift[:, seen], shift[:, seen])     # the caller's, where it has one
-    monkeypatch.setattr(fused, "PARTITION_SEGMENTS", 10)
-    assert fused.partitioned_sums(ids, np.zeros(500), np.zeros((500, 0)), 9) is None   # declined
+    monkeypatch.setattr(fused, "DIRECT_SEGMENTS", 10)
+    assert fused.direct_sums(ids, np.zeros(500), np.zeros((500, 0)), 9) is None   # declined
+
+
+@pytest.mark.parametrize("k", [0, 1, 3])
+def test_direct_fold_is_direct_sums_then_the_far_test_then_an_add(k, monkeypatch):
+    """``direct_fold`` into a run's arrays (views into wider ones, as a dense run passes) gives
+    the bits of ``direct_sums`` about the run's shifts, ``far_segments`` and an add, and leaves
+    the segments that fail the far test as they were; keys and arms give the bits of their
+    segment ids, for UInt64 keys near 2⁶⁴ too."""
+    if fused.PASSES is None:
+        pytest.skip("numba is not installed")
+    direct(monkeypatch)
+    rng = np.random.default_rng(30 + k)
+    segments, rows = 60, 40_000
+    first_ids = np.where(np.arange(rows) == 5, 7, rng.integers(8, 50, rows))   # segment 7: one row
+    later_ids = np.where(rng.random(rows) < 0.5, 7, rng.integers(0, segments, rows))  # 50–59 new here
+    y1, y2 = rng.normal(1e9, 1.0, rows), rng.normal(1e9, 1.0, rows)
+    y1[5] += 1e7            # that row 1e7 sds above segment 7's ~2·10⁴ later ones: its shift, far out
+    x1, x2 = rng.normal(size=(rows, k)), rng.normal(size=(rows, k))
+    state = fused.direct_sums(first_ids, y1, x1, segments)
+    seen = state.count > 0
+    part = fused.direct_sums(later_ids, y2, x2, segments, state.shift, seen)
+    want_far = fused.far_segments(state, part, 1e-11)
+    assert want_far[7] and want_far.sum() == 1
+    wide = [np.concatenate([np.zeros(a.shape[:-1] + (3,), a.dtype), a, np.zeros(a.shape[:-1] + (2,), a.dtype)],
+                           axis=-1) for a in state]
+    into = tuple(a[..., 3:3 + segments] for a in wide)
+    low = np.uint64(2**64 - 100)
+    key, arm = (low + (later_ids // 2).astype(np.uint64)), (later_ids % 2).astype(np.int8)
+    far = fused.direct_fold(key, y2, x2, into, 1e-11, arm=arm, low=int(low))
+    np.testing.assert_array_equal(far, want_far)
+    keep = ~want_far
+    np.testing.assert_array_equal(into[0][keep], (state.count + part.count)[keep])
+    np.testing.assert_array_equal(into[1][:, keep], np.where(seen, state.shift, part.shift)[:, keep])
+    np.testing.assert_array_equal(into[2][:, keep], (state.sums + part.sums)[:, keep])
+    np.testing.assert_array_equal(into[3][..., keep], (state.products + part.products)[..., keep])
+    for mine, before in zip(into, state):
+        np.testing.assert_array_equal(mine[..., want_far], before[..., want_far])
+    assert all(not a[..., :3].any() and not a[..., -2:].any() for a in wide)   # nothing outside the window
 
 
 def test_compiled_far_test_agrees_with_numpy():

@@ -593,18 +593,18 @@ def test_merging_tables_stacks_the_cells_outside_the_shared_key_range():
 
 
 def dense_route(route, monkeypatch):
-    """``windowed``: the compiled passes' window reordering (engine.reduce.fused.partitioned_sums)
-    at any segment count, in windows of four segments; ``passes``: the dense route as it comes."""
+    """``direct``: the compiled passes' one direct pass into a table a half
+    (engine.reduce.fused.direct_sums, direct_fold) at any segment count; ``passes``: the dense
+    route as it comes."""
     from engine.reduce import fused
 
-    if route == "windowed":
+    if route == "direct":
         if fused.PASSES is None:
             pytest.skip("numba is not installed")
-        monkeypatch.setattr(fused, "PARTITION_SEGMENTS", 0)
-        monkeypatch.setattr(fused, "WINDOW_BITS", 2)
+        monkeypatch.setattr(fused, "DIRECT_SEGMENTS", 0)
 
 
-@pytest.mark.parametrize("route", ["passes", "windowed"])
+@pytest.mark.parametrize("route", ["passes", "direct"])
 @pytest.mark.parametrize("offset", [0.0, 1e9])
 def test_dense_run_of_repeated_keys_skips_the_first_pass(offset, route, monkeypatch):
     """Every batch after the first sees only keys the run has shifts for, so its first pass
@@ -618,10 +618,16 @@ def test_dense_run_of_repeated_keys_skips_the_first_pass(offset, route, monkeypa
     from engine.reduce import fused
 
     calls = []
-    original, keyed = host.accumulate, fused.keyed_sums
+    original, keyed, folded = host.accumulate, fused.keyed_sums, fused.direct_fold
     monkeypatch.setattr(host, "accumulate", lambda *a, **k: calls.append(k.get("seen")) or original(*a, **k))
-    # The compiled passes take a batch whose segments all have shifts straight from the keys.
+    # The compiled passes take a batch whose segments all have shifts straight from the keys:
+    # one counting pass (few segments) or one direct pass folded into the run (many).
     monkeypatch.setattr(fused, "keyed_sums", lambda *a: calls.append("keyed") or keyed(*a))
+    monkeypatch.setattr(fused, "direct_fold", lambda *a, **k: calls.append("folded") or folded(*a, **k))
+    if route == "direct":
+        direct = fused.direct_sums
+        monkeypatch.setattr(fused, "direct_sums", lambda *a, **k: calls.append(a[5] if len(a) > 5 else None)
+                            or direct(*a, **k))
     rng = np.random.default_rng(11)
     rows = 6_000
     key = rng.integers(0, 20, rows)
@@ -630,8 +636,8 @@ def test_dense_run_of_repeated_keys_skips_the_first_pass(offset, route, monkeypa
                           "y": offset + drift + rng.normal(size=rows), "x": offset + rng.normal(size=rows)})
     got = backend.reduce_polars(frame.lazy(), ["g"], "y", ["x"], batch_rows=500)
     assert calls[0] is None and len(calls) == 12
-    assert all(seen == "keyed" if route == "passes" and fused.PASSES is not None
-               else seen is not None and seen.all() for seen in calls[1:])
+    later = {"passes": "keyed" if fused.PASSES is not None else None, "direct": "folded"}[route]
+    assert all(seen == later if later else seen is not None and seen.all() for seen in calls[1:])
     assert_cells_agree(got, reference_cells(frame, ["g"], ["x"], arm="arm"), ["g"], ["x"])
 
 
@@ -687,7 +693,7 @@ def test_polars_backend_streams_a_dataset_larger_than_its_memory_limit(tmp_path)
     assert float(peak_mib) < limit_mib
 
 
-@pytest.mark.parametrize("route", ["passes", "windowed"])
+@pytest.mark.parametrize("route", ["passes", "direct"])
 def test_dense_run_refolds_a_segment_that_jumps_far_from_its_shift(route, monkeypatch):
     """Segment 0 has one row at 1e7 in the first batch, then 1.5e5 rows near 0 (1e7 sds
     away): summed about that first row, its M2 would carry a rounding of ~ε·√n·Σd², ~1e-8
