@@ -184,9 +184,9 @@ def _reduce_dense(batch: pl.DataFrame, group: str, outcome: str, covariates, spa
     from kernels import host
 
     passes = host_passes()
-    return _dense_table(host.reduce(*_dense_arrays(batch, group, outcome, covariates, span[0], passes),
-                                    2 * span[1], passes=passes),
-                        span[0], group, batch.schema[group], covariates)
+    return _dense_sums_table(host.accumulate(*_dense_arrays(batch, group, outcome, covariates, span[0], passes),
+                                             2 * span[1], passes=passes),
+                             span[0], group, batch.schema[group], covariates)
 
 
 def _dense_arrays(batch: pl.DataFrame, group: str, outcome: str, covariates, low: int, passes):
@@ -213,6 +213,23 @@ def _dense_values(batch: pl.DataFrame, outcome: str, covariates):
 def _key_and_arm(batch: pl.DataFrame, group: str):
     """The key and arm columns as NumPy arrays, as Polars holds them (no copies)."""
     return batch[group].to_numpy(), batch["arm"].to_numpy()
+
+
+def _dense_sums_table(sums, low: int, group: str, dtype, covariates) -> pl.DataFrame:
+    """``kernels.host.Sums`` over segments ``2·(key − low) + arm`` → the cell table of the
+    present cells: ``_dense_table(host.finish(sums), …)``, by one compiled loop where Numba is."""
+    from kernels import host
+
+    from engine.reduce import fused
+
+    if fused.numba is None:
+        return _dense_table(host.finish(sums), low, group, dtype, covariates)
+    from engine.cells import covariate_columns
+
+    present, n, columns = fused.cell_columns(sums)
+    names = ["mean", "m2", *covariate_columns(covariates)]
+    return pl.DataFrame([keys_at(present // 2, low, dtype).alias(group), pl.Series("arm", present % 2, pl.Int8),
+                         pl.Series("n", n), *[pl.Series(name, columns[:, j]) for j, name in enumerate(names)]])
 
 
 def _dense_table(moments, low: int, group: str, dtype, covariates) -> pl.DataFrame:
@@ -382,8 +399,8 @@ class _DenseRun:
 
         start = 2 * (self.low - self.base)
         window = slice(start, start + 2 * self.keys)
-        table = _dense_table(host.finish(host.Sums(*(a[..., window] for a in self.state))), self.low, self.group,
-                             self.dtype, self.covariates)
+        table = _dense_sums_table(host.Sums(*(a[..., window] for a in self.state)), self.low, self.group,
+                                  self.dtype, self.covariates)
         self.state, self.rows = None, 0
         return table
 

@@ -295,3 +295,27 @@ def test_a_batch_with_every_shift_known_is_one_counting_pass(k):
     ids[-1] = 30
     with pytest.raises(ValueError, match="segment id 30 is outside"):
         host.accumulate(ids, y, x, 30, shift=shift, seen=seen, passes=fused.PASSES)
+
+
+@pytest.mark.parametrize("k", [0, 1, 3])
+def test_cell_columns_are_the_bits_of_finish_and_stat_columns(k):
+    """``fused.cell_columns`` (one loop) gives the columns ``kernels.host.finish`` and
+    ``engine.cells.stat_columns`` give, bit for bit, for the cells with rows only, from sums
+    about shifts near 1e9 and from views into wider arrays (as a dense run's window)."""
+    if fused.PASSES is None:
+        pytest.skip("numba is not installed")
+    from engine.cells import stat_columns
+
+    rng = np.random.default_rng(40 + k)
+    segments, rows = 90, 20_000
+    ids = rng.integers(0, segments - 10, rows)                     # the last ten stay empty
+    y, x = rng.normal(1e9, 1.0, rows), rng.normal(-3e8, 2.0, (rows, k))
+    sums = host.accumulate(ids, y, x, segments, passes=host.NUMPY)
+    wide = host.Sums(*(np.concatenate([np.ones(a.shape[:-1] + (4,), a.dtype), a], axis=-1) for a in sums))
+    window = host.Sums(*(a[..., 4:] for a in wide))
+    present, n, columns = fused.cell_columns(window)
+    want = stat_columns(np.flatnonzero(sums.count), *host.finish(sums), [f"x{j}" for j in range(k)])
+    np.testing.assert_array_equal(present, np.flatnonzero(sums.count))
+    np.testing.assert_array_equal(n, want["n"].to_numpy())
+    for j, name in enumerate(want.columns[2:]):
+        np.testing.assert_array_equal(columns[:, j], want[name].to_numpy(), err_msg=name)
