@@ -510,25 +510,23 @@ if numba is not None:
     _start_loop, _fold_loop = _jit(_start_loop), _jit(_fold_loop)
 
 
-def _tables(segments: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """Two (segments, width) tables on 64-byte lines, this thread's own, reused from call to
-    call (fresh memory costs page faults: 2·10⁵ segments, 4·2²⁰ rows, 13 → 21 ms a call on
-    machine A); ``release_buffers`` hands them back."""
-    size = segments * width
-    held = getattr(_LOCAL, "tables", None)
-    if held is None or held.shape[0] < 2 * size + 8:
-        held = _LOCAL.tables = np.empty(2 * size + 8)
-    skip = (-held.ctypes.data % 64) // 8
-    flat = held[skip:skip + 2 * size]
-    return flat[:size].reshape(segments, width), flat[size:].reshape(segments, width)
+class Scratch:
+    """Memory for ``direct_sums``' two tables, kept from call to call by whoever holds it (a
+    dense run, for its batches): fresh memory costs page faults (2·10⁵ segments, 4·2²⁰ rows:
+    13 → 21 ms a call on machine A), and keeping it past the run would hold 2 × 64 bytes a
+    segment, 1 GB at 8·10⁶ segments, for nothing."""
 
+    def __init__(self):
+        self.flat = None
 
-def release_buffers() -> None:
-    """Drop this thread's reused buffers (segment ids, tables): a reduce over many segments
-    holds a few hundred MB of them at 10⁶ groups."""
-    for name in ("ids", "tables"):
-        if hasattr(_LOCAL, name):
-            delattr(_LOCAL, name)
+    def tables(self, segments: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """Two (segments, width) tables on 64-byte lines."""
+        size = segments * width
+        if self.flat is None or self.flat.shape[0] < 2 * size + 8:
+            self.flat = np.empty(2 * size + 8)
+        skip = (-self.flat.ctypes.data % 64) // 8
+        flat = self.flat[skip:skip + 2 * size]
+        return flat[:size].reshape(segments, width), flat[size:].reshape(segments, width)
 
 
 def _zero_sums(segments: int, c: int):
@@ -543,7 +541,7 @@ def _zero_sums(segments: int, c: int):
     return count, shift, sums, products
 
 
-def direct_sums(ids, y, x, num_segments, shift=None, seen=None, *, arm=None, low=0):
+def direct_sums(ids, y, x, num_segments, shift=None, seen=None, *, arm=None, low=0, scratch=None):
     """``kernels.host.accumulate``'s result for many segments, or None below ``DIRECT_SEGMENTS``
     (the caller's passes then run as usual).
 
@@ -560,7 +558,7 @@ def direct_sums(ids, y, x, num_segments, shift=None, seen=None, *, arm=None, low
     rows, added again in a second pass over the rows of those segments alone. Each half adds
     its rows in row order and the halves depend on the row count alone, so the bits depend on
     the rows, not on the machine. With ``arm``, ``ids`` is the key column and the segments are
-    ``2·(key − low) + arm`` (no id array).
+    ``2·(key − low) + arm`` (no id array). ``scratch``: a ``Scratch`` to reuse for the tables.
     """
     if numba is None or num_segments < DIRECT_SEGMENTS:
         return None
@@ -569,23 +567,24 @@ def direct_sums(ids, y, x, num_segments, shift=None, seen=None, *, arm=None, low
         shift, seen = np.zeros((c, num_segments)), np.zeros(num_segments, bool)
     into = _zero_sums(num_segments, c)
     np.copyto(into[1], shift, where=seen)   # kept for the caller's segments without rows here too
-    _direct(ids, y, x, num_segments, shift, seen, into, 0.0, arm, low)
+    _direct(ids, y, x, num_segments, shift, seen, into, 0.0, arm, low, scratch)
     from kernels import host
 
     return host.Sums(*into)
 
 
-def direct_fold(ids, y, x, into, tolerance: float, *, arm=None, low=0) -> np.ndarray:
+def direct_fold(ids, y, x, into, tolerance: float, *, arm=None, low=0, scratch=None) -> np.ndarray:
     """``direct_sums`` about ``into``'s shifts where it has rows (``kernels.host.Sums``, e.g. a
     dense run's arrays over the batch's segments, views allowed), added into it in place; a
     segment whose sums, with ``into``'s, fail ``far_segments``' test at ``tolerance`` is left
     as it is and marked in the returned (S,) bool array, for the caller to fold another way.
     The same sums as ``direct_sums`` then ``far_segments`` and an add, without the segment-
-    sized arrays in between (2·10⁵ segments: ~4 ms a batch on machine A)."""
-    return _direct(ids, y, x, into[0].shape[0], into[1], np.asarray(into[0]) > 0, into, tolerance, arm, low)
+    sized arrays in between."""
+    return _direct(ids, y, x, into[0].shape[0], into[1], np.asarray(into[0]) > 0, into, tolerance, arm, low,
+                   scratch)
 
 
-def _direct(ids, y, x, num_segments, shift, seen, into, tolerance, arm, low):
+def _direct(ids, y, x, num_segments, shift, seen, into, tolerance, arm, low, scratch):
     """``direct_sums``/``direct_fold``: the pass, the refinement, the fold; returns ``far``."""
     if arm is None:
         ids, y, x = _rows(ids, y, x)
@@ -596,7 +595,7 @@ def _direct(ids, y, x, num_segments, shift, seen, into, tolerance, arm, low):
     rows, k = y.shape[0], x.shape[1]
     shift = np.asarray(shift, np.float64)
     seen = np.ascontiguousarray(seen, np.bool_)
-    first, second = _tables(num_segments, _table_width(1 + k))
+    first, second = (scratch or Scratch()).tables(num_segments, _table_width(1 + k))
     rows_at, segments_at = (0, rows // 2, rows), (0, num_segments // 2, num_segments)
 
     def both(fn, cut, first_args, second_args):

@@ -264,6 +264,7 @@ class _DenseRun:
         # cost O(keys) copying in all, not O(keys) a batch.
         self.base = self.capacity = 0
         self.state = None
+        self.scratch = None   # fused.Scratch: the direct pass's tables, from batch to batch
 
     def fits(self, span, rows: int) -> bool:
         if self.state is None:
@@ -289,7 +290,7 @@ class _DenseRun:
             key, arm = _key_and_arm(batch, self.group)
             y, x = _dense_values(batch, outcome, self.covariates)
             here = tuple(a[..., window] for a in self.state)
-            far = fused.direct_fold(key, y, x, here, SHIFT_TOLERANCE, arm=arm, low=span[0])
+            far = fused.direct_fold(key, y, x, here, SHIFT_TOLERANCE, arm=arm, low=span[0], scratch=self._scratch())
             if far.any():
                 rebased = self._rebase(far, _dense_arrays(batch, self.group, outcome, self.covariates, span[0],
                                                           passes), window)
@@ -310,6 +311,12 @@ class _DenseRun:
             for mine, theirs in zip(self.state, rebased):
                 mine[..., window][..., far] = theirs[..., far]
         self.rows += batch.height
+
+    def _scratch(self):
+        from engine.reduce import fused
+
+        self.scratch = self.scratch or fused.Scratch()
+        return self.scratch
 
     @staticmethod
     def _direct(passes, span) -> bool:
@@ -332,7 +339,8 @@ class _DenseRun:
         if self._direct(passes, span):
             key, arm = _key_and_arm(batch, self.group)
             y, x = _dense_values(batch, outcome, self.covariates)
-            return fused.direct_sums(key, y, x, segments, shift, seen, arm=arm, low=span[0]), None
+            return fused.direct_sums(key, y, x, segments, shift, seen, arm=arm, low=span[0],
+                                     scratch=self._scratch()), None
         if seen is not None and fused.keyed_applies(passes, segments) and seen.all():
             y, x = _dense_values(batch, outcome, self.covariates)
             return fused.keyed_sums(*_key_and_arm(batch, self.group), span[0], y, x, shift, segments), None
@@ -401,7 +409,7 @@ class _DenseRun:
         window = slice(start, start + 2 * self.keys)
         table = _dense_sums_table(host.Sums(*(a[..., window] for a in self.state)), self.low, self.group,
                                   self.dtype, self.covariates)
-        self.state, self.rows = None, 0
+        self.state, self.rows, self.scratch = None, 0, None
         return table
 
 
