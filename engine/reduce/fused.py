@@ -250,8 +250,8 @@ def deviation_sums(ids, y, x, first, num_segments, counting=False, *, arm=None, 
 
 def keyed_applies(passes, num_segments: int) -> bool:
     """Whether ``keyed_sums`` may stand in for ``kernels.host.accumulate`` with ``passes``:
-    these compiled passes, where they count in the deviation pass and would not reorder the
-    rows in windows (there, random access to many segments costs more than the ids pass)."""
+    these compiled passes, where they count in the deviation pass and the segments are too few
+    for ``direct_sums`` (which reads the key and arm columns itself too)."""
     return passes is PASSES and PASSES is not None and passes.counting and num_segments < DIRECT_SEGMENTS
 
 
@@ -271,10 +271,10 @@ def keyed_sums(key, arm, low, y, x, shift, num_segments):
 
 # --- many segments: one packed table a half, its lines fetched ahead ------------------------
 
-#: From this many segments on, ``direct_sums`` stands in for the two passes. Below it the
-#: tables stay in L1/L2 and the passes' lighter loops are faster (machine A, 4·2²⁰ rows: 10²
-#: groups 1.2 against 1.7 ns a row, 10⁴ groups about even, 3·10⁴ groups 2.8 against 1.7).
-DIRECT_SEGMENTS = 1 << 14
+#: From this many segments on, ``direct_sums`` stands in for the two passes. Below it the tables
+#: stay in L1/L2 and the two routes run even (1e7 rows, 1–10³ groups: 22–26 ms either way on
+#: machine A); from here on the direct pass gains, 3·10³ groups 26–28 → 23 ms, 3·10⁴ 38–42 → 29.
+DIRECT_SEGMENTS = 1 << 11
 #: Rows ahead whose table line ``direct_sums``' loops ask the cache for. A line from L3 or
 #: memory takes ~100–300 ns, a row ~2–8: 32–64 rows ahead hide it (machine A, 2·10⁵ and 2·10⁶
 #: segments: 5.4 → 2.3 and 18.3 → 8.3 ns a row on two threads).
