@@ -227,6 +227,7 @@ def deviation_sums(ids, y, x, first, num_segments, counting=False, *, arm=None, 
         arm = _NO_ARM
     else:   # the key column as it is (any integer type); the loop reads it as int64
         y, x = np.ascontiguousarray(y, np.float64), np.ascontiguousarray(x, np.float64)
+        given_low = int(low)
         low = int(low) - 2**64 if int(low) >= 2**63 else int(low)   # as a UInt64 key reads
     c = 1 + x.shape[1]
     acc = np.zeros((num_segments, c + c * (c + 1) // 2 + int(counting)))
@@ -234,7 +235,7 @@ def deviation_sums(ids, y, x, first, num_segments, counting=False, *, arm=None, 
     loop = loops.get(x.shape[1], loops[None])
     bad = loop(ids, arm, low, y, x, np.ascontiguousarray(np.asarray(first, np.float64).T), acc)
     if bad >= 0:   # checked only when counting: otherwise the first pass checked the ids
-        segment = int(ids[bad]) if arm is _NO_ARM else 2 * (int(ids[bad]) - low) + int(arm[bad])
+        segment = int(ids[bad]) if arm is _NO_ARM else 2 * (int(ids[bad]) - given_low) + int(arm[bad])
         raise ValueError(f"segment id {segment} is outside [0, {num_segments})")
     sums = np.ascontiguousarray(acc[:, :c].T)
     products = np.empty((c, c, num_segments))
@@ -428,6 +429,21 @@ def _start_loop(table, a, b, shift, seen):
             table[s, 1] = np.nan
 
 
+def _rough(table, s, c, eps, tolerance):
+    """Whether segment ``s``'s sums in ``table`` (two rows or more) would leave M2 or a
+    covariate's Σ(x − x̄)² a relative rounding above ``tolerance``: ε·√n·Σd²/(Σd² − (Σd)²/n)."""
+    n = table[s, 0]
+    if n < 2.0:
+        return False
+    for u in range(c):
+        t = 1 + 2 * c + u * c - u * (u - 1) // 2
+        q = table[s, t]
+        m = table[s, 1 + c + u]
+        if eps * np.sqrt(n) * q > tolerance * (q - m * m / n):
+            return True
+    return False
+
+
 def _fold_loop(first, second, a, b, seen, refine, again, only, tolerance, count, shift, sums, products, far):
     """Segments a … b of both halves' tables added into ``kernels.host.Sums``' arrays (count,
     shift, sums, products: a dense run's, or zeros). Where the halves' shifts differ (a
@@ -439,8 +455,8 @@ def _fold_loop(first, second, a, b, seen, refine, again, only, tolerance, count,
     A segment is not added where either test finds the sums' rounding above its tolerance
     (ε·√n·Σd²/(Σd² − (Σd)²/n) for y and each covariate, ``_far_loop``'s test):
     - ``refine`` > 0, a segment not ``seen`` of two rows or more, its sums about its first
-      row: marked in ``again``, both tables' lines restarted about its rows' mean, for a
-      second pass over its rows;
+      row in either half (each half's own, and the two moved together): marked in ``again``,
+      both tables' lines restarted about its rows' mean, for a second pass over its rows;
     - ``tolerance`` > 0, its sums with the arrays' (about the same shift): marked in ``far``,
       for the caller to fold otherwise. Returns whether any segment was marked in ``again``."""
     c = shift.shape[0]
@@ -455,6 +471,10 @@ def _fold_loop(first, second, a, b, seen, refine, again, only, tolerance, count,
         n = n1 + n2
         if n == 0.0:
             continue
+        test = refine > 0.0 and n >= 2.0 and not seen[s]
+        # Each half's own sums about its own first row first: once moved to the other half's
+        # shift, a far-out first row's rounding no longer shows in them.
+        rough = test and (_rough(first, s, c, eps, refine) or _rough(second, s, c, eps, refine))
         if n1 > 0.0 and n2 > 0.0 and not seen[s]:   # the second line to the first's shift
             t = 1 + 2 * c
             for u in range(c):
@@ -467,9 +487,8 @@ def _fold_loop(first, second, a, b, seen, refine, again, only, tolerance, count,
                 second[s, 1 + c + u] += n2 * (second[s, 1 + u] - first[s, 1 + u])
                 second[s, 1 + u] = first[s, 1 + u]
         home = first if n1 > 0.0 else second
-        if refine > 0.0 and n >= 2.0 and not seen[s]:
-            rough = False
-            for u in range(c):
+        if test:
+            for u in range(c):   # and the halves together, about the first's shift
                 t = 1 + 2 * c + u * c - u * (u - 1) // 2
                 q = first[s, t] + second[s, t]
                 m = first[s, 1 + c + u] + second[s, 1 + c + u]
@@ -507,14 +526,16 @@ def _fold_loop(first, second, a, b, seen, refine, again, only, tolerance, count,
 
 
 if numba is not None:
+    _rough = numba.njit(_rough)
     _start_loop, _fold_loop = _jit(_start_loop), _jit(_fold_loop)
 
 
 class Scratch:
     """Memory for ``direct_sums``' two tables, kept from call to call by whoever holds it (a
     dense run, for its batches): fresh memory costs page faults (2·10⁵ segments, 4·2²⁰ rows:
-    13 → 21 ms a call on machine A), and keeping it past the run would hold 2 × 64 bytes a
-    segment, 1 GB at 8·10⁶ segments, for nothing."""
+    13 → 21 ms a call on machine A), and keeping it past the run would hold two lines of
+    ``_table_width`` values a segment (2 × 64 bytes with one covariate, 2 × 32 without, 2 × 192
+    with three: 1 GB at 8·10⁶ segments and one covariate) for nothing."""
 
     def __init__(self):
         self.flat = None
@@ -586,6 +607,7 @@ def direct_fold(ids, y, x, into, tolerance: float, *, arm=None, low=0, scratch=N
 
 def _direct(ids, y, x, num_segments, shift, seen, into, tolerance, arm, low, scratch):
     """``direct_sums``/``direct_fold``: the pass, the refinement, the fold; returns ``far``."""
+    given_low = int(low)
     if arm is None:
         ids, y, x = _rows(ids, y, x)
         arm = _NO_ARM
@@ -602,8 +624,11 @@ def _direct(ids, y, x, num_segments, shift, seen, into, tolerance, arm, low, scr
         """fn(*head, lo, hi, *tail) for the two halves of ``cut`` (row or segment bounds), each
         half's (head, tail) given; the first half on the helper thread."""
         done = _helper().submit(fn, *first_args[0], cut[0], cut[1], *first_args[1])
-        here = fn(*second_args[0], cut[1], cut[2], *second_args[1])
-        return done.result(), here
+        try:
+            here = fn(*second_args[0], cut[1], cut[2], *second_args[1])
+        finally:   # never leave the helper writing into the tables after this returns
+            there = done.result()
+        return there, here
 
     for table in (first, second):
         both(_start_loop, segments_at, ((table,), (shift, seen)), ((table,), (shift, seen)))
@@ -616,7 +641,7 @@ def _direct(ids, y, x, num_segments, shift, seen, into, tolerance, arm, low, scr
         rows_of = (ids, arm, low, y, x)
         for row in both(loop, rows_at, (rows_of, (first, again)), (rows_of, (second, again))):
             if row >= 0:   # the loops count rows from the start of ``ids``
-                segment = int(ids[row]) if arm is _NO_ARM else 2 * (int(ids[row]) - low) + int(arm[row])
+                segment = int(ids[row]) if arm is _NO_ARM else 2 * (int(ids[row]) - given_low) + int(arm[row])
                 raise ValueError(f"segment id {segment} is outside [0, {num_segments})")
 
     def fold(refine, only):

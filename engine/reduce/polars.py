@@ -244,12 +244,14 @@ def _dense_table(moments, low: int, group: str, dtype, covariates) -> pl.DataFra
 
 
 class _DenseRun:
-    """Successive dense batches folded in NumPy over their joint key range, no table joins.
+    """Successive dense batches folded over their joint key range, no table joins.
 
-    The run keeps ``kernels.host.Sums``: deviation sums about a shift per segment, the
-    first-pass mean of the first batch that had the segment. A later batch's sums about the
-    same shifts just add, in place (O(batch key range), no merge of finished moments), and
-    a batch whose segments all have shifts skips its first pass but for the count. Batches
+    The run keeps ``kernels.host.Sums``: deviation sums about a shift per segment, set by the
+    first batch that had the segment (its first-pass mean; on the direct route of
+    ``fused.direct_sums``, from 2¹¹ segments, its first row, or its mean where that row lies
+    far out). A later batch's sums about the same shifts just add, in place (O(batch key
+    range), no merge of finished moments; ``fused.direct_fold`` adds them as it makes them),
+    and a batch whose segments all have shifts skips its first pass but for the count. Batches
     whose keys fall in one range at most ``DENSE_MAX_KEYS`` wide (and at most twice the rows
     seen, or ``DENSE_MIN_KEYS``) join the run; ``table()`` hands it to the tree merger.
     Which batches form a run depends only on the data, so the result is the same bits on

@@ -163,11 +163,14 @@ def test_fused_segment_ids_never_wrap(dtype, low, high):
         np.testing.assert_array_equal(fused.segment_ids(key, arm.astype(bool), low), want)
 
 
-def test_direct_route_refines_a_segment_whose_first_row_is_far_out(monkeypatch):
-    """The direct route adds each new segment's rows about its first row: sums whose M2 would
-    carry a relative rounding of ~ε·√n·Σd²/M2, up to ~ε·n^1.5 (Σd²/M2 ≤ 1 + n), ~1e-7 for a
-    segment of 10⁶ rows whose first row is 10⁴ sds out. Such a segment (and only it) is added
-    again about its mean, which leaves the moments equal to the NumPy two-pass ones to 1e-11."""
+@pytest.mark.parametrize("half", [0, 1])
+def test_direct_route_refines_a_segment_whose_first_row_is_far_out(half, monkeypatch):
+    """The direct route adds each new segment's rows about its first row in each half of the
+    rows: sums whose M2 would carry a relative rounding of ~ε·√n·Σd²/M2, up to ~ε·n^1.5
+    (Σd²/M2 ≤ 1 + n), ~1e-7 for a segment of 10⁶ rows whose first row is 10⁴ sds out. Such a
+    segment (and only it) is added again about its mean, whichever half the far row opens
+    (in the second, moving that half's sums to the first half's shift would hide their
+    rounding), which leaves the moments equal to the NumPy two-pass ones to 1e-11."""
     if fused.PASSES is None:
         pytest.skip("numba is not installed")
     direct(monkeypatch)
@@ -186,7 +189,9 @@ def test_direct_route_refines_a_segment_whose_first_row_is_far_out(monkeypatch):
     ids = np.where(rng.random(rows) < 0.9, 0, rng.integers(1, 11, rows))    # segment 0: ~9e5 rows
     y = rng.normal(1e9, 1.0, rows)
     x = rng.normal(5.0, 2.0, (rows, 1))
-    y[0], x[0, 0], ids[0] = 1e9 + 1e4, 5.0 + 2e4, 0                       # its first row, far out
+    far = half * rows // 2                          # segment 0's first row in that half, far out
+    ids[0] = ids[far] = 0
+    y[far], x[far, 0] = 1e9 + 1e4, 5.0 + 2e4
     got = host.reduce(ids, y, x, 11, passes=fused.PASSES)
     want = host.reduce(ids, y, x, 11, passes=host.NUMPY)
     assert [r.tolist() for r in refined] == [[0]]
@@ -208,6 +213,13 @@ def test_direct_route_refuses_out_of_range_ids_and_keeps_shifts(monkeypatch):
     key, arm = np.array([3, 7, 12], np.int64), np.array([0, 1, 1], np.int8)
     with pytest.raises(ValueError, match="segment id 19 is outside"):             # 2·(12 − 3) + 1
         fused.direct_sums(key, np.zeros(3), np.zeros((3, 1)), 18, arm=arm, low=3)
+    low = 2**64 - 3000                                            # UInt64 keys above 2⁶³
+    key = np.array([low, 2**64 - 1, low + 1], np.uint64)
+    for sums in (lambda: fused.direct_sums(key, np.zeros(3), np.zeros((3, 0)), 4096, arm=arm * 0, low=low),
+                 lambda: fused.deviation_sums(key, np.zeros(3), np.zeros((3, 0)), np.zeros((1, 4096)), 4096, True,
+                                              arm=arm * 0, low=low)):
+        with pytest.raises(ValueError, match="segment id 5998 is outside"):      # 2·2999
+            sums()
     rng = np.random.default_rng(3)
     ids = rng.integers(0, 8, 500)                                       # segment 8 has no rows
     shift, seen = rng.normal(size=(1, 9)), np.arange(9) % 3 == 0
