@@ -584,7 +584,7 @@ def direct_sums(ids, y, x, num_segments, shift=None, seen=None, *, arm=None, low
     if numba is None or num_segments < DIRECT_SEGMENTS:
         return None
     c = 1 + np.shape(x)[1]
-    if shift is None:
+    if seen is None:   # as ``kernels.host.accumulate``: no segment has a shift, whatever ``shift`` holds
         shift, seen = np.zeros((c, num_segments)), np.zeros(num_segments, bool)
     into = _zero_sums(num_segments, c)
     np.copyto(into[1], shift, where=seen)   # kept for the caller's segments without rows here too

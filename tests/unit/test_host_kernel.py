@@ -225,6 +225,11 @@ def test_direct_route_refuses_out_of_range_ids_and_keeps_shifts(monkeypatch):
     shift, seen = rng.normal(size=(1, 9)), np.arange(9) % 3 == 0
     got = fused.direct_sums(ids, rng.normal(size=500), np.zeros((500, 0)), 9, shift, seen)
     assert np.array_equal(got.shift[:, seen], shift[:, seen])     # the caller's, where it has one
+    y = rng.normal(size=500)
+    unseen = fused.direct_sums(ids, y, np.zeros((500, 0)), 9)
+    for got in (fused.direct_sums(ids, y, np.zeros((500, 0)), 9, shift),       # a shift but no ``seen``
+                host.accumulate(ids, y, np.zeros((500, 0)), 9, shift=shift, passes=fused.PASSES)):
+        assert all(np.array_equal(a, b) for a, b in zip(got, unseen))     # as accumulate: none seen
     monkeypatch.setattr(fused, "DIRECT_SEGMENTS", 10)
     assert fused.direct_sums(ids, np.zeros(500), np.zeros((500, 0)), 9) is None   # declined
 
