@@ -429,17 +429,26 @@ def _start_loop(table, a, b, shift, seen):
             table[s, 1] = np.nan
 
 
-def _rough(table, s, c, eps, tolerance):
-    """Whether segment ``s``'s sums in ``table`` (two rows or more) would leave M2 or a
-    covariate's Σ(x − x̄)² a relative rounding above ``tolerance``: ε·√n·Σd²/(Σd² − (Σd)²/n)."""
+def _rounds_over(n, square, total, tolerance):
+    """Whether sums about a shift, Σd = ``total`` and Σd² = ``square`` over n rows, leave the
+    sum of squares about the mean a relative rounding above ``tolerance``:
+    ε·√n·Σd²/(Σd² − (Σd)²/n), the dense run's test and the direct pass's."""
+    return np.finfo(np.float64).eps * np.sqrt(n) * square > tolerance * (square - total * total / n)
+
+
+def _square_at(c, u):
+    """Where Σdᵤ² sits in a table's line (the upper triangle of Σdᵤd_v after count, shift, Σd)."""
+    return 1 + 2 * c + u * c - u * (u - 1) // 2
+
+
+def _rough(table, s, c, tolerance):
+    """Whether segment ``s``'s sums in ``table`` (two rows or more) fail ``_rounds_over`` for y
+    or a covariate."""
     n = table[s, 0]
     if n < 2.0:
         return False
     for u in range(c):
-        t = 1 + 2 * c + u * c - u * (u - 1) // 2
-        q = table[s, t]
-        m = table[s, 1 + c + u]
-        if eps * np.sqrt(n) * q > tolerance * (q - m * m / n):
+        if _rounds_over(n, table[s, _square_at(c, u)], table[s, 1 + c + u], tolerance):
             return True
     return False
 
@@ -460,7 +469,6 @@ def _fold_loop(first, second, a, b, seen, refine, again, only, tolerance, count,
     - ``tolerance`` > 0, its sums with the arrays' (about the same shift): marked in ``far``,
       for the caller to fold otherwise. Returns whether any segment was marked in ``again``."""
     c = shift.shape[0]
-    eps = np.finfo(np.float64).eps
     width = 1 + 2 * c + c * (c + 1) // 2
     more = False
     for s in range(a, b):
@@ -474,7 +482,7 @@ def _fold_loop(first, second, a, b, seen, refine, again, only, tolerance, count,
         test = refine > 0.0 and n >= 2.0 and not seen[s]
         # Each half's own sums about its own first row first: once moved to the other half's
         # shift, a far-out first row's rounding no longer shows in them.
-        rough = test and (_rough(first, s, c, eps, refine) or _rough(second, s, c, eps, refine))
+        rough = test and (_rough(first, s, c, refine) or _rough(second, s, c, refine))
         if n1 > 0.0 and n2 > 0.0 and not seen[s]:   # the second line to the first's shift
             t = 1 + 2 * c
             for u in range(c):
@@ -489,10 +497,9 @@ def _fold_loop(first, second, a, b, seen, refine, again, only, tolerance, count,
         home = first if n1 > 0.0 else second
         if test:
             for u in range(c):   # and the halves together, about the first's shift
-                t = 1 + 2 * c + u * c - u * (u - 1) // 2
-                q = first[s, t] + second[s, t]
-                m = first[s, 1 + c + u] + second[s, 1 + c + u]
-                rough = rough or eps * np.sqrt(n) * q > refine * (q - m * m / n)
+                t = _square_at(c, u)
+                rough = rough or _rounds_over(n, first[s, t] + second[s, t],
+                                              first[s, 1 + c + u] + second[s, 1 + c + u], refine)
             if rough:
                 again[s] = more = True
                 for u in range(c):
@@ -505,10 +512,9 @@ def _fold_loop(first, second, a, b, seen, refine, again, only, tolerance, count,
         if tolerance > 0.0:
             whole = count[s] + n
             for u in range(c):
-                t = 1 + 2 * c + u * c - u * (u - 1) // 2
-                q = products[u, u, s] + first[s, t] + second[s, t]
-                m = sums[u, s] + first[s, 1 + c + u] + second[s, 1 + c + u]
-                if eps * np.sqrt(whole) * q > tolerance * (q - m * m / whole):
+                t = _square_at(c, u)
+                if _rounds_over(whole, products[u, u, s] + first[s, t] + second[s, t],
+                                sums[u, s] + first[s, 1 + c + u] + second[s, 1 + c + u], tolerance):
                     far[s] = True
             if far[s]:
                 continue
@@ -526,7 +532,7 @@ def _fold_loop(first, second, a, b, seen, refine, again, only, tolerance, count,
 
 
 if numba is not None:
-    _rough = numba.njit(_rough)
+    _rounds_over, _square_at, _rough = (numba.njit(f) for f in (_rounds_over, _square_at, _rough))
     _start_loop, _fold_loop = _jit(_start_loop), _jit(_fold_loop)
 
 
@@ -702,16 +708,13 @@ def cell_columns(state) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _far_loop(count, sums, products, part_count, part_sums, part_products, tolerance, out):
-    eps = np.finfo(np.float64).eps
     for g in range(count.shape[0]):
         out[g] = False
         if part_count[g] == 0:
             continue
-        n = max(count[g] + part_count[g], 1)
+        n = np.float64(max(count[g] + part_count[g], 1))
         for u in range(sums.shape[0]):
-            total = sums[u, g] + part_sums[u, g]
-            square = products[u, u, g] + part_products[u, u, g]
-            if eps * np.sqrt(n) * square > tolerance * (square - total * total / n):
+            if _rounds_over(n, products[u, u, g] + part_products[u, u, g], sums[u, g] + part_sums[u, g], tolerance):
                 out[g] = True
 
 
