@@ -287,28 +287,26 @@ class _DenseRun:
         self._cover(span)
         window = slice(2 * (span[0] - self.base), 2 * (span[0] - self.base + span[1]))
         count, shift, sums, products = self.state
-        if self._direct(passes, span):
+        direct = self._direct(passes, span)
+        if direct:
             # Added in place but for the segments that fail the far test, which stay as they were.
             key, arm = _key_and_arm(batch, self.group)
             y, x = _dense_values(batch, outcome, self.covariates)
             here = tuple(a[..., window] for a in self.state)
             far = fused.direct_fold(key, y, x, here, SHIFT_TOLERANCE, arm=arm, low=span[0], scratch=self._scratch())
-            if far.any():
-                rebased = self._rebase(far, _dense_arrays(batch, self.group, outcome, self.covariates, span[0],
-                                                          passes), window)
-                for mine, theirs in zip(self.state, rebased):
-                    mine[..., window][..., far] = theirs[..., far]
-            self.rows += batch.height
-            return
-        part, arrays = self._sums(batch, outcome, span, passes, shift[:, window], count[window] > 0)
-        far = self._far(part, window)
-        if far.any() and arrays is None:
-            arrays = _dense_arrays(batch, self.group, outcome, self.covariates, span[0], passes)
-        rebased = self._rebase(far, arrays, window) if far.any() else None
-        shift[:, window] = part.shift        # unchanged where seen; the batch's own elsewhere
-        count[window] += part.count
-        sums[:, window] += part.sums
-        products[:, :, window] += part.products
+            arrays = None
+        else:
+            part, arrays = self._sums(batch, outcome, span, passes, shift[:, window], count[window] > 0)
+            far = self._far(part, window)
+        rebased = None
+        if far.any():   # from the run's sums before this batch: the in-place add below, or none
+            arrays = arrays or _dense_arrays(batch, self.group, outcome, self.covariates, span[0], passes)
+            rebased = self._rebase(far, arrays, window)
+        if not direct:
+            shift[:, window] = part.shift        # unchanged where seen; the batch's own elsewhere
+            count[window] += part.count
+            sums[:, window] += part.sums
+            products[:, :, window] += part.products
         if rebased is not None:
             for mine, theirs in zip(self.state, rebased):
                 mine[..., window][..., far] = theirs[..., far]
